@@ -1,0 +1,198 @@
+"""The Tier contract: a dumb, batched, async store of block hash -> encoded block bytes.
+
+Operations, in the order a caller uses them:
+
+1. ``put([(key, block_bytes), ...])`` — all-or-nothing per batch: either every new block fits or
+   ``TierFullError`` is raised and nothing is stored. Keys already present are skipped (puts are
+   idempotent); the return value counts the blocks newly stored.
+2. ``exists(keys)`` / ``get(keys)`` — one answer per key, in order. A miss is ``None``. Tiers whose
+   bytes can rot or be changed under us (``verify_reads``: G3 LMDB, G4 Redis) verify every block
+   they return; a corrupt one is deleted, counted in ``stats().num_corrupt``, reported to the
+   ``on_corrupt`` callback, and returned as ``None``.
+3. ``delete(keys)`` — the number of blocks actually removed.
+4. ``keys()`` — every stored key, for rebuilding an index at start.
+5. ``stats()`` / ``close()``.
+
+A tier never evicts by itself: placement (a later layer) decides what goes. Values are whole
+encoded blocks (``kvstore.block_format``); a tier checks the header of what it is given against
+the key, so a block can never be stored under another block's name.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+
+from kvstore.block_format import read_header, verify_block
+from kvstore.errors import ConfigError, CorruptBlockError, InvalidArgumentError
+from kvstore.keys import DIGEST_BYTES, BlockHash
+
+__all__ = ["BlockBytes", "Buffer", "CorruptionCallback", "Tier", "TierStats", "check_capacity"]
+
+log = logging.getLogger(__name__)
+
+Buffer = bytes | bytearray | memoryview
+BlockBytes = bytes | bytearray
+"""What ``get`` returns for a hit: bytes the caller owns (never a view into tier memory)."""
+CorruptionCallback = Callable[[str, BlockHash, str], None]
+"""Called as ``on_corrupt(tier_name, key, reason)`` when a tier drops a corrupt block."""
+
+
+@dataclass(frozen=True, slots=True)
+class TierStats:
+    tier: str
+    capacity_bytes: int
+    used_bytes: int
+    num_blocks: int
+    num_gets: int
+    num_hits: int
+    num_misses: int
+    num_puts: int
+    num_deletes: int
+    num_corrupt: int
+
+
+def check_capacity(component: str, capacity_bytes: int) -> None:
+    if not isinstance(capacity_bytes, int) or capacity_bytes <= 0:
+        raise ConfigError(f"{component}.capacity_bytes must be a positive integer, got {capacity_bytes!r}")
+
+
+class Tier(ABC):
+    """Base of every tier. Subclasses implement the underscored methods; this class validates
+    arguments, verifies reads where the tier asks for it, and keeps the counters."""
+
+    name: str
+    verify_reads: bool = False
+
+    def __init__(self, name: str, capacity_bytes: int, on_corrupt: CorruptionCallback | None) -> None:
+        check_capacity(name, capacity_bytes)
+        self.name = name
+        self.capacity_bytes = capacity_bytes
+        self._on_corrupt = on_corrupt
+        self._num_gets = self._num_hits = self._num_misses = 0
+        self._num_puts = self._num_deletes = self._num_corrupt = 0
+
+    # -- the contract -------------------------------------------------------------------------
+
+    async def get(self, keys: Sequence[bytes]) -> list[BlockBytes | None]:
+        keys = _check_keys(keys)
+        values = await self._get(keys) if keys else []
+        if self.verify_reads:
+            corrupt: list[BlockHash] = []
+            for i, (key, value) in enumerate(zip(keys, values, strict=True)):
+                if value is None:
+                    continue
+                try:
+                    verify_block(key, value)
+                except CorruptBlockError as exc:
+                    values[i] = None
+                    corrupt.append(key)
+                    self._report_corrupt(key, str(exc))
+            if corrupt:
+                await self._delete(corrupt)
+        hits = sum(v is not None for v in values)
+        self._num_gets += len(keys)
+        self._num_hits += hits
+        self._num_misses += len(keys) - hits
+        return values
+
+    async def put(self, items: Sequence[tuple[bytes, Buffer]]) -> int:
+        checked: list[tuple[BlockHash, Buffer]] = []
+        seen: set[bytes] = set()
+        for key, value in items:
+            (key,) = _check_keys([key])
+            try:
+                header = read_header(value)
+            except CorruptBlockError as exc:
+                raise InvalidArgumentError(f"value for block {key.hex()} is not a block: {exc}") from None
+            if header.block_hash != key:
+                raise InvalidArgumentError(
+                    f"value for block {key.hex()} is block {header.block_hash.hex()}"
+                )
+            if key not in seen:
+                seen.add(key)
+                checked.append((key, value))
+        stored = await self._put(checked) if checked else 0
+        self._num_puts += stored
+        return stored
+
+    async def delete(self, keys: Sequence[bytes]) -> int:
+        keys = _check_keys(keys)
+        removed = await self._delete(keys) if keys else 0
+        self._num_deletes += removed
+        return removed
+
+    async def exists(self, keys: Sequence[bytes]) -> list[bool]:
+        keys = _check_keys(keys)
+        return await self._exists(keys) if keys else []
+
+    def keys(self) -> AsyncIterator[BlockHash]:
+        return self._keys()
+
+    async def stats(self) -> TierStats:
+        used_bytes, num_blocks = await self._usage()
+        return TierStats(
+            tier=self.name,
+            capacity_bytes=self.capacity_bytes,
+            used_bytes=used_bytes,
+            num_blocks=num_blocks,
+            num_gets=self._num_gets,
+            num_hits=self._num_hits,
+            num_misses=self._num_misses,
+            num_puts=self._num_puts,
+            num_deletes=self._num_deletes,
+            num_corrupt=self._num_corrupt,
+        )
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    async def __aenter__(self) -> Tier:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- for subclasses -----------------------------------------------------------------------
+
+    def _report_corrupt(self, key: BlockHash, reason: str) -> None:
+        self._num_corrupt += 1
+        log.warning("%s: dropped corrupt block %s: %s", self.name, key.hex(), reason)
+        if self._on_corrupt is not None:
+            self._on_corrupt(self.name, key, reason)
+
+    @abstractmethod
+    async def _get(self, keys: list[BlockHash]) -> list[BlockBytes | None]: ...
+
+    @abstractmethod
+    async def _put(self, items: list[tuple[BlockHash, Buffer]]) -> int:
+        """Store the blocks not yet present, all or none; raise TierFullError if they do not fit."""
+
+    @abstractmethod
+    async def _delete(self, keys: list[BlockHash]) -> int: ...
+
+    @abstractmethod
+    async def _exists(self, keys: list[BlockHash]) -> list[bool]: ...
+
+    @abstractmethod
+    def _keys(self) -> AsyncIterator[BlockHash]: ...
+
+    @abstractmethod
+    async def _usage(self) -> tuple[int, int]:
+        """``(used_bytes, num_blocks)``."""
+
+
+def _check_keys(keys: Sequence[bytes]) -> list[BlockHash]:
+    if isinstance(keys, bytes | bytearray | memoryview):
+        raise InvalidArgumentError("keys must be a list of block hashes, not one bytes object")
+    out: list[BlockHash] = []
+    for key in keys:
+        if not isinstance(key, bytes | bytearray | memoryview) or len(key) != DIGEST_BYTES:
+            raise InvalidArgumentError(
+                f"a block hash is {DIGEST_BYTES} bytes; got {type(key).__name__} "
+                f"of length {len(key) if hasattr(key, '__len__') else '?'}"
+            )
+        out.append(BlockHash(bytes(key)))
+    return out

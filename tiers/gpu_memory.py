@@ -1,0 +1,134 @@
+"""G1 ``GpuMemoryTier``: fixed-size slots in one preallocated torch uint8 slab on a device.
+
+The payload (the raw K/V tensor bytes) lives on the device, so an engine sharing the GPU can use a
+block in place (``tensor_of``); the 128-byte header stays on the host, where it is needed for
+verification and costs no device memory traffic. G1 therefore holds raw-codec blocks only: a
+compressed payload would be useless to a GPU consumer.
+
+On a CPU-only machine the slab can be built on ``cpu`` for tests; in production G1 is off unless the
+engine shares the GPU. cupy is an optional extra for CUDA IPC handles to same-GPU peers; nothing
+here needs it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import torch
+
+from kvstore.block_format import HEADER_BYTES, BlockHeader, Codec, read_header, torch_dtype
+from kvstore.errors import ConfigError, InvalidArgumentError
+from kvstore.keys import BlockHash
+from tiers.base import BlockBytes, Buffer, CorruptionCallback, Tier, check_capacity
+from tiers.slots import SlotTable
+
+__all__ = ["GpuMemoryTier", "GpuTierConfig"]
+
+
+@dataclass(frozen=True, slots=True)
+class GpuTierConfig:
+    capacity_bytes: int
+    slot_bytes: int
+    device: str = "cuda"
+
+    def __post_init__(self) -> None:
+        check_capacity("G1", self.capacity_bytes)
+        try:
+            dev = torch.device(self.device)
+        except RuntimeError as exc:
+            raise ConfigError(f"G1.device {self.device!r} is not a torch device: {exc}") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(
+                "G1.device is cuda but this machine has no CUDA device; disable G1 or use "
+                "device='cpu' (tests only)"
+            )
+
+
+def _host_bytes(buf: Buffer) -> torch.Tensor:
+    with warnings.catch_warnings():
+        # torch.frombuffer warns on read-only buffers (bytes); we only read from it.
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(buf, dtype=torch.uint8)
+
+
+class GpuMemoryTier(Tier):
+    def __init__(self, config: GpuTierConfig, on_corrupt: CorruptionCallback | None = None) -> None:
+        super().__init__("G1", config.capacity_bytes, on_corrupt)
+        self.config = config
+        # Slots hold payloads only; the header is kept on the host.
+        self._slots = SlotTable("G1", config.capacity_bytes, config.slot_bytes)
+        self.device = torch.device(config.device)
+        self._slab = torch.zeros(
+            (self._slots.num_slots, self._slots.slot_bytes), dtype=torch.uint8, device=self.device
+        )
+        self._headers: dict[BlockHash, tuple[bytes, BlockHeader]] = {}
+
+    def tensor_of(self, key: bytes) -> torch.Tensor | None:
+        """The stored block as a tensor view on the device (no copy), or None.
+
+        The view is valid until the block is deleted; callers hold a lease (a later layer) so that
+        placement does not delete it under them.
+        """
+        stored = self._headers.get(BlockHash(bytes(key)))
+        where = self._slots.lookup(BlockHash(bytes(key)))
+        if stored is None or where is None:
+            return None
+        header = stored[1]
+        slot, n = where
+        return self._slab[slot, :n].view(torch_dtype(header.dtype)).view(header.shape)
+
+    async def _get(self, keys: list[BlockHash]) -> list[BlockBytes | None]:
+        out: list[BlockBytes | None] = []
+        for key in keys:
+            where = self._slots.lookup(key)
+            if where is None:
+                out.append(None)
+                continue
+            slot, n = where
+            data = bytearray(HEADER_BYTES + n)
+            data[:HEADER_BYTES] = self._headers[key][0]
+            torch.frombuffer(data, dtype=torch.uint8)[HEADER_BYTES:].copy_(self._slab[slot, :n])
+            out.append(data)
+        return out
+
+    async def _put(self, items: list[tuple[BlockHash, Buffer]]) -> int:
+        new = [(k, v) for k, v in items if k not in self._slots]
+        headers = [read_header(v) for _, v in new]
+        for (key, _), header in zip(new, headers, strict=True):
+            if header.codec is not Codec.RAW:
+                raise InvalidArgumentError(
+                    f"G1 stores raw blocks only; block {key.hex()} is compressed"
+                )
+        slots = self._slots.allocate([(k, len(v) - HEADER_BYTES) for k, v in new])
+        for (key, value), slot, header in zip(new, slots, headers, strict=True):
+            payload = memoryview(value)[HEADER_BYTES:]
+            n = len(payload)
+            self._slab[slot, :n].copy_(_host_bytes(payload))
+            self._headers[key] = (bytes(memoryview(value)[:HEADER_BYTES]), header)
+            self._slots.commit(key, slot, n)
+        return len(new)
+
+    async def _delete(self, keys: list[BlockHash]) -> int:
+        removed = 0
+        for key in keys:
+            if self._slots.remove(key):
+                del self._headers[key]
+                removed += 1
+        return removed
+
+    async def _exists(self, keys: list[BlockHash]) -> list[bool]:
+        return [k in self._slots for k in keys]
+
+    async def _keys(self) -> AsyncIterator[BlockHash]:
+        for key in self._slots:
+            yield key
+
+    async def _usage(self) -> tuple[int, int]:
+        # Payload bytes on the device plus the host-side headers: the same total as other tiers.
+        return self._slots.used_bytes + HEADER_BYTES * len(self._slots), len(self._slots)
+
+    async def close(self) -> None:
+        self._headers.clear()
+        self._slab = torch.empty(0, dtype=torch.uint8, device=self.device)
