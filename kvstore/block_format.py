@@ -119,6 +119,8 @@ def read_header(data: bytes | bytearray | memoryview) -> BlockHeader:
     (stored_sum,) = _HEADER_SUM.unpack_from(view, _FIXED.size)
     if xxhash.xxh3_64_intdigest(fixed) != stored_sum:
         raise CorruptBlockError("block header checksum mismatch")
+    if any(view[_FIXED.size + _HEADER_SUM.size : HEADER_BYTES]):
+        raise CorruptBlockError("block header reserved bytes are not zero")
     (magic, version, codec, dtype_code, ndim, *rest) = _FIXED.unpack(fixed)
     shape, (fingerprint, block_hash, raw_n, payload_n, raw_sum, payload_sum) = rest[:5], rest[5:]
     if magic != MAGIC:

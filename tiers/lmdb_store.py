@@ -79,8 +79,8 @@ class LmdbTier(Tier):
     def __init__(self, config: LmdbTierConfig, on_corrupt: CorruptionCallback | None = None) -> None:
         super().__init__("G3", config.capacity_bytes, on_corrupt)
         self.config = config
-        os.makedirs(config.path, exist_ok=True)
         try:
+            os.makedirs(config.path, exist_ok=True)
             self._env = lmdb.open(
                 config.path,
                 map_size=config.map_size,
@@ -91,7 +91,7 @@ class LmdbTier(Tier):
                 readahead=config.readahead,
                 subdir=True,
             )
-        except lmdb.Error as exc:
+        except (lmdb.Error, OSError) as exc:
             raise ConfigError(f"G3: cannot open LMDB at {config.path}: {exc}") from None
         self._env.reader_check()
         self._db = self._env.open_db(_DB_NAME)
