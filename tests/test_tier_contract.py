@@ -372,3 +372,23 @@ async def test_corrupt_value_is_reported_and_never_returned(persistent_kind: Kin
         assert (await tier.stats()).num_corrupt == 1
     finally:
         await tier.close()
+
+
+async def test_get_into_caller_buffers(tier: Tier) -> None:
+    blocks = chain(4, seed=11)
+    await tier.put(blocks[:3])
+    buffers = [bytearray(BLOCK_NBYTES + 10) for _ in range(4)]
+    sizes = await tier.get_into([k for k, _ in blocks], buffers)
+    assert sizes == [BLOCK_NBYTES] * 3 + [None]
+    for (_, value), buf in zip(blocks[:3], buffers[:3], strict=True):
+        assert buf[:BLOCK_NBYTES] == value
+    # numpy arrays and CPU tensors are buffers too.
+    arr = torch.zeros(BLOCK_NBYTES, dtype=torch.uint8)
+    assert await tier.get_into([blocks[1][0]], [arr]) == [BLOCK_NBYTES]
+    assert bytes(arr.numpy()) == bytes(blocks[1][1])
+    with pytest.raises(InvalidArgumentError, match="too small"):
+        await tier.get_into([blocks[0][0]], [bytearray(100)])
+    with pytest.raises(InvalidArgumentError, match="writable"):
+        await tier.get_into([blocks[0][0]], [bytes(BLOCK_NBYTES)])
+    with pytest.raises(InvalidArgumentError, match="1 keys but 2 buffers"):
+        await tier.get_into([blocks[0][0]], [bytearray(10), bytearray(10)])

@@ -9,6 +9,9 @@ Operations, in the order a caller uses them:
    bytes can rot or be changed under us (``verify_reads``: G3 LMDB, G4 Redis) verify every block
    they return; a corrupt one is deleted, counted in ``stats().num_corrupt``, reported to the
    ``on_corrupt`` callback, and returned as ``None``.
+   ``get_into(keys, buffers)`` is the same read into buffers the caller owns (Mooncake's
+   ``get_into``): no allocation per block, so a caller that reuses pre-faulted buffers reads at
+   copy speed. It returns the number of bytes written per key, ``None`` for a miss.
 3. ``delete(keys)`` — the number of blocks actually removed.
 4. ``keys()`` — every stored key, for rebuilding an index at start.
 5. ``stats()`` / ``close()``.
@@ -24,12 +27,15 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from kvstore.block_format import read_header, verify_block
 from kvstore.errors import ConfigError, CorruptBlockError, InvalidArgumentError
 from kvstore.keys import DIGEST_BYTES, BlockHash
 
-__all__ = ["BlockBytes", "Buffer", "CorruptionCallback", "Tier", "TierStats", "check_capacity"]
+__all__ = [
+    "BlockBytes", "Buffer", "CorruptionCallback", "Tier", "TierStats", "check_capacity", "check_fits",
+]
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +103,36 @@ class Tier(ABC):
         self._num_hits += hits
         self._num_misses += len(keys) - hits
         return values
+
+    async def get_into(self, keys: Sequence[bytes], buffers: Sequence[Any]) -> list[int | None]:
+        """Read each block into the writable buffer at the same position; ``None`` for a miss.
+
+        A buffer too small for its block raises ``InvalidArgumentError``; buffers before it may
+        already have been written.
+        """
+        keys = _check_keys(keys)
+        if len(buffers) != len(keys):
+            raise InvalidArgumentError(f"{len(keys)} keys but {len(buffers)} buffers")
+        views = [_writable(b) for b in buffers]
+        sizes = await self._get_into(keys, views) if keys else []
+        if self.verify_reads:
+            corrupt: list[BlockHash] = []
+            for i, (key, n) in enumerate(zip(keys, sizes, strict=True)):
+                if n is None:
+                    continue
+                try:
+                    verify_block(key, views[i][:n])
+                except CorruptBlockError as exc:
+                    sizes[i] = None
+                    corrupt.append(key)
+                    self._report_corrupt(key, str(exc))
+            if corrupt:
+                await self._delete(corrupt)
+        hits = sum(n is not None for n in sizes)
+        self._num_gets += len(keys)
+        self._num_hits += hits
+        self._num_misses += len(keys) - hits
+        return sizes
 
     async def put(self, items: Sequence[tuple[bytes, Buffer]]) -> int:
         checked: list[tuple[BlockHash, Buffer]] = []
@@ -166,6 +202,19 @@ class Tier(ABC):
     @abstractmethod
     async def _get(self, keys: list[BlockHash]) -> list[BlockBytes | None]: ...
 
+    async def _get_into(self, keys: list[BlockHash], views: list[memoryview]) -> list[int | None]:
+        """Default: through ``_get`` and one more copy. Tiers that can copy straight from their own
+        memory into the caller's buffer override this."""
+        out: list[int | None] = []
+        for key, view, value in zip(keys, views, await self._get(keys), strict=True):
+            if value is None:
+                out.append(None)
+                continue
+            check_fits(key, len(value), view)
+            view[: len(value)] = value
+            out.append(len(value))
+        return out
+
     @abstractmethod
     async def _put(self, items: list[tuple[BlockHash, Buffer]]) -> int:
         """Store the blocks not yet present, all or none; raise TierFullError if they do not fit."""
@@ -182,6 +231,27 @@ class Tier(ABC):
     @abstractmethod
     async def _usage(self) -> tuple[int, int]:
         """``(used_bytes, num_blocks)``."""
+
+
+def check_fits(key: bytes, nbytes: int, view: memoryview) -> None:
+    if nbytes > len(view):
+        raise InvalidArgumentError(
+            f"buffer of {len(view)} bytes is too small for block {key.hex()} of {nbytes} bytes"
+        )
+
+
+def _writable(buffer: Any) -> memoryview:
+    if hasattr(buffer, "numpy") and hasattr(buffer, "is_contiguous"):  # a CPU torch tensor
+        buffer = buffer.numpy()
+    try:
+        view = memoryview(buffer)
+    except TypeError:
+        raise InvalidArgumentError(f"{type(buffer).__name__} is not a buffer") from None
+    if view.readonly:
+        raise InvalidArgumentError("get_into needs writable buffers (bytearray, numpy, tensor)")
+    if not view.c_contiguous:
+        raise InvalidArgumentError("get_into needs contiguous buffers")
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
 def _check_keys(keys: Sequence[bytes]) -> list[BlockHash]:

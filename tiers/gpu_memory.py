@@ -21,7 +21,7 @@ import torch
 from kvstore.block_format import HEADER_BYTES, BlockHeader, Codec, read_header, torch_dtype
 from kvstore.errors import ConfigError, InvalidArgumentError
 from kvstore.keys import BlockHash
-from tiers.base import BlockBytes, Buffer, CorruptionCallback, Tier, check_capacity
+from tiers.base import BlockBytes, Buffer, CorruptionCallback, Tier, check_capacity, check_fits
 from tiers.slots import SlotTable
 
 __all__ = ["GpuMemoryTier", "GpuTierConfig"]
@@ -91,6 +91,21 @@ class GpuMemoryTier(Tier):
             data[:HEADER_BYTES] = self._headers[key][0]
             torch.frombuffer(data, dtype=torch.uint8)[HEADER_BYTES:].copy_(self._slab[slot, :n])
             out.append(data)
+        return out
+
+    async def _get_into(self, keys: list[BlockHash], views: list[memoryview]) -> list[int | None]:
+        out: list[int | None] = []
+        for key, view in zip(keys, views, strict=True):
+            where = self._slots.lookup(key)
+            if where is None:
+                out.append(None)
+                continue
+            slot, n = where
+            check_fits(key, HEADER_BYTES + n, view)
+            view[:HEADER_BYTES] = self._headers[key][0]
+            dst = torch.frombuffer(view, dtype=torch.uint8, count=HEADER_BYTES + n)
+            dst[HEADER_BYTES:].copy_(self._slab[slot, :n])
+            out.append(HEADER_BYTES + n)
         return out
 
     async def _put(self, items: list[tuple[BlockHash, Buffer]]) -> int:

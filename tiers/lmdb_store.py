@@ -37,7 +37,7 @@ import lmdb
 
 from kvstore.errors import ConfigError, TierFullError
 from kvstore.keys import BlockHash
-from tiers.base import BlockBytes, Buffer, CorruptionCallback, Tier, check_capacity
+from tiers.base import BlockBytes, Buffer, CorruptionCallback, Tier, check_capacity, check_fits
 
 __all__ = ["LmdbTier", "LmdbTierConfig"]
 
@@ -125,6 +125,22 @@ class LmdbTier(Tier):
 
     async def _get(self, keys: list[BlockHash]) -> list[BlockBytes | None]:
         return await self._run(self._readers, self._get_sync, keys)
+
+    def _get_into_sync(self, keys: list[BlockHash], views: list[memoryview]) -> list[int | None]:
+        out: list[int | None] = []
+        with self._env.begin(db=self._db, buffers=True) as txn:
+            for key, view in zip(keys, views, strict=True):
+                value = txn.get(key)
+                if value is None:
+                    out.append(None)
+                    continue
+                check_fits(key, len(value), view)
+                view[: len(value)] = value
+                out.append(len(value))
+        return out
+
+    async def _get_into(self, keys: list[BlockHash], views: list[memoryview]) -> list[int | None]:
+        return await self._run(self._readers, self._get_into_sync, keys, views)
 
     def _exists_sync(self, keys: list[BlockHash]) -> list[bool]:
         with self._env.begin(db=self._db, buffers=True) as txn:

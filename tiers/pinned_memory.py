@@ -31,7 +31,7 @@ import numpy as np
 
 from kvstore.errors import ConfigError
 from kvstore.keys import BlockHash
-from tiers.base import BlockBytes, Buffer, CorruptionCallback, Tier, check_capacity
+from tiers.base import BlockBytes, Buffer, CorruptionCallback, Tier, check_capacity, check_fits
 from tiers.slots import SlotTable
 
 __all__ = ["PinnedMemoryTier", "PinnedTierConfig", "sweep_stale_segments"]
@@ -145,6 +145,20 @@ class PinnedMemoryTier(Tier):
             else:
                 slot, n = where
                 out.append(bytes(self._buf[slot * step : slot * step + n]))
+        return out
+
+    async def _get_into(self, keys: list[BlockHash], views: list[memoryview]) -> list[int | None]:
+        out: list[int | None] = []
+        step = self._slots.slot_bytes
+        for key, view in zip(keys, views, strict=True):
+            where = self._slots.lookup(key)
+            if where is None:
+                out.append(None)
+                continue
+            slot, n = where
+            check_fits(key, n, view)
+            view[:n] = self._buf[slot * step : slot * step + n]
+            out.append(n)
         return out
 
     async def _put(self, items: list[tuple[BlockHash, Buffer]]) -> int:

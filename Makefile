@@ -1,0 +1,24 @@
+# The two commands of the README, and the checks CI runs.
+.PHONY: install run test lint bench
+
+install:
+	bash scripts/install.sh
+
+# The main job with embedded defaults (G2 shared memory + G3 LMDB under ~/.local/share/kvstore).
+run: install
+	.venv/bin/kvstore selfcheck
+
+# Every install step, then the whole suite. .ci/run calls exactly this.
+test: install
+	.venv/bin/python -m pytest -q
+	.venv/bin/ruff check .
+	.venv/bin/mypy
+
+lint: install
+	.venv/bin/ruff check .
+	.venv/bin/mypy
+
+bench: install
+	.venv/bin/python -m benchmarks.hashing
+	.venv/bin/python -m benchmarks.codec
+	.venv/bin/python -m benchmarks.tiers
