@@ -21,7 +21,9 @@ def environment() -> str:
     )
 
 
-def markdown(headers: Sequence[str], rows: Sequence[Sequence[str]], text_columns: frozenset[str]) -> str:
+def markdown(
+    headers: Sequence[str], rows: Sequence[Sequence[str]], text_columns: frozenset[str]
+) -> str:
     align = ["---" if h in text_columns else "---:" for h in headers]
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]

@@ -54,8 +54,14 @@ TARGETS = {"G2": 0.8, "G3": 0.8, "G4": 0.8}
 
 def spec_for(block_mib: int) -> ModelSpec:
     # 32 layers x 2 x tokens x 8 KV heads x 128 dims x 2 bytes: 16 tokens = 2 MiB, 256 = 32 MiB.
-    return ModelSpec("bench/tiers", num_layers=32, num_kv_heads=8, head_dim=128,
-                     dtype="bfloat16", block_tokens=block_mib * 8)
+    return ModelSpec(
+        "bench/tiers",
+        num_layers=32,
+        num_kv_heads=8,
+        head_dim=128,
+        dtype="bfloat16",
+        block_tokens=block_mib * 8,
+    )
 
 
 def make_blocks(block_mib: int, total_mib: int) -> list[tuple[bytes, bytearray]]:
@@ -69,8 +75,11 @@ def make_blocks(block_mib: int, total_mib: int) -> list[tuple[bytes, bytearray]]
     return out
 
 
-async def timed(fn: Callable[[], Awaitable[Any]], repeats: int,
-                reset: Callable[[], Awaitable[Any]] | None = None) -> float:
+async def timed(
+    fn: Callable[[], Awaitable[Any]],
+    repeats: int,
+    reset: Callable[[], Awaitable[Any]] | None = None,
+) -> float:
     """Median seconds of ``fn`` over ``repeats`` runs after one warm-up; ``reset`` runs untimed."""
     samples = []
     for i in range(repeats + 1):
@@ -83,7 +92,9 @@ async def timed(fn: Callable[[], Awaitable[Any]], repeats: int,
     return statistics.median(samples)
 
 
-def batches(blocks: Sequence[tuple[bytes, bytearray]], block_mib: int) -> list[list[tuple[bytes, bytearray]]]:
+def batches(
+    blocks: Sequence[tuple[bytes, bytearray]], block_mib: int
+) -> list[list[tuple[bytes, bytearray]]]:
     per = max(1, 16 // block_mib)  # 16 MiB per call: a prefix fetch moves several blocks at once
     return [list(blocks[i : i + per]) for i in range(0, len(blocks), per)]
 
@@ -108,8 +119,18 @@ class Bench:
         ratio = base / ours  # times -> throughput ratio
         target = TARGETS.get(tier)
         verdict = "—" if target is None else f"{'yes' if ratio >= target else 'NO'} (≥ {target}×)"
-        self.rows.append((tier, f"{self.block_mib} MiB", op, f"{self.gbps(ours):.2f}", baseline,
-                          f"{self.gbps(base):.2f}", f"{ratio:.2f}×", verdict))
+        self.rows.append(
+            (
+                tier,
+                f"{self.block_mib} MiB",
+                op,
+                f"{self.gbps(ours):.2f}",
+                baseline,
+                f"{self.gbps(base):.2f}",
+                f"{ratio:.2f}×",
+                verdict,
+            )
+        )
 
     async def tier_ops(self, tier: Tier) -> tuple[float, float, float]:
         async def put() -> None:
@@ -139,6 +160,7 @@ class Bench:
         async def copy() -> None:
             for (_, value), buf in zip(self.blocks, self.buffers, strict=True):
                 np.copyto(buf, np.frombuffer(value, dtype=np.uint8))
+
         return await timed(copy, self.repeats)
 
     async def copy_to_new(self) -> float:
@@ -146,6 +168,7 @@ class Bench:
             for batch in self.batches:
                 kept = [bytes(v) for _, v in batch]
                 assert len(kept) == len(batch)
+
         return await timed(copy, self.repeats)
 
     async def memory_tier(self, name: str, tier: Tier) -> None:
@@ -161,8 +184,9 @@ class Bench:
         capacity = 2 * self.nbytes
         config = LmdbTierConfig(str(workdir / "g3"), capacity)
         (workdir / "raw").mkdir(parents=True, exist_ok=True)
-        env = lmdb.open(str(workdir / "raw"), map_size=config.map_size, max_dbs=4, sync=False,
-                        metasync=False)
+        env = lmdb.open(
+            str(workdir / "raw"), map_size=config.map_size, max_dbs=4, sync=False, metasync=False
+        )
         db = env.open_db(b"blocks")
 
         async def raw_put() -> None:
@@ -237,15 +261,20 @@ class Bench:
                     pipe.get(b"raw:" + k)
                 assert None not in await pipe.execute()
 
-        base_put = min(await timed(sync_set, self.repeats, raw_clear),
-                       await timed(async_set, self.repeats, raw_clear))
+        base_put = min(
+            await timed(sync_set, self.repeats, raw_clear),
+            await timed(async_set, self.repeats, raw_clear),
+        )
         await async_set()
         base_get = min(await timed(sync_get, self.repeats), await timed(async_get, self.repeats))
         await raw_clear()
         sync.close()
         await asy.aclose()
-        tier = RedisTier(RedisTierConfig(url=url, capacity_bytes=4 * self.nbytes,
-                                         namespace="bench", timeout_ms=30_000))
+        tier = RedisTier(
+            RedisTierConfig(
+                url=url, capacity_bytes=4 * self.nbytes, namespace="bench", timeout_ms=30_000
+            )
+        )
         t_put, t_get, t_into = await self.tier_ops(tier)
         await tier.delete(self.keys)
         await tier.close()
@@ -262,8 +291,11 @@ async def run(args: argparse.Namespace, redis_url: str, workdir: Path) -> list[t
         capacity = slot * (len(bench.blocks) + 1)
         await bench.memory_tier("G1 (cpu)", GpuMemoryTier(GpuTierConfig(capacity, slot, "cpu")))
         await bench.memory_tier(
-            "G2", PinnedMemoryTier(PinnedTierConfig(capacity, slot, pin="never",
-                                                    segment_prefix="kvstore-bench")))
+            "G2",
+            PinnedMemoryTier(
+                PinnedTierConfig(capacity, slot, pin="never", segment_prefix="kvstore-bench")
+            ),
+        )
         await bench.lmdb(workdir / f"lmdb-{block_mib}")
         await bench.redis(redis_url)
         rows += bench.rows
@@ -286,8 +318,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             url = stack.enter_context(start_redis_server()).url
         rows = asyncio.run(run(args, url, workdir))
-    title = (f"Tier throughput vs raw baselines, {args.total_mib} MiB per op per block size, "
-             f"median of {args.repeats}{' (quick)' if args.quick else ''}")
+    title = (
+        f"Tier throughput vs raw baselines, {args.total_mib} MiB per op per block size, "
+        f"median of {args.repeats}{' (quick)' if args.quick else ''}"
+    )
     print_report(title, HEADERS, rows, TEXT)
     return 0
 

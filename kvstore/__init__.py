@@ -4,7 +4,7 @@ The public surface of the storage layer: the namespace (``ModelSpec``), block ha
 format and the error tree. Tiers live in the ``tiers`` package, clients in ``client``.
 """
 
-from kvstore.block_format import Codec, BlockHeader, decode_block, encode_block, read_header
+from kvstore.block_format import BlockHeader, Codec, decode_block, encode_block, read_header
 from kvstore.errors import (
     BlockTooLargeError,
     ConfigError,

@@ -7,10 +7,12 @@ bars. Later issues add ``serve`` and the inspection commands on the same group.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import secrets
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -30,7 +32,7 @@ from tiers.pinned_memory import PinnedMemoryTier, PinnedTierConfig
 from tiers.redis_store import RedisTier, RedisTierConfig
 
 console = Console()
-_TIER_CLASSES: dict[type[Any], type[Tier]] = {
+_TIER_CLASSES: dict[type[Any], Callable[[Any], Tier]] = {
     GpuTierConfig: GpuMemoryTier,
     PinnedTierConfig: PinnedMemoryTier,
     LmdbTierConfig: LmdbTier,
@@ -57,11 +59,18 @@ def _load(config_path: str | None, settings: tuple[str, ...]) -> StoreConfig:
 
 
 config_option = click.option(
-    "--config", "config_path", type=click.Path(dir_okay=False), default=None,
-    envvar="KVSTORE_CONFIG", help="TOML file with [g1]..[g4] tables.",
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    envvar="KVSTORE_CONFIG",
+    help="TOML file with [g1]..[g4] tables.",
 )
 set_option = click.option(
-    "--set", "settings", multiple=True, metavar="TIER.FIELD=VALUE",
+    "--set",
+    "settings",
+    multiple=True,
+    metavar="TIER.FIELD=VALUE",
     help="Override one setting, e.g. --set g4.enabled=true --set g4.url=redis://host:6379/0.",
 )
 
@@ -93,8 +102,9 @@ def show_config(config_path: str | None, settings: tuple[str, ...]) -> None:
 @set_option
 @click.option("--blocks", "num_blocks", default=32, show_default=True, help="Blocks per tier.")
 @click.option("--block-tokens", default=16, show_default=True, help="Tokens per test block.")
-def selfcheck(config_path: str | None, settings: tuple[str, ...], num_blocks: int,
-              block_tokens: int) -> None:
+def selfcheck(
+    config_path: str | None, settings: tuple[str, ...], num_blocks: int, block_tokens: int
+) -> None:
     """Write, read back, verify and delete test blocks in every enabled tier."""
     cfg = _load(config_path, settings)
     ok = asyncio.run(_selfcheck(cfg, num_blocks, block_tokens))
@@ -102,10 +112,18 @@ def selfcheck(config_path: str | None, settings: tuple[str, ...], num_blocks: in
 
 
 async def _selfcheck(cfg: StoreConfig, num_blocks: int, block_tokens: int) -> bool:
-    spec = ModelSpec("kvstore/selfcheck", num_layers=8, num_kv_heads=8, head_dim=128,
-                     dtype="bfloat16", block_tokens=block_tokens)
+    spec = ModelSpec(
+        "kvstore/selfcheck",
+        num_layers=8,
+        num_kv_heads=8,
+        head_dim=128,
+        dtype="bfloat16",
+        block_tokens=block_tokens,
+    )
     # A fresh salt: the check never touches (or is confused by) blocks of earlier runs.
-    hashes = block_hashes(spec, list(range(num_blocks * block_tokens)), salt=secrets.token_bytes(16))
+    hashes = block_hashes(
+        spec, list(range(num_blocks * block_tokens)), salt=secrets.token_bytes(16)
+    )
     g = torch.Generator().manual_seed(0)
     tensors = [torch.randn(spec.block_shape, generator=g).to(torch.bfloat16) for _ in hashes]
     blocks = [(h, encode_block(spec, h, t)) for h, t in zip(hashes, tensors, strict=True)]
@@ -115,11 +133,21 @@ async def _selfcheck(cfg: StoreConfig, num_blocks: int, block_tokens: int) -> bo
     for col in ("tier", "where", "put GB/s", "get GB/s", "result"):
         table.add_column(col)
     all_ok = True
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, transient=True) as progress:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
         for name, tier_cfg in cfg.tiers():
-            where = str(getattr(tier_cfg, "path", None) or getattr(tier_cfg, "url", None)
-                        or getattr(tier_cfg, "device", None) or "shared memory")
+            where = str(
+                getattr(tier_cfg, "path", None)
+                or getattr(tier_cfg, "url", None)
+                or getattr(tier_cfg, "device", None)
+                or "shared memory"
+            )
             task = progress.add_task(f"{name} put+get", total=2 * num_blocks)
             try:
                 tier = _TIER_CLASSES[type(tier_cfg)](tier_cfg)
@@ -138,21 +166,27 @@ async def _selfcheck(cfg: StoreConfig, num_blocks: int, block_tokens: int) -> bo
                     got.extend(await tier.get([key]))
                     progress.advance(task)
                 t2 = time.perf_counter()
-                bad = [i for i, ((key, value), back) in enumerate(zip(blocks, got, strict=True))
-                       if back != value
-                       or not torch.equal(decode_block(spec, key, back), tensors[i])]
+                bad = [
+                    i
+                    for i, ((key, value), back) in enumerate(zip(blocks, got, strict=True))
+                    if back != value or not torch.equal(decode_block(spec, key, back), tensors[i])
+                ]
                 result = "[green]ok" if not bad else f"[red]{len(bad)} blocks differ"
                 all_ok &= not bad
-                table.add_row(name, where, f"{nbytes / (t1 - t0) / 1e9:.2f}",
-                              f"{nbytes / (t2 - t1) / 1e9:.2f}", result)
+                table.add_row(
+                    name,
+                    where,
+                    f"{nbytes / (t1 - t0) / 1e9:.2f}",
+                    f"{nbytes / (t2 - t1) / 1e9:.2f}",
+                    result,
+                )
             except KVStoreError as exc:
                 table.add_row(name, where, "-", "-", f"[red]{type(exc).__name__}: {exc}")
                 all_ok = False
             finally:
-                try:
+                # Best effort: a tier that failed above may fail here too; its error is reported.
+                with contextlib.suppress(KVStoreError):
                     await tier.delete(hashes)
-                except KVStoreError:
-                    pass
                 await tier.close()
     console.print(table)
     return all_ok

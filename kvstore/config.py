@@ -1,6 +1,7 @@
 """Configuration: one frozen dataclass per component, built once and handed down.
 
-Precedence, lowest first: defaults < TOML file (``--config``) < ``KVSTORE_*`` environment variables <
+Precedence, lowest first: defaults < TOML file (``--config``) < ``KVSTORE_*`` environment
+variables <
 command-line flags. The TOML file has one table per tier (``[g1]`` .. ``[g4]``); each field ``f`` of
 table ``t`` is also read from ``KVSTORE_<T>_<F>`` (for example ``KVSTORE_G3_PATH``,
 ``KVSTORE_G4_URL``), and a tier is switched on or off with ``enabled`` (``KVSTORE_G4_ENABLED=1``).
@@ -36,7 +37,7 @@ DEFAULT_DATA_DIR = Path(os.path.expanduser("~/.local/share/kvstore"))
 # A slot holds the largest block expected plus its header, rounded to a page: 8 MiB payloads by
 # default (e.g. 64 tokens of an 8B Llama in fp16); set slot_bytes to your block size.
 DEFAULT_SLOT_BYTES = 8 * MiB + 4096
-assert DEFAULT_SLOT_BYTES >= 8 * MiB + HEADER_BYTES
+assert 8 * MiB + HEADER_BYTES <= DEFAULT_SLOT_BYTES
 
 _TIERS: dict[str, type[Any]] = {
     "g1": GpuTierConfig,
@@ -51,9 +52,26 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "g4": {"enabled": False, "capacity_bytes": 64 * GiB, "url": "redis://127.0.0.1:6379/0"},
 }
 _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "KIB": 2**10, "KI": 2**10, "M": 10**6, "MB": 10**6,
-          "MIB": 2**20, "MI": 2**20, "G": 10**9, "GB": 10**9, "GIB": 2**30, "GI": 2**30,
-          "T": 10**12, "TB": 10**12, "TIB": 2**40, "TI": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 10**3,
+    "KB": 10**3,
+    "KIB": 2**10,
+    "KI": 2**10,
+    "M": 10**6,
+    "MB": 10**6,
+    "MIB": 2**20,
+    "MI": 2**20,
+    "G": 10**9,
+    "GB": 10**9,
+    "GIB": 2**30,
+    "GI": 2**30,
+    "T": 10**12,
+    "TB": 10**12,
+    "TIB": 2**40,
+    "TI": 2**40,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +136,9 @@ def _coerce(section: str, name: str, typ: Any, value: Any) -> Any:
         if isinstance(typ, type) and issubclass(typ, Codec):
             return value if isinstance(value, Codec) else Codec[str(value).upper()]
     except (ValueError, KeyError):
-        raise ConfigError(f"{where}: cannot read {value!r} as {getattr(typ, '__name__', typ)}") from None
+        raise ConfigError(
+            f"{where}: cannot read {value!r} as {getattr(typ, '__name__', typ)}"
+        ) from None
     return value
 
 
@@ -128,7 +148,7 @@ def load_config(
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> StoreConfig:
-    """Build the ``StoreConfig``: defaults < TOML file < ``KVSTORE_*`` env < ``overrides`` (flags)."""
+    """Build the ``StoreConfig``: defaults < TOML file < ``KVSTORE_*`` env < ``overrides``."""
     layers: dict[str, dict[str, Any]] = {k: dict(v) for k, v in _DEFAULTS.items()}
     if path is not None:
         try:
@@ -158,8 +178,9 @@ def load_config(
         types_ = _field_types(cls)
         unknown = set(values) - set(types_)
         if unknown:
-            raise ConfigError(f"[{section}] has unknown settings {sorted(unknown)}; "
-                              f"known: {sorted(types_)}")
+            raise ConfigError(
+                f"[{section}] has unknown settings {sorted(unknown)}; known: {sorted(types_)}"
+            )
         if not enabled:
             if section == "g2":
                 raise ConfigError("G2 cannot be disabled: it is where puts land")

@@ -98,12 +98,22 @@ class ModelSpec:
 
     def canonical_encoding(self) -> bytes:
         """Compact JSON with sorted keys, ASCII only: reproducible in any language."""
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+        return json.dumps(
+            self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True
+        ).encode()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
-        known = {"model_id", "num_layers", "num_kv_heads", "head_dim", "dtype", "block_tokens",
-                 "revision", "tokenizer_id"}
+        known = {
+            "model_id",
+            "num_layers",
+            "num_kv_heads",
+            "head_dim",
+            "dtype",
+            "block_tokens",
+            "revision",
+            "tokenizer_id",
+        }
         unknown = set(data) - known
         if unknown:
             raise ConfigError(f"unknown ModelSpec fields: {sorted(unknown)}")
@@ -138,16 +148,18 @@ class ModelSpec:
 def root_hash(spec: ModelSpec, salt: bytes = b"") -> BlockHash:
     """``h[-1] = blake2b16("kvstore.root.v1\\0" || fingerprint || salt)``."""
     return BlockHash(
-        hashlib.blake2b(_ROOT_TAG + spec.fingerprint + bytes(salt), digest_size=DIGEST_BYTES).digest()
+        hashlib.blake2b(
+            _ROOT_TAG + spec.fingerprint + bytes(salt), digest_size=DIGEST_BYTES
+        ).digest()
     )
 
 
 def encode_extra_keys(keys: Sequence[ExtraKey]) -> bytes:
     """Canonical bytes of one block's extra keys.
 
-    Each key is a tag byte (``b`` bytes, ``s`` UTF-8 string, ``i`` signed 64-bit integer) followed by
-    a u32 little-endian length and the value; an ``i`` value is 8 bytes little-endian. The tags keep
-    ``"7"``, ``b"7"`` and ``7`` apart.
+    Each key is a tag byte (``b`` bytes, ``s`` UTF-8 string, ``i`` signed 64-bit integer)
+    followed by a u32 little-endian length and the value; an ``i`` value is 8 bytes
+    little-endian. The tags keep ``"7"``, ``b"7"`` and ``7`` apart.
     """
     out = bytearray()
     for key in keys:
@@ -169,7 +181,9 @@ def encode_extra_keys(keys: Sequence[ExtraKey]) -> bytes:
     return bytes(out)
 
 
-def next_hash(parent: bytes, block_tokens_u32le: bytes | memoryview, extra: bytes = b"") -> BlockHash:
+def next_hash(
+    parent: bytes, block_tokens_u32le: bytes | memoryview, extra: bytes = b""
+) -> BlockHash:
     """``blake2b16(parent || tokens as u32 LE || encoded extra keys)``.
 
     The parent is always 16 bytes and a block always has ``block_tokens`` tokens, so the fields
@@ -215,7 +229,9 @@ def tokens_to_u32(tokens: Sequence[int] | np.ndarray[Any, Any] | Any) -> bytes:
 def _raise_bad_token(tokens: Sequence[Any]) -> None:
     for i, t in enumerate(tokens):
         if isinstance(t, bool) or not isinstance(t, int | np.integer):
-            raise InvalidTokenError(f"token {i} is {t!r} ({type(t).__name__}); token ids are integers")
+            raise InvalidTokenError(
+                f"token {i} is {t!r} ({type(t).__name__}); token ids are integers"
+            )
         if not 0 <= int(t) <= _U32_MAX:
             raise InvalidTokenError(f"token {i} is {t}; token ids must be in [0, 2**32)")
     raise InvalidTokenError("token ids must be integers in [0, 2**32)")  # pragma: no cover
@@ -247,7 +263,9 @@ def block_hashes(
         h = root_hash(spec, salt)
     else:
         if len(parent) != DIGEST_BYTES:
-            raise InvalidArgumentError(f"parent hash must be {DIGEST_BYTES} bytes, got {len(parent)}")
+            raise InvalidArgumentError(
+                f"parent hash must be {DIGEST_BYTES} bytes, got {len(parent)}"
+            )
         h = bytes(parent)
     view = memoryview(raw)
     out: list[BlockHash] = []

@@ -67,7 +67,9 @@ def test_non_contiguous_tensor_is_encoded_by_value() -> None:
 
 
 def test_planes_compress_16_bit_kv_better_than_plain_zstd() -> None:
-    spec = ModelSpec("m", num_layers=4, num_kv_heads=4, head_dim=64, dtype="bfloat16", block_tokens=64)
+    spec = ModelSpec(
+        "m", num_layers=4, num_kv_heads=4, head_dim=64, dtype="bfloat16", block_tokens=64
+    )
     (h,) = block_hashes(spec, list(range(64)))
     t = tensor_for(spec)
     raw = len(encode_block(spec, h, t))
@@ -109,8 +111,9 @@ def test_wrong_hash_namespace_and_truncation_are_corruption() -> None:
         decode_block(spec, h1, data)
     with pytest.raises(CorruptBlockError, match="says it is"):
         verify_block(h1, data)
-    other = ModelSpec("other-model", num_layers=3, num_kv_heads=2, head_dim=8, dtype="float16",
-                      block_tokens=4)
+    other = ModelSpec(
+        "other-model", num_layers=3, num_kv_heads=2, head_dim=8, dtype="float16", block_tokens=4
+    )
     with pytest.raises(CorruptBlockError, match="another namespace"):
         decode_block(other, h0, data)
     same_shape_other_dtype = spec_for("bfloat16")

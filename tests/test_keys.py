@@ -18,8 +18,14 @@ from kvstore.errors import ConfigError, InvalidArgumentError, InvalidTokenError
 from kvstore.keys import ModelSpec, block_hashes, encode_extra_keys, root_hash
 
 SPEC = ModelSpec(
-    "kvstore/test-model", num_layers=2, num_kv_heads=2, head_dim=4, dtype="float16",
-    block_tokens=4, revision="r1", tokenizer_id="tok-1",
+    "kvstore/test-model",
+    num_layers=2,
+    num_kv_heads=2,
+    head_dim=4,
+    dtype="float16",
+    block_tokens=4,
+    revision="r1",
+    tokenizer_id="tok-1",
 )
 
 # Frozen vectors. If one of these changes, every stored block in every deployment becomes
@@ -45,7 +51,9 @@ def test_frozen_vectors() -> None:
     assert root_hash(SPEC, b"tenant-a").hex() == ROOT_SALTED
     assert [h.hex() for h in block_hashes(SPEC, list(range(10)))] == HASHES
     assert [h.hex() for h in block_hashes(SPEC, list(range(10)), salt=b"tenant-a")] == HASHES_SALTED
-    assert [h.hex() for h in block_hashes(SPEC, EXTRA_TOKENS, extra_keys=EXTRA_KEYS)] == HASHES_EXTRA
+    assert [
+        h.hex() for h in block_hashes(SPEC, EXTRA_TOKENS, extra_keys=EXTRA_KEYS)
+    ] == HASHES_EXTRA
 
 
 def test_vectors_follow_the_documented_layout() -> None:
@@ -118,12 +126,20 @@ def test_inputs_as_list_numpy_and_torch_agree() -> None:
 def test_namespace_and_salt_separate_hashes() -> None:
     tokens = list(range(8))
     other_dtype = ModelSpec(
-        "kvstore/test-model", num_layers=2, num_kv_heads=2, head_dim=4, dtype="bfloat16",
-        block_tokens=4, revision="r1", tokenizer_id="tok-1",
+        "kvstore/test-model",
+        num_layers=2,
+        num_kv_heads=2,
+        head_dim=4,
+        dtype="bfloat16",
+        block_tokens=4,
+        revision="r1",
+        tokenizer_id="tok-1",
     )
     assert other_dtype.fingerprint != SPEC.fingerprint
     assert set(block_hashes(other_dtype, tokens)).isdisjoint(block_hashes(SPEC, tokens))
-    assert set(block_hashes(SPEC, tokens, salt=b"a")).isdisjoint(block_hashes(SPEC, tokens, salt=b"b"))
+    assert set(block_hashes(SPEC, tokens, salt=b"a")).isdisjoint(
+        block_hashes(SPEC, tokens, salt=b"b")
+    )
 
 
 def test_extra_keys_are_typed() -> None:

@@ -18,7 +18,9 @@ from kvstore.errors import ConfigError
 from kvstore.keys import ModelSpec, block_hashes
 from tiers.lmdb_store import LmdbTier, LmdbTierConfig
 
-SPEC = ModelSpec("crash", num_layers=4, num_kv_heads=4, head_dim=32, dtype="bfloat16", block_tokens=16)
+SPEC = ModelSpec(
+    "crash", num_layers=4, num_kv_heads=4, head_dim=32, dtype="bfloat16", block_tokens=16
+)
 
 WRITER = textwrap.dedent(
     """
@@ -107,7 +109,7 @@ async def test_reopen_rebuilds_usage_and_lists_keys_in_batches(tmp_path: Path) -
         stats = await tier.stats()
         assert stats.num_blocks == 5000
         assert stats.used_bytes == sum(len(v) for _, v in blocks)
-        listed = [k async for k in tier.keys()]
+        listed = [k async for k in tier.iter_keys()]
         assert len(listed) == 5000
         assert set(listed) == set(hashes)
     finally:

@@ -33,7 +33,9 @@ def blocks(n: int, codec: Codec = Codec.RAW) -> list[tuple[bytes, bytearray]]:
 
 
 async def test_g2_refuses_a_block_larger_than_a_slot() -> None:
-    tier = PinnedMemoryTier(PinnedTierConfig(1 << 20, 1024, pin="never", segment_prefix="kvstore-t"))
+    tier = PinnedMemoryTier(
+        PinnedTierConfig(1 << 20, 1024, pin="never", segment_prefix="kvstore-t")
+    )
     try:
         with pytest.raises(BlockTooLargeError, match="larger than a slot"):
             await tier.put(blocks(2))
@@ -43,7 +45,9 @@ async def test_g2_refuses_a_block_larger_than_a_slot() -> None:
 
 
 async def test_g2_segment_is_named_mapped_and_unlinked_on_close() -> None:
-    tier = PinnedMemoryTier(PinnedTierConfig(1 << 20, 4096, pin="never", segment_prefix="kvstore-t"))
+    tier = PinnedMemoryTier(
+        PinnedTierConfig(1 << 20, 4096, pin="never", segment_prefix="kvstore-t")
+    )
     name = tier.segment_name
     assert (SHM / name).exists()
     assert name.startswith(f"kvstore-t-{os.getpid()}-")
@@ -90,8 +94,12 @@ def test_g2_segment_does_not_leak_when_the_owner_is_killed() -> None:
 
 
 def test_stale_segments_of_dead_processes_are_swept() -> None:
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     stale = SHM / f"kvstore-sweep-{dead.stdout.strip()}-deadbeef"
     alive = SHM / f"kvstore-sweep-{os.getpid()}-cafef00d"
     stale.write_bytes(b"x")
@@ -112,7 +120,9 @@ def test_g2_config_errors() -> None:
         PinnedTierConfig(1 << 20, 4096, pin="sometimes")  # type: ignore[arg-type]
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="pin=require"):
-            PinnedMemoryTier(PinnedTierConfig(1 << 20, 4096, pin="require", segment_prefix="kvstore-t"))
+            PinnedMemoryTier(
+                PinnedTierConfig(1 << 20, 4096, pin="require", segment_prefix="kvstore-t")
+            )
 
 
 async def test_g1_tensor_view_is_the_block_in_place() -> None:
@@ -149,7 +159,9 @@ def test_g1_on_cuda_without_cuda_is_a_config_error() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 async def test_g1_and_pinned_g2_on_cuda() -> None:
     g1 = GpuMemoryTier(GpuTierConfig(1 << 22, 4096, device="cuda"))
-    g2 = PinnedMemoryTier(PinnedTierConfig(1 << 22, 4096, pin="require", segment_prefix="kvstore-t"))
+    g2 = PinnedMemoryTier(
+        PinnedTierConfig(1 << 22, 4096, pin="require", segment_prefix="kvstore-t")
+    )
     try:
         assert g2.pinned
         items = blocks(4)

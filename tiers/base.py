@@ -13,7 +13,7 @@ Operations, in the order a caller uses them:
    ``get_into``): no allocation per block, so a caller that reuses pre-faulted buffers reads at
    copy speed. It returns the number of bytes written per key, ``None`` for a miss.
 3. ``delete(keys)`` — the number of blocks actually removed.
-4. ``keys()`` — every stored key, for rebuilding an index at start.
+4. ``iter_keys()`` — every stored key, for rebuilding an index at start.
 5. ``stats()`` / ``close()``.
 
 A tier never evicts by itself: placement (a later layer) decides what goes. Values are whole
@@ -34,7 +34,14 @@ from kvstore.errors import ConfigError, CorruptBlockError, InvalidArgumentError
 from kvstore.keys import DIGEST_BYTES, BlockHash
 
 __all__ = [
-    "BlockBytes", "Buffer", "CorruptionCallback", "Tier", "TierStats", "check_capacity", "check_fits",
+    "BlockBytes",
+    "Buffer",
+    "CorruptionCallback",
+    "Read",
+    "Tier",
+    "TierStats",
+    "check_capacity",
+    "check_fits",
 ]
 
 log = logging.getLogger(__name__)
@@ -44,6 +51,15 @@ BlockBytes = bytes | bytearray
 """What ``get`` returns for a hit: bytes the caller owns (never a view into tier memory)."""
 CorruptionCallback = Callable[[str, BlockHash, str], None]
 """Called as ``on_corrupt(tier_name, key, reason)`` when a tier drops a corrupt block."""
+
+
+@dataclass(frozen=True, slots=True)
+class Read:
+    """One hit of ``_get_into``: bytes written, and the payload checksum if the tier computed it
+    while copying (so verification need not read the block again)."""
+
+    nbytes: int
+    payload_xxh3: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +78,9 @@ class TierStats:
 
 def check_capacity(component: str, capacity_bytes: int) -> None:
     if not isinstance(capacity_bytes, int) or capacity_bytes <= 0:
-        raise ConfigError(f"{component}.capacity_bytes must be a positive integer, got {capacity_bytes!r}")
+        raise ConfigError(
+            f"{component}.capacity_bytes must be a positive integer, got {capacity_bytes!r}"
+        )
 
 
 class Tier(ABC):
@@ -72,7 +90,9 @@ class Tier(ABC):
     name: str
     verify_reads: bool = False
 
-    def __init__(self, name: str, capacity_bytes: int, on_corrupt: CorruptionCallback | None) -> None:
+    def __init__(
+        self, name: str, capacity_bytes: int, on_corrupt: CorruptionCallback | None
+    ) -> None:
         check_capacity(name, capacity_bytes)
         self.name = name
         self.capacity_bytes = capacity_bytes
@@ -114,14 +134,15 @@ class Tier(ABC):
         if len(buffers) != len(keys):
             raise InvalidArgumentError(f"{len(keys)} keys but {len(buffers)} buffers")
         views = [_writable(b) for b in buffers]
-        sizes = await self._get_into(keys, views) if keys else []
+        reads = await self._get_into(keys, views) if keys else []
+        sizes: list[int | None] = [None if r is None else r.nbytes for r in reads]
         if self.verify_reads:
             corrupt: list[BlockHash] = []
-            for i, (key, n) in enumerate(zip(keys, sizes, strict=True)):
-                if n is None:
+            for i, (key, read) in enumerate(zip(keys, reads, strict=True)):
+                if read is None:
                     continue
                 try:
-                    verify_block(key, views[i][:n])
+                    verify_block(key, views[i][: read.nbytes], payload_xxh3=read.payload_xxh3)
                 except CorruptBlockError as exc:
                     sizes[i] = None
                     corrupt.append(key)
@@ -142,7 +163,9 @@ class Tier(ABC):
             try:
                 header = read_header(value)
             except CorruptBlockError as exc:
-                raise InvalidArgumentError(f"value for block {key.hex()} is not a block: {exc}") from None
+                raise InvalidArgumentError(
+                    f"value for block {key.hex()} is not a block: {exc}"
+                ) from None
             if header.block_hash != key:
                 raise InvalidArgumentError(
                     f"value for block {key.hex()} is block {header.block_hash.hex()}"
@@ -164,7 +187,7 @@ class Tier(ABC):
         keys = _check_keys(keys)
         return await self._exists(keys) if keys else []
 
-    def keys(self) -> AsyncIterator[BlockHash]:
+    def iter_keys(self) -> AsyncIterator[BlockHash]:
         return self._keys()
 
     async def stats(self) -> TierStats:
@@ -202,17 +225,17 @@ class Tier(ABC):
     @abstractmethod
     async def _get(self, keys: list[BlockHash]) -> list[BlockBytes | None]: ...
 
-    async def _get_into(self, keys: list[BlockHash], views: list[memoryview]) -> list[int | None]:
+    async def _get_into(self, keys: list[BlockHash], views: list[memoryview]) -> list[Read | None]:
         """Default: through ``_get`` and one more copy. Tiers that can copy straight from their own
         memory into the caller's buffer override this."""
-        out: list[int | None] = []
+        out: list[Read | None] = []
         for key, view, value in zip(keys, views, await self._get(keys), strict=True):
             if value is None:
                 out.append(None)
                 continue
             check_fits(key, len(value), view)
             view[: len(value)] = value
-            out.append(len(value))
+            out.append(Read(len(value)))
         return out
 
     @abstractmethod

@@ -1,4 +1,7 @@
-"""``DictTier``: an in-memory tier on a plain dict, for tests about policy; passes the same contract."""
+"""``DictTier``: an in-memory tier on a plain dict, for tests about policy alone.
+
+It passes the same contract as the real tiers; nothing in production uses it.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from dataclasses import dataclass
 
 from kvstore.errors import TierFullError
 from kvstore.keys import BlockHash
-from tiers.base import Buffer, CorruptionCallback, Tier
+from tiers.base import BlockBytes, Buffer, CorruptionCallback, Tier
 
 __all__ = ["DictTier", "DictTierConfig"]
 
@@ -19,12 +22,14 @@ class DictTierConfig:
 
 
 class DictTier(Tier):
-    def __init__(self, config: DictTierConfig, on_corrupt: CorruptionCallback | None = None) -> None:
+    def __init__(
+        self, config: DictTierConfig, on_corrupt: CorruptionCallback | None = None
+    ) -> None:
         super().__init__(config.name, config.capacity_bytes, on_corrupt)
         self._blocks: dict[BlockHash, bytes] = {}
         self._used_bytes = 0
 
-    async def _get(self, keys: list[BlockHash]) -> list[bytes | None]:
+    async def _get(self, keys: list[BlockHash]) -> list[BlockBytes | None]:
         return [self._blocks.get(k) for k in keys]
 
     async def _put(self, items: list[tuple[BlockHash, Buffer]]) -> int:

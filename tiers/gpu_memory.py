@@ -21,7 +21,15 @@ import torch
 from kvstore.block_format import HEADER_BYTES, BlockHeader, Codec, read_header, torch_dtype
 from kvstore.errors import ConfigError, InvalidArgumentError
 from kvstore.keys import BlockHash
-from tiers.base import BlockBytes, Buffer, CorruptionCallback, Tier, check_capacity, check_fits
+from tiers.base import (
+    BlockBytes,
+    Buffer,
+    CorruptionCallback,
+    Read,
+    Tier,
+    check_capacity,
+    check_fits,
+)
 from tiers.slots import SlotTable
 
 __all__ = ["GpuMemoryTier", "GpuTierConfig"]
@@ -96,8 +104,8 @@ class GpuMemoryTier(Tier):
             out.append(data)
         return out
 
-    async def _get_into(self, keys: list[BlockHash], views: list[memoryview]) -> list[int | None]:
-        out: list[int | None] = []
+    async def _get_into(self, keys: list[BlockHash], views: list[memoryview]) -> list[Read | None]:
+        out: list[Read | None] = []
         for key, view in zip(keys, views, strict=True):
             where = self._slots.lookup(key)
             if where is None:
@@ -108,7 +116,7 @@ class GpuMemoryTier(Tier):
             view[:HEADER_BYTES] = self._headers[key][0]
             dst = torch.frombuffer(view, dtype=torch.uint8, count=HEADER_BYTES + n)
             dst[HEADER_BYTES:].copy_(self._slab[slot, :n])
-            out.append(HEADER_BYTES + n)
+            out.append(Read(HEADER_BYTES + n))
         return out
 
     async def _put(self, items: list[tuple[BlockHash, Buffer]]) -> int:

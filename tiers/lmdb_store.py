@@ -35,9 +35,18 @@ from typing import Any, TypeVar
 
 import lmdb
 
+from kvstore.block_format import HEADER_BYTES, copy_and_checksum
 from kvstore.errors import ConfigError, TierFullError
 from kvstore.keys import BlockHash
-from tiers.base import BlockBytes, Buffer, CorruptionCallback, Tier, check_capacity, check_fits
+from tiers.base import (
+    BlockBytes,
+    Buffer,
+    CorruptionCallback,
+    Read,
+    Tier,
+    check_capacity,
+    check_fits,
+)
 
 __all__ = ["LmdbTier", "LmdbTierConfig"]
 
@@ -76,7 +85,9 @@ class LmdbTierConfig:
 class LmdbTier(Tier):
     verify_reads = True
 
-    def __init__(self, config: LmdbTierConfig, on_corrupt: CorruptionCallback | None = None) -> None:
+    def __init__(
+        self, config: LmdbTierConfig, on_corrupt: CorruptionCallback | None = None
+    ) -> None:
         super().__init__("G3", config.capacity_bytes, on_corrupt)
         self.config = config
         try:
@@ -126,8 +137,8 @@ class LmdbTier(Tier):
     async def _get(self, keys: list[BlockHash]) -> list[BlockBytes | None]:
         return await self._run(self._readers, self._get_sync, keys)
 
-    def _get_into_sync(self, keys: list[BlockHash], views: list[memoryview]) -> list[int | None]:
-        out: list[int | None] = []
+    def _get_into_sync(self, keys: list[BlockHash], views: list[memoryview]) -> list[Read | None]:
+        out: list[Read | None] = []
         with self._env.begin(db=self._db, buffers=True) as txn:
             for key, view in zip(keys, views, strict=True):
                 value = txn.get(key)
@@ -135,11 +146,14 @@ class LmdbTier(Tier):
                     out.append(None)
                     continue
                 check_fits(key, len(value), view)
-                view[: len(value)] = value
-                out.append(len(value))
+                if len(value) < HEADER_BYTES:  # too short to be a block: let verification say so
+                    view[: len(value)] = value
+                    out.append(Read(len(value)))
+                else:
+                    out.append(Read(len(value), copy_and_checksum(value, view)))
         return out
 
-    async def _get_into(self, keys: list[BlockHash], views: list[memoryview]) -> list[int | None]:
+    async def _get_into(self, keys: list[BlockHash], views: list[memoryview]) -> list[Read | None]:
         return await self._run(self._readers, self._get_into_sync, keys, views)
 
     def _exists_sync(self, keys: list[BlockHash]) -> list[bool]:

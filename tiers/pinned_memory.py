@@ -2,8 +2,8 @@
 
 The segment is named (``/dev/shm/<prefix>-<pid>-<random>``) so that a client on the same host can
 map it and copy straight between a slot and its own tensor (a later issue). When CUDA is present the
-whole segment is registered with ``cudaHostRegister`` once, so host<->device copies from any slot run
-at pinned-memory speed without a staging buffer.
+whole segment is registered with ``cudaHostRegister`` once, so host<->device copies from any slot
+run at pinned-memory speed without a staging buffer.
 
 No leak on a crash: Python's ``multiprocessing.resource_tracker`` (a separate process started with
 the segment) unlinks every segment it was told about when our process dies, ``kill -9`` included;
@@ -17,6 +17,7 @@ freed and reused while it is being read.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -31,7 +32,15 @@ import numpy as np
 
 from kvstore.errors import ConfigError
 from kvstore.keys import BlockHash
-from tiers.base import BlockBytes, Buffer, CorruptionCallback, Tier, check_capacity, check_fits
+from tiers.base import (
+    BlockBytes,
+    Buffer,
+    CorruptionCallback,
+    Read,
+    Tier,
+    check_capacity,
+    check_fits,
+)
 from tiers.slots import SlotTable
 
 __all__ = ["PinnedMemoryTier", "PinnedTierConfig", "sweep_stale_segments"]
@@ -53,7 +62,9 @@ class PinnedTierConfig:
         if self.pin not in ("auto", "never", "require"):
             raise ConfigError(f"G2.pin must be auto, never or require, got {self.pin!r}")
         if not self.segment_prefix or "/" in self.segment_prefix:
-            raise ConfigError(f"G2.segment_prefix must be a plain name, got {self.segment_prefix!r}")
+            raise ConfigError(
+                f"G2.segment_prefix must be a plain name, got {self.segment_prefix!r}"
+            )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -88,7 +99,7 @@ def _cuda_host_register(buf: memoryview, nbytes: int) -> bool:
     if not torch.cuda.is_available():
         return False
     address = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-    err = torch.cuda.cudart().cudaHostRegister(address, nbytes, 0)
+    err = torch.cuda.cudart().cudaHostRegister(address, nbytes, 0)  # type: ignore[no-untyped-call]
     return int(err) == 0
 
 
@@ -96,11 +107,13 @@ def _cuda_host_unregister(buf: memoryview) -> None:
     import torch
 
     address = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-    torch.cuda.cudart().cudaHostUnregister(address)
+    torch.cuda.cudart().cudaHostUnregister(address)  # type: ignore[no-untyped-call]
 
 
 class PinnedMemoryTier(Tier):
-    def __init__(self, config: PinnedTierConfig, on_corrupt: CorruptionCallback | None = None) -> None:
+    def __init__(
+        self, config: PinnedTierConfig, on_corrupt: CorruptionCallback | None = None
+    ) -> None:
         super().__init__("G2", config.capacity_bytes, on_corrupt)
         self.config = config
         self._slots = SlotTable("G2", config.capacity_bytes, config.slot_bytes)
@@ -109,7 +122,10 @@ class PinnedMemoryTier(Tier):
         name = f"{config.segment_prefix}-{os.getpid()}-{secrets.token_hex(4)}"
         size = self._slots.num_slots * self._slots.slot_bytes
         self._shm = shared_memory.SharedMemory(name=name, create=True, size=size)
-        self._buf: memoryview = self._shm.buf
+        buf = self._shm.buf
+        assert buf is not None  # None only after close()
+        self._buf: memoryview = buf
+        self._closed = False
         # Touch every page once now: a fresh mapping costs ~10 ms of page faults per 32 MiB, which
         # would otherwise land on the first puts.
         np.frombuffer(self._buf, dtype=np.uint8)[:: os.sysconf("SC_PAGE_SIZE")] = 0
@@ -118,7 +134,9 @@ class PinnedMemoryTier(Tier):
             self.pinned = _cuda_host_register(self._buf, size)
             if config.pin == "require" and not self.pinned:
                 self.close_now()
-                raise ConfigError("G2.pin=require but CUDA is not available or cudaHostRegister failed")
+                raise ConfigError(
+                    "G2.pin=require but CUDA is not available or cudaHostRegister failed"
+                )
 
     @property
     def segment_name(self) -> str:
@@ -147,8 +165,8 @@ class PinnedMemoryTier(Tier):
                 out.append(bytes(self._buf[slot * step : slot * step + n]))
         return out
 
-    async def _get_into(self, keys: list[BlockHash], views: list[memoryview]) -> list[int | None]:
-        out: list[int | None] = []
+    async def _get_into(self, keys: list[BlockHash], views: list[memoryview]) -> list[Read | None]:
+        out: list[Read | None] = []
         step = self._slots.slot_bytes
         for key, view in zip(keys, views, strict=True):
             where = self._slots.lookup(key)
@@ -158,7 +176,7 @@ class PinnedMemoryTier(Tier):
             slot, n = where
             check_fits(key, n, view)
             view[:n] = self._buf[slot * step : slot * step + n]
-            out.append(n)
+            out.append(Read(n))
         return out
 
     async def _put(self, items: list[tuple[BlockHash, Buffer]]) -> int:
@@ -189,15 +207,13 @@ class PinnedMemoryTier(Tier):
 
     def close_now(self) -> None:
         """Unmap and unlink the segment (idempotent)."""
-        if self._shm is None:
+        if self._closed:
             return
+        self._closed = True
         if self.pinned:
             _cuda_host_unregister(self._buf)
             self.pinned = False
         self._buf.release()
         self._shm.close()
-        try:
+        with contextlib.suppress(FileNotFoundError):  # already unlinked by someone else
             self._shm.unlink()
-        except FileNotFoundError:
-            pass
-        self._shm = None  # type: ignore[assignment]
