@@ -13,14 +13,17 @@ Operations, in the order they are used:
 
 Layout (little-endian), 128 bytes of header then the payload::
 
-    0   4s  magic b"KVBK"          36  16s namespace fingerprint
-    4   B   format version (1)     52  16s block hash
-    5   B   codec                  68  Q   raw bytes
-    6   B   dtype code (keys.DTYPES)   76  Q   payload bytes
-    7   B   number of dims (5)     84  Q   xxh3-64 of the raw bytes
-    8   5I  shape                  92  Q   xxh3-64 of the payload as stored
-    28  8x  reserved              100  Q   xxh3-64 of header bytes 0..99
-                                  108  20x reserved (zero)
+    0   4s   magic b"KVBK"               52  16s  block hash
+    4   B    format version (1)          68  16s  parent block hash (zeros: not recorded)
+    5   B    codec                       84  Q    raw bytes
+    6   B    dtype code (keys.DTYPES)    92  Q    payload bytes
+    7   B    number of dims (5)         100  Q    xxh3-64 of the raw bytes
+    8   5I   shape                      108  Q    xxh3-64 of the payload as stored
+    28  8x   reserved (zero)            116  Q    xxh3-64 of header bytes 0..115
+    36  16s  namespace fingerprint      124  4x   reserved (zero)
+
+The parent hash lets an index rebuild the hash chains from the blocks alone (after a restart, G3's
+headers are all there is); it is covered by the header checksum like every other field.
 
 Two data checksums: the payload's lets a tier verify what it stores without decompressing; the raw
 one verifies the tensor end to end after decompression. For the raw codec they are the same value.
@@ -28,6 +31,7 @@ one verifies the tensor end to end after decompression. For the raw codec they a
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import warnings
 from dataclasses import dataclass
@@ -56,9 +60,10 @@ __all__ = [
 ]
 
 MAGIC = b"KVBK"
+NO_PARENT = bytes(16)
 FORMAT_VERSION = 1
 HEADER_BYTES = 128
-_FIXED = struct.Struct("<4sBBBB5I8x16s16sQQQQ")  # bytes 0..99, covered by the header checksum
+_FIXED = struct.Struct("<4sBBBB5I8x16s16s16sQQQQ")  # bytes 0..115, under the header checksum
 _HEADER_SUM = struct.Struct("<Q")
 _DTYPE_BY_CODE = {code: name for name, (code, _) in DTYPES.items()}
 
@@ -89,6 +94,7 @@ class BlockHeader:
     shape: tuple[int, ...]
     fingerprint: bytes
     block_hash: bytes
+    parent_hash: bytes
     raw_nbytes: int
     payload_nbytes: int
     raw_xxh3: int
@@ -99,30 +105,21 @@ class BlockHeader:
         return HEADER_BYTES + self.payload_nbytes
 
 
-def _pack_header(
-    codec: Codec,
-    dtype: str,
-    shape: tuple[int, ...],
-    fingerprint: bytes,
-    block_hash: bytes,
-    raw_nbytes: int,
-    payload_nbytes: int,
-    raw_sum: int,
-    payload_sum: int,
-) -> bytes:
+def _pack_header(h: BlockHeader) -> bytes:
     fixed = _FIXED.pack(
         MAGIC,
         FORMAT_VERSION,
-        int(codec),
-        DTYPES[dtype][0],
-        len(shape),
-        *shape,
-        fingerprint,
-        block_hash,
-        raw_nbytes,
-        payload_nbytes,
-        raw_sum,
-        payload_sum,
+        int(h.codec),
+        DTYPES[h.dtype][0],
+        len(h.shape),
+        *h.shape,
+        h.fingerprint,
+        h.block_hash,
+        h.parent_hash,
+        h.raw_nbytes,
+        h.payload_nbytes,
+        h.raw_xxh3,
+        h.payload_xxh3,
     )
     tail = _HEADER_SUM.pack(xxhash.xxh3_64_intdigest(fixed))
     return fixed + tail + bytes(HEADER_BYTES - len(fixed) - len(tail))
@@ -142,7 +139,10 @@ def read_header(data: bytes | bytearray | memoryview) -> BlockHeader:
     if any(view[_FIXED.size + _HEADER_SUM.size : HEADER_BYTES]):
         raise CorruptBlockError("block header reserved bytes are not zero")
     (magic, version, codec, dtype_code, ndim, *rest) = _FIXED.unpack(fixed)
-    shape, (fingerprint, block_hash, raw_n, payload_n, raw_sum, payload_sum) = rest[:5], rest[5:]
+    shape, (fingerprint, block_hash, parent, raw_n, payload_n, raw_sum, payload_sum) = (
+        rest[:5],
+        rest[5:],
+    )
     if magic != MAGIC:
         raise CorruptBlockError(f"not a kvstore block (magic {magic!r})")
     if version != FORMAT_VERSION:
@@ -164,6 +164,7 @@ def read_header(data: bytes | bytearray | memoryview) -> BlockHeader:
         tuple(shape),
         fingerprint,
         block_hash,
+        parent,
         raw_n,
         payload_n,
         raw_sum,
@@ -262,12 +263,17 @@ def encode_block(
     *,
     codec: Codec = Codec.RAW,
     level: int = 1,
+    parent_hash: bytes | None = None,
 ) -> bytearray:
-    """Header + payload of one block. The tensor must match the namespace exactly."""
-    if len(block_hash) != DIGEST_BYTES:
-        raise InvalidArgumentError(
-            f"block hash must be {DIGEST_BYTES} bytes, got {len(block_hash)}"
-        )
+    """Header + payload of one block. The tensor must match the namespace exactly.
+
+    ``parent_hash`` is the hash of the block before this one in its chain (the namespace root for
+    block 0); it is recorded so that an index can rebuild chains from stored blocks alone.
+    """
+    for name, value in (("block hash", block_hash), ("parent hash", parent_hash)):
+        if value is not None and len(value) != DIGEST_BYTES:
+            raise InvalidArgumentError(f"{name} must be {DIGEST_BYTES} bytes, got {len(value)}")
+    parent = bytes(parent_hash) if parent_hash is not None else NO_PARENT
     _check_tensor(spec, tensor)
     src = tensor.detach()
     if src.device.type != "cpu":
@@ -277,29 +283,37 @@ def encode_block(
     if codec is Codec.RAW:
         out = bytearray(HEADER_BYTES + raw.nbytes)
         out[:HEADER_BYTES] = _pack_header(
-            codec,
-            spec.dtype,
-            spec.block_shape,
-            spec.fingerprint,
-            bytes(block_hash),
-            raw.nbytes,
-            raw.nbytes,
-            raw_sum,
-            raw_sum,
+            BlockHeader(
+                FORMAT_VERSION,
+                codec,
+                spec.dtype,
+                spec.block_shape,
+                spec.fingerprint,
+                bytes(block_hash),
+                parent,
+                raw.nbytes,
+                raw.nbytes,
+                raw_sum,
+                raw_sum,
+            )
         )
         np.frombuffer(out, dtype=np.uint8, offset=HEADER_BYTES)[:] = raw
         return out
     payload = _compress(raw, spec.itemsize, codec, level)
     header = _pack_header(
-        codec,
-        spec.dtype,
-        spec.block_shape,
-        spec.fingerprint,
-        bytes(block_hash),
-        raw.nbytes,
-        len(payload),
-        raw_sum,
-        xxhash.xxh3_64_intdigest(payload),
+        BlockHeader(
+            FORMAT_VERSION,
+            codec,
+            spec.dtype,
+            spec.block_shape,
+            spec.fingerprint,
+            bytes(block_hash),
+            parent,
+            raw.nbytes,
+            len(payload),
+            raw_sum,
+            xxhash.xxh3_64_intdigest(payload),
+        )
     )
     return bytearray(header + payload)
 
@@ -367,15 +381,9 @@ def transcode_block(data: bytes | bytearray | memoryview, codec: Codec, *, level
     new_sum = header.raw_xxh3 if codec is Codec.RAW else xxhash.xxh3_64_intdigest(new_payload)
     return (
         _pack_header(
-            codec,
-            header.dtype,
-            header.shape,
-            header.fingerprint,
-            header.block_hash,
-            header.raw_nbytes,
-            len(new_payload),
-            header.raw_xxh3,
-            new_sum,
+            dataclasses.replace(
+                header, codec=codec, payload_nbytes=len(new_payload), payload_xxh3=new_sum
+            )
         )
         + new_payload
     )

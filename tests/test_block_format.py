@@ -58,6 +58,20 @@ def test_round_trip_is_bit_exact(dtype: str, codec: Codec) -> None:
     assert torch.equal(dst.view(torch.uint8), t.view(torch.uint8))
 
 
+def test_parent_hash_is_recorded_and_checked() -> None:
+    spec = spec_for("float16")
+    h0, h1 = block_hashes(spec, list(range(8)))
+    data = encode_block(spec, h1, tensor_for(spec), parent_hash=h0)
+    assert read_header(data).parent_hash == h0
+    assert read_header(encode_block(spec, h0, tensor_for(spec))).parent_hash == bytes(16)
+    bad = bytearray(data)
+    bad[70] ^= 1  # inside the parent field
+    with pytest.raises(CorruptBlockError, match="header checksum"):
+        read_header(bad)
+    with pytest.raises(InvalidArgumentError, match="parent hash must be 16 bytes"):
+        encode_block(spec, h1, tensor_for(spec), parent_hash=b"x")
+
+
 def test_non_contiguous_tensor_is_encoded_by_value() -> None:
     spec = spec_for("float32")
     (h,) = block_hashes(spec, [1, 2, 3, 4])

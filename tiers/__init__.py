@@ -10,7 +10,7 @@ from tiers.dict_store import DictTier, DictTierConfig
 from tiers.gpu_memory import GpuMemoryTier, GpuTierConfig
 from tiers.lmdb_store import LmdbTier, LmdbTierConfig
 from tiers.pinned_memory import PinnedMemoryTier, PinnedTierConfig
-# REDIS-PENDING from tiers.redis_store import RedisTier, RedisTierConfig
+from tiers.redis_store import RedisTier, RedisTierConfig
 
 __all__ = [
     "DictTier",

@@ -27,7 +27,7 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 from kvstore.block_format import read_header, verify_block
 from kvstore.errors import ConfigError, CorruptBlockError, InvalidArgumentError
@@ -208,7 +208,7 @@ class Tier(ABC):
     @abstractmethod
     async def close(self) -> None: ...
 
-    async def __aenter__(self) -> Tier:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -6,16 +6,17 @@ Operations, in the order a caller uses them (the contract is ``tiers.base.Tier``
    operation connects (and, in cluster mode, discovers the slot map).
 2. ``put`` — skip blocks whose head already exists, write the chunks of large blocks, then the
    heads with ``SET NX``; an ``OOM`` reply undoes the batch and raises ``TierFullError``.
-3. ``exists`` / ``get`` — one pipelined round trip for the heads, one more for the chunks of
-   chunked blocks; the base class verifies every block returned.
-4. ``delete`` / ``keys`` / ``stats`` / ``close``.
+3. ``exists`` / ``get`` / ``get_into`` — one pipelined round trip for the heads, one more for
+   the chunks of chunked blocks (``get_into`` copies them straight into the caller's buffer);
+   the base class verifies every block returned.
+4. ``delete`` / ``iter_keys`` / ``stats`` / ``close``.
 
-Key layout (``hash`` is the 32 hex digits of the block hash)::
+Key layout (``<hash>`` is the 32 hex digits of the block hash; the braces are literal)::
 
-    {key_prefix}:{namespace}:{hash}        head: the encoded block (magic b"KVBK"), or for a
+    <key_prefix>:<namespace>:{<hash>}       head: the encoded block (magic b"KVBK"), or for a
                                             block larger than chunk_bytes a 16-byte manifest:
                                             b"KVCM", u32 number of chunks, u64 total bytes (LE)
-    {key_prefix}:{namespace}:{hash}:<i>    chunk i (0-based) of a chunked block
+    <key_prefix>:<namespace>:{<hash>}:<i>   chunk i (0-based) of a chunked block
 
 The braces around the hash are a Redis Cluster hash tag: a block's head and chunks share one slot
 (one shard, one pipeline per shard), while the blocks of a chain hash to different slots and
@@ -36,8 +37,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
-from redis.asyncio.cluster import ClusterPipeline, RedisCluster
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
@@ -63,7 +63,15 @@ from kvstore.errors import (
     TierUnavailableError,
 )
 from kvstore.keys import DIGEST_BYTES, BlockHash
-from tiers.base import BlockBytes, Buffer, CorruptionCallback, Tier, check_capacity
+from tiers.base import (
+    BlockBytes,
+    Buffer,
+    CorruptionCallback,
+    Read,
+    Tier,
+    check_capacity,
+    check_fits,
+)
 
 __all__ = ["MANIFEST_MAGIC", "RedisTier", "RedisTierConfig", "parse_manifest"]
 
@@ -79,9 +87,10 @@ _MANIFEST = struct.Struct("<4sIQ")
 # Redis refuses bulk strings above proto-max-bulk-len (512 MiB by default).
 _MAX_CHUNK_BYTES = 512 * 1024 * 1024
 _MIN_CHUNK_BYTES = 1024
-# A sanity bound for manifests read back: a garbled one must not make us fetch or unlink
-# billions of keys.
-_MAX_MANIFEST_BYTES = 1 << 40
+# Sanity bounds for manifests read back, so that a garbled one cannot make us fetch or unlink
+# billions of keys: 64 GiB is far above any block (a 4 GB block is already fp32 K/V of 256
+# tokens of a 128-layer, 128-head model), and every chunk but the last is >= _MIN_CHUNK_BYTES.
+_MAX_MANIFEST_BYTES = 1 << 36
 # One pipelined round trip carries at most this much payload. timeout_ms bounds each round
 # trip, so an unbounded batch (hundreds of MiB) would time out on a slow link even though the
 # server answers fine; 64 MiB needs only 32 MB/s at the default 2 s, and measured here redis-py
@@ -91,7 +100,7 @@ _ROUND_TRIP_BYTES = 64 * 1024 * 1024
 # Commands per round trip when replies are small (EXISTS, STRLEN, UNLINK, GETRANGE of 16 bytes).
 _SMALL_COMMANDS_PER_TRIP = 4096
 _SCAN_COUNT = 1000
-# Transcoding a batch smaller than this is faster inline than through a thread hop.
+# Batches smaller than this compress inline: a few small blocks are not worth a thread hop.
 _TRANSCODE_INLINE_BYTES = 1024 * 1024
 # Characters that would break the key layout: braces move the cluster hash tag, glob characters
 # break the SCAN pattern, whitespace and control characters make keys unreadable in redis-cli.
@@ -205,14 +214,12 @@ def parse_manifest(value: bytes) -> tuple[int, int] | None:
     if len(value) != _MANIFEST.size or value[:4] != MANIFEST_MAGIC:
         return None
     _, num_chunks, total = _MANIFEST.unpack(value)
-    if not 1 <= num_chunks <= total <= _MAX_MANIFEST_BYTES:
+    if not (total <= _MAX_MANIFEST_BYTES and 2 <= num_chunks <= -(-total // _MIN_CHUNK_BYTES)):
         return None
     return num_chunks, total
 
 
-def _groups(
-    items: Sequence[_T], size_of: Callable[[_T], int], budget: int
-) -> Iterator[list[_T]]:
+def _groups(items: Sequence[_T], size_of: Callable[[_T], int], budget: int) -> Iterator[list[_T]]:
     """Consecutive runs of ``items`` whose sizes add up to at most ``budget`` (at least one)."""
     group: list[_T] = []
     used = 0
@@ -249,7 +256,7 @@ class RedisTier(Tier):
         # Redis Cluster nodes raise MaxConnectionsError instead of waiting for a free
         # connection, and a plain pool does the same; a semaphore makes callers queue instead.
         # Each round trip holds at most one connection per server, so this bound is exact.
-        self._slots = asyncio.Semaphore(config.max_connections)
+        self._in_flight = asyncio.Semaphore(config.max_connections)
         # One retry, on connection errors only: it replaces a pooled connection that the
         # server closed while idle. Timeouts are not retried: a server that did not answer in
         # timeout_ms will not answer in the same budget either, and the caller decides.
@@ -286,7 +293,7 @@ class RedisTier(Tier):
 
     def _key_of_head(self, name: bytes) -> BlockHash | None:
         """The block hash named by a head key found by SCAN; ``None`` for anything else."""
-        text = name.decode("ascii", errors="replace")
+        text = name.decode("utf-8", errors="replace")
         inner = text[len(self._key_base) :]
         if not (text.startswith(self._key_base) and inner[:1] == "{" and inner[-1:] == "}"):
             return None
@@ -301,65 +308,111 @@ class RedisTier(Tier):
     # -- the contract -------------------------------------------------------------------------
 
     async def _get(self, keys: list[BlockHash]) -> list[BlockBytes | None]:
+        out, manifests = await self._read_heads(keys)
+        if manifests:
+            parts: dict[int, list[bytes]] = {i: [] for i, _, _ in manifests}
+            missing = await self._read_chunks(
+                keys, manifests, lambda i, chunk: parts[i].append(chunk)
+            )
+            for i, _, _ in manifests:
+                if i not in missing:
+                    # One allocation and one copy of each chunk, as filling a preallocated
+                    # bytearray would cost; the chunks themselves are freed right after.
+                    out[i] = b"".join(parts.pop(i))
+        return out
+
+    async def _get_into(self, keys: list[BlockHash], views: list[memoryview]) -> list[Read | None]:
+        # Chunks go straight into the caller's buffer: no joined copy of the block in between.
+        heads, manifests = await self._read_heads(keys)
+        reads: list[Read | None] = [None] * len(keys)
+        for i, value in enumerate(heads):
+            if value is not None:
+                check_fits(keys[i], len(value), views[i])
+                views[i][: len(value)] = value
+                reads[i] = Read(len(value))
+        if not manifests:
+            return reads
+        filled = {i: 0 for i, _, _ in manifests}
+        totals = {i: total for i, _, total in manifests}
+        for i, _, total in manifests:
+            check_fits(keys[i], total, views[i])
+
+        def take(i: int, chunk: bytes) -> None:
+            start, end = filled[i], filled[i] + len(chunk)
+            if end <= totals[i]:
+                views[i][start:end] = chunk
+            filled[i] = end
+
+        missing = await self._read_chunks(keys, manifests, take)
+        garbled: list[BlockHash] = []
+        for i, _, total in manifests:
+            if i in missing:
+                continue
+            if filled[i] == total:
+                reads[i] = Read(total)
+            else:
+                # get() hands the joined bytes to the base class, whose length check catches
+                # this; here the buffer would hide it, so it is reported the same way here.
+                garbled.append(keys[i])
+                self._report_corrupt(
+                    keys[i], f"chunks add up to {filled[i]} bytes, the manifest says {total}"
+                )
+        if garbled:
+            await self._delete(garbled)
+        return reads
+
+    async def _read_heads(
+        self, keys: list[BlockHash]
+    ) -> tuple[list[BlockBytes | None], list[tuple[int, int, int]]]:
+        """The values of small blocks, and ``(position, num_chunks, total)`` of chunked ones."""
         out: list[BlockBytes | None] = [None] * len(keys)
-        manifests: list[tuple[int, int, int]] = []  # (position in keys, num_chunks, total)
-        # A head is at most chunk_bytes (or a block written by a node with a larger setting,
-        # which the round-trip budget then merely exceeds).
+        manifests: list[tuple[int, int, int]] = []
+        # A head holds at most chunk_bytes (more only if another node wrote it with a larger
+        # setting, which then merely stretches the round-trip budget).
         per_trip = max(1, _ROUND_TRIP_BYTES // self.config.chunk_bytes)
         for start in range(0, len(keys), per_trip):
             positions = range(start, min(start + per_trip, len(keys)))
-            async with self._round_trip("reading block heads") as pipe:
-                for i in positions:
-                    pipe.execute_command("GET", self.head_key(keys[i]))
-                replies = await pipe.execute(raise_on_error=False)
-            self._raise_errors(replies, "reading block heads")
+            replies = await self._pipeline(
+                [("GET", self.head_key(keys[i])) for i in positions], "reading block heads"
+            )
             for i, value in zip(positions, replies, strict=True):
                 if value is None:
                     continue
                 manifest = parse_manifest(value)
                 if manifest is None:
-                    # A block, or a garbled manifest that the base class will then report.
+                    # A block, or a garbled manifest that the base class then reports as corrupt.
                     out[i] = value
                 else:
                     manifests.append((i, *manifest))
-        if manifests:
-            await self._read_chunks(keys, manifests, out)
-        return out
+        return out, manifests
 
     async def _read_chunks(
         self,
         keys: list[BlockHash],
         manifests: list[tuple[int, int, int]],
-        out: list[BlockBytes | None],
-    ) -> None:
-        # (position, chunk index, expected size): the size only sizes the round trips.
-        wanted = [
-            (i, c, -(-total // num)) for i, num, total in manifests for c in range(num)
-        ]
-        parts: dict[int, list[bytes]] = {i: [] for i, _, _ in manifests}
+        take: Callable[[int, bytes], None],
+    ) -> set[int]:
+        """Hand every chunk to ``take(position, chunk)`` in order; the positions whose block
+        lost a chunk (those blocks are removed)."""
+        # (position, chunk index, approximate size): the size only splits the round trips.
+        wanted = [(i, c, -(-total // num)) for i, num, total in manifests for c in range(num)]
         missing: set[int] = set()
         for group in _groups(wanted, lambda w: w[2], _ROUND_TRIP_BYTES):
-            async with self._round_trip("reading block chunks") as pipe:
-                for i, c, _ in group:
-                    pipe.execute_command("GET", self.chunk_key(keys[i], c))
-                replies = await pipe.execute(raise_on_error=False)
-            self._raise_errors(replies, "reading block chunks")
+            replies = await self._pipeline(
+                [("GET", self.chunk_key(keys[i], c)) for i, c, _ in group], "reading block chunks"
+            )
             for (i, _, _), value in zip(group, replies, strict=True):
                 if value is None:
                     missing.add(i)
                 elif i not in missing:
-                    parts[i].append(value)
-        for i, _, _ in manifests:
-            if i not in missing:
-                # One allocation and one copy of each chunk, like filling a preallocated
-                # bytearray, but the result is the immutable bytes the contract returns.
-                out[i] = b"".join(parts.pop(i))
+                    take(i, value)
         if missing:
             # A chunk expired or was evicted (allkeys-* maxmemory policies evict chunks one by
-            # one): the block is gone, so drop the head that still points at it.
+            # one): the block is gone, so drop its head and the chunks left behind.
             lost = [m for m in manifests if m[0] in missing]
             log.info("%s: %d chunked block(s) lost a chunk; removing them", self.name, len(lost))
             await self._unlink([k for i, num, _ in lost for k in self._block_keys(keys[i], num)])
+        return missing
 
     async def _put(self, items: list[tuple[BlockHash, Buffer]]) -> int:
         present = await self._exists([key for key, _ in items])
@@ -375,6 +428,7 @@ class RedisTier(Tier):
             if len(view) <= cb:
                 heads.append((self.head_key(key), view))
                 continue
+            # Slices of a memoryview: redis-py writes them to the socket without copying.
             num = -(-len(view) // cb)
             chunks.extend((self.chunk_key(key, c), view[c * cb : (c + 1) * cb]) for c in range(num))
             heads.append((self.head_key(key), _MANIFEST.pack(MANIFEST_MAGIC, num, len(view))))
@@ -411,38 +465,39 @@ class RedisTier(Tier):
 
     async def _write(self, pairs: list[tuple[str, Buffer]], *, nx: bool, written: list[str]) -> int:
         """SET every pair (``NX`` if asked) with the TTL; the names set go into ``written``."""
-        options: list[str | int] = ["NX"] if nx else []
+        options: tuple[str | int, ...] = ("NX",) if nx else ()
         if self._ttl_ms is not None:
-            options += ["PX", self._ttl_ms]
+            options += ("PX", self._ttl_ms)
         num_set = 0
         for group in _groups(pairs, lambda p: len(p[1]), _ROUND_TRIP_BYTES):
-            async with self._round_trip("writing blocks") as pipe:
-                for name, value in group:
-                    pipe.execute_command("SET", name, value, *options)
-                replies = await pipe.execute(raise_on_error=False)
+            replies = await self._pipeline(
+                [("SET", name, value, *options) for name, value in group],
+                "writing blocks",
+                check=False,
+            )
+            # Record what landed before raising for what did not, so it can be undone.
             for (name, _), reply in zip(group, replies, strict=True):
                 if reply is True:
                     written.append(name)
                     num_set += 1
-            self._raise_errors(replies, "writing blocks")
+            await self._check(replies, "writing blocks")
         return num_set
 
     async def _delete(self, keys: list[BlockHash]) -> int:
-        # The head says whether there are chunks to remove with it; GETRANGE reads 16 bytes
-        # only, whatever the size of the block.
         removed = 0
         for start in range(0, len(keys), _SMALL_COMMANDS_PER_TRIP):
             group = keys[start : start + _SMALL_COMMANDS_PER_TRIP]
-            async with self._round_trip("reading block heads to delete") as pipe:
-                for key in group:
-                    pipe.execute_command("GETRANGE", self.head_key(key), 0, _MANIFEST.size - 1)
-                prefixes = await pipe.execute(raise_on_error=False)
-            self._raise_errors(prefixes, "reading block heads to delete")
+            # The head says whether chunks go with it; GETRANGE reads 16 bytes of it, whatever
+            # the size of the block.
+            prefixes = await self._pipeline(
+                [("GETRANGE", self.head_key(k), 0, _MANIFEST.size - 1) for k in group],
+                "reading block heads to delete",
+            )
             names: list[str] = []
             for key, prefix in zip(group, prefixes, strict=True):
                 manifest = parse_manifest(prefix) if prefix else None
+                # The head goes first: once it is gone no reader looks for the chunks.
                 names.extend(self._block_keys(key, manifest[0] if manifest else 0))
-            # The head goes first: once it is gone no reader looks for the chunks.
             replies = await self._unlink(names)
             heads = {self.head_key(key) for key in group}
             removed += sum(1 for name, n in zip(names, replies, strict=True) if n and name in heads)
@@ -452,11 +507,9 @@ class RedisTier(Tier):
         out: list[bool] = []
         for start in range(0, len(keys), _SMALL_COMMANDS_PER_TRIP):
             group = keys[start : start + _SMALL_COMMANDS_PER_TRIP]
-            async with self._round_trip("checking block heads") as pipe:
-                for key in group:
-                    pipe.execute_command("EXISTS", self.head_key(key))
-                replies = await pipe.execute(raise_on_error=False)
-            self._raise_errors(replies, "checking block heads")
+            replies = await self._pipeline(
+                [("EXISTS", self.head_key(key)) for key in group], "checking block heads"
+            )
             out.extend(bool(n) for n in replies)
         return out
 
@@ -475,12 +528,14 @@ class RedisTier(Tier):
         used = num = 0
         for start in range(0, len(heads), _SMALL_COMMANDS_PER_TRIP):
             group = heads[start : start + _SMALL_COMMANDS_PER_TRIP]
-            async with self._round_trip("measuring blocks") as pipe:
-                for name in group:
-                    pipe.execute_command("STRLEN", name)
-                    pipe.execute_command("GETRANGE", name, 0, _MANIFEST.size - 1)
-                replies = await pipe.execute(raise_on_error=False)
-            self._raise_errors(replies, "measuring blocks")
+            replies = await self._pipeline(
+                [
+                    cmd
+                    for name in group
+                    for cmd in (("STRLEN", name), ("GETRANGE", name, 0, _MANIFEST.size - 1))
+                ],
+                "measuring blocks",
+            )
             for length, prefix in zip(replies[0::2], replies[1::2], strict=True):
                 if not length:
                     continue  # expired or deleted since the scan
@@ -500,13 +555,11 @@ class RedisTier(Tier):
     async def _unlink(self, names: list[str]) -> list[int]:
         replies: list[int] = []
         for start in range(0, len(names), _SMALL_COMMANDS_PER_TRIP):
-            group = names[start : start + _SMALL_COMMANDS_PER_TRIP]
-            async with self._round_trip("deleting blocks") as pipe:
-                # One key per UNLINK: a cluster pipeline sends each command to one slot's node.
-                for name in group:
-                    pipe.execute_command("UNLINK", name)
-                got = await pipe.execute(raise_on_error=False)
-            self._raise_errors(got, "deleting blocks")
+            # One key per UNLINK: a cluster pipeline sends each command to one slot's node.
+            got = await self._pipeline(
+                [("UNLINK", name) for name in names[start : start + _SMALL_COMMANDS_PER_TRIP]],
+                "deleting blocks",
+            )
             replies.extend(int(n) for n in got)
         return replies
 
@@ -516,19 +569,51 @@ class RedisTier(Tier):
         except KVStoreError as exc:
             log.warning(
                 "%s: could not undo %d key(s) of a failed put (they expire with the TTL, if "
-                "any): %s", self.name, len(names), exc,
+                "any): %s",
+                self.name,
+                len(names),
+                exc,
             )
 
-    @asynccontextmanager
-    async def _round_trip(self, what: str) -> AsyncIterator[Pipeline | ClusterPipeline]:
-        """A pipeline for one bounded round trip (see ``_bounded``)."""
-        async with self._bounded(what):
-            yield self._client.pipeline(transaction=False)
+    async def _pipeline(
+        self, commands: Sequence[tuple[Any, ...]], what: str, *, check: bool = True
+    ) -> list[Any]:
+        """Send ``commands`` in one pipelined round trip; their replies in order.
 
-    def _raise_errors(self, replies: list[Any], what: str) -> None:
+        Per-command errors come back as exception objects (``raise_on_error=False``), so a
+        batch that failed half-way still tells which commands landed; ``check`` raises for
+        them.
+        """
+        async with self._bounded(what):
+            pipe = self._client.pipeline(transaction=False)
+            for command in commands:
+                # execute_command rather than pipe.get/set/...: on a cluster pipeline some of
+                # those helpers are coroutines that would silently queue nothing.
+                pipe.execute_command(*command)
+            replies = await pipe.execute(raise_on_error=False)
+        if check:
+            await self._check(replies, what)
+        return replies
+
+    async def _check(self, replies: list[Any], what: str) -> None:
         for reply in replies:
             if isinstance(reply, BaseException):
-                raise self._error(reply, what) from reply
+                raise await self._failed(self._error(reply, what)) from reply
+
+    async def _failed(self, error: TierError) -> TierError:
+        """Hook run on every failure before it is raised; returns ``error``."""
+        if isinstance(error, TierUnavailableError) and isinstance(self._client, RedisCluster):
+            # redis-py re-reads the slot map when a node refuses connections, but not when one
+            # hangs: timeouts come back as pipeline replies or cancellations, and a master that
+            # hangs until its replica takes over would be asked forever. Dropping the
+            # connections makes the next call rediscover the cluster (tested: without this the
+            # tier never follows such a failover).
+            try:
+                async with asyncio.timeout(self._timeout_s):
+                    await self._client.aclose()
+            except (TimeoutError, RedisError, RedisClusterException, OSError) as exc:
+                log.debug("%s: closing cluster connections after a failure: %s", self.name, exc)
+        return error
 
     def _error(self, exc: BaseException, what: str) -> TierError:
         detail = f"{type(exc).__name__}: {exc}"
@@ -542,8 +627,13 @@ class RedisTier(Tier):
             )
         if isinstance(
             exc,
-            RedisConnectionError | RedisTimeoutError | ClusterError | RedisClusterException
-            | TryAgainError | ReadOnlyError | OSError,
+            RedisConnectionError
+            | RedisTimeoutError
+            | ClusterError
+            | RedisClusterException
+            | TryAgainError
+            | ReadOnlyError
+            | OSError,
         ):
             return TierUnavailableError(
                 self.name, f"Redis at {self._where} is unavailable while {what}: {detail}"
@@ -567,7 +657,12 @@ class RedisTier(Tier):
                     async with self._bounded("scanning keys"):
                         # The cluster client answers SCAN with ({node name: cursor}, names).
                         reply: Any = await client.execute_command(
-                            "SCAN", cursor, "MATCH", pattern, "COUNT", _SCAN_COUNT,
+                            "SCAN",
+                            cursor,
+                            "MATCH",
+                            pattern,
+                            "COUNT",
+                            _SCAN_COUNT,
                             target_nodes=node,
                         )
                     yield list(reply[1])
@@ -587,17 +682,19 @@ class RedisTier(Tier):
     @asynccontextmanager
     async def _bounded(self, what: str) -> AsyncIterator[None]:
         """One round trip: a connection slot, at most ``timeout_ms``, errors mapped to ours."""
-        async with self._slots:
+        async with self._in_flight:
             try:
                 # redis-py bounds each socket read and write by socket_timeout; this bounds the
                 # whole round trip, connecting and cluster slot discovery included.
                 async with asyncio.timeout(self._timeout_s):
                     yield
             except TimeoutError:
-                raise TierUnavailableError(
-                    self.name,
-                    f"Redis at {self._where} did not answer within "
-                    f"{self.config.timeout_ms} ms while {what}",
+                raise await self._failed(
+                    TierUnavailableError(
+                        self.name,
+                        f"Redis at {self._where} did not answer within "
+                        f"{self.config.timeout_ms} ms while {what}",
+                    )
                 ) from None
             except (RedisError, RedisClusterException, OSError) as exc:
-                raise self._error(exc, what) from exc
+                raise await self._failed(self._error(exc, what)) from exc
