@@ -190,3 +190,7 @@ async def _selfcheck(cfg: StoreConfig, num_blocks: int, block_tokens: int) -> bo
                 await tier.close()
     console.print(table)
     return all_ok
+
+
+if __name__ == "__main__":
+    main()
