@@ -12,13 +12,14 @@ Markdown for ``benchmarks/RESULTS.md``.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import os
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from kvstore.keys import DIGEST_BYTES, ModelSpec, block_hashes, root_hash, tokens_to_u32
 
@@ -37,6 +39,7 @@ TARGET_MS = 5.0
 SEED = 0
 
 HEADERS = ("block_tokens", "input type", "ms median", "ms baseline", "ratio", "target met")
+TEXT_COLUMNS = frozenset({"input type", "target met"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,22 +53,32 @@ FULL = Settings(repeats=15, warmup=3, min_sample_s=0.02)
 QUICK = Settings(repeats=5, warmup=1, min_sample_s=0.005)
 
 
-def median_s(fn: Callable[[], object], settings: Settings) -> float:
-    """Median seconds per call; a sample runs the call often enough to last ``min_sample_s``."""
-    for _ in range(settings.warmup):
-        fn()
-    start = time.perf_counter()
-    fn()
-    once = time.perf_counter() - start
-    # Batching fast calls keeps timer resolution and loop overhead out of the numbers.
-    number = max(1, int(settings.min_sample_s / max(once, 1e-9)))
-    samples = []
-    for _ in range(settings.repeats):
-        start = time.perf_counter()
-        for _ in range(number):
+def medians_s(fns: Mapping[str, Callable[[], object]], settings: Settings) -> dict[str, float]:
+    """Median seconds per call of each function.
+
+    The functions are sampled round-robin, one sample of each per round, so that a burst of load
+    from another process slows the baseline and the rows compared with it alike instead of
+    landing on one row (this machine is shared; timing one function after another gave ratios
+    off by 40%). A sample repeats the call often enough to last ``min_sample_s``, which keeps
+    timer resolution and loop overhead out of fast calls.
+    """
+    numbers: dict[str, int] = {}
+    for name, fn in fns.items():
+        for _ in range(settings.warmup):
             fn()
-        samples.append((time.perf_counter() - start) / number)
-    return statistics.median(samples)
+        start = time.perf_counter()
+        fn()
+        once = time.perf_counter() - start
+        numbers[name] = max(1, int(settings.min_sample_s / max(once, 1e-9)))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(settings.repeats):
+        for name, fn in fns.items():
+            number = numbers[name]
+            start = time.perf_counter()
+            for _ in range(number):
+                fn()
+            samples[name].append((time.perf_counter() - start) / number)
+    return {name: statistics.median(times) for name, times in samples.items()}
 
 
 def bare_chain(root: bytes, raw: bytes, block_tokens: int) -> bytes:
@@ -98,12 +111,18 @@ def run(settings: Settings) -> list[tuple[str, ...]]:
         root = root_hash(spec)
         # The benchmark is only meaningful if both sides compute the same chain.
         expected = bare_chain(root, raw, block_tokens)
-        baseline_ms = 1e3 * median_s(lambda: bare_chain(root, raw, block_tokens), settings)
+        fns: dict[str, Callable[[], object]] = {
+            "baseline": functools.partial(bare_chain, root, raw, block_tokens)
+        }
         for label, tokens in inputs.items():
             hashes = block_hashes(spec, tokens)
             if len(hashes) != NUM_TOKENS // block_tokens or hashes[-1] != expected:
                 raise AssertionError(f"block_hashes disagrees with the bare chain for {label}")
-            ms = 1e3 * median_s(lambda tokens=tokens: block_hashes(spec, tokens), settings)  # type: ignore[misc]
+            fns[label] = functools.partial(block_hashes, spec, tokens)
+        times_ms = {name: 1e3 * s for name, s in medians_s(fns, settings).items()}
+        baseline_ms = times_ms["baseline"]
+        for label in inputs:
+            ms = times_ms[label]
             if block_tokens == TARGET_BLOCK_TOKENS:
                 met = f"{'yes' if ms <= TARGET_MS else 'NO'} (≤ {TARGET_MS:g} ms)"
             else:
@@ -123,7 +142,8 @@ def environment() -> str:
 
 
 def markdown(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---:" for _ in headers) + "|"]
+    align = ["---" if h in TEXT_COLUMNS else "---:" for h in headers]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
 
@@ -141,9 +161,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     table = Table(title=title, caption=environment())
     for header in HEADERS:
-        table.add_column(header, justify="right")
+        table.add_column(header, justify="left" if header in TEXT_COLUMNS else "right")
     for row in rows:
-        table.add_row(*row)
+        # Text, not str: rich would read "list[int]" as a markup tag.
+        table.add_row(*(Text(cell) for cell in row))
     console = Console(width=max(Console().width, 120))
     console.print(table)
     print()

@@ -1,4 +1,4 @@
-"""Real K/V blocks for benchmarks: the cache a small, randomly initialised Llama writes for a prompt.
+"""Real K/V for benchmarks: the cache a small, randomly initialised Llama writes for a prompt.
 
 Compression depends on the bits of the data, so codecs are measured on keys and values that a
 transformer actually produced (after its projections, norms and rotary embedding), not on noise.
@@ -40,7 +40,7 @@ def real_kv_blocks(
     dtype: torch.dtype = torch.float16,
     seed: int = 0,
 ) -> torch.Tensor:
-    """K/V of a ``num_tokens`` prompt as ``[num_blocks, layers, 2, block_tokens, kv_heads, head_dim]``.
+    """K/V of a prompt as ``[num_blocks, layers, 2, block_tokens, kv_heads, head_dim]`` blocks.
 
     ``num_blocks = num_tokens // block_tokens``; a trailing partial block is dropped, as kvstore
     does. The model runs in float32 and the cache is rounded to ``dtype`` once, which is what a
@@ -48,7 +48,7 @@ def real_kv_blocks(
     bits on every run.
     """
     if num_tokens < block_tokens:
-        raise ValueError(f"num_tokens ({num_tokens}) must be at least block_tokens ({block_tokens})")
+        raise ValueError(f"num_tokens ({num_tokens}) is less than one block ({block_tokens})")
     cache = _float32_cache(num_layers, num_kv_heads, head_dim, num_tokens, seed)
     num_blocks = num_tokens // block_tokens
     used = cache[:, :, : num_blocks * block_tokens]
@@ -82,7 +82,7 @@ def _float32_cache(
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # untyped upstream
     config = LlamaConfig(
         hidden_size=_HIDDEN_SIZE,
         intermediate_size=_INTERMEDIATE_SIZE,
@@ -96,7 +96,7 @@ def _float32_cache(
     # fork_rng: seeding the global generator here must not change the caller's random stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config).eval()
+        model = LlamaForCausalLM(config).eval()  # type: ignore[no-untyped-call]  # untyped upstream
         prompt = torch.randint(0, _VOCAB_SIZE, (1, num_tokens))
         with torch.inference_mode():
             output = model(input_ids=prompt, use_cache=True)
