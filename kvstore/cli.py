@@ -88,12 +88,12 @@ def show_config(config_path: str | None, settings: tuple[str, ...]) -> None:
     """Show the effective configuration (defaults < file < KVSTORE_* env < --set)."""
     cfg = _load(config_path, settings)
     table = Table(title="kvstore configuration")
-    table.add_column("tier")
+    table.add_column("section")
     table.add_column("setting")
     table.add_column("value", overflow="fold")
-    for name, tier_cfg in cfg.tiers():
-        for field in dataclasses.fields(tier_cfg):
-            table.add_row(name, field.name, str(getattr(tier_cfg, field.name)))
+    for name, section in [*cfg.tiers(), ("placement", cfg.placement), ("engine", cfg.engine)]:
+        for field in dataclasses.fields(section):
+            table.add_row(name, field.name, str(getattr(section, field.name)))
     console.print(table)
 
 

@@ -18,12 +18,14 @@ import tomllib
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kvstore.block_format import HEADER_BYTES, Codec
+from kvstore.engine import EngineConfig
 from kvstore.errors import ConfigError
+from kvstore.placement import PlacementConfig
 from tiers.gpu_memory import GpuTierConfig
 from tiers.lmdb_store import LmdbTierConfig
 from tiers.pinned_memory import PinnedTierConfig
@@ -45,6 +47,8 @@ _TIERS: dict[str, type[Any]] = {
     "g3": LmdbTierConfig,
     "g4": RedisTierConfig,
 }
+# Tables that are not tiers: no "enabled" switch, every field has a default.
+_SECTIONS: dict[str, type[Any]] = {"placement": PlacementConfig, "engine": EngineConfig}
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "g1": {"enabled": False, "capacity_bytes": 4 * GiB, "slot_bytes": DEFAULT_SLOT_BYTES},
     "g2": {"enabled": True, "capacity_bytes": 1 * GiB, "slot_bytes": DEFAULT_SLOT_BYTES},
@@ -82,6 +86,8 @@ class StoreConfig:
     g1: GpuTierConfig | None = None
     g3: LmdbTierConfig | None = None
     g4: RedisTierConfig | None = None
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     def tiers(self) -> list[tuple[str, Any]]:
         """``(name, config)`` of every enabled tier, hottest first."""
@@ -149,32 +155,38 @@ def load_config(
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> StoreConfig:
     """Build the ``StoreConfig``: defaults < TOML file < ``KVSTORE_*`` env < ``overrides``."""
-    layers: dict[str, dict[str, Any]] = {k: dict(v) for k, v in _DEFAULTS.items()}
+    sections = {**_TIERS, **_SECTIONS}
+    layers: dict[str, dict[str, Any]] = {k: dict(_DEFAULTS.get(k, {})) for k in sections}
     if path is not None:
         try:
             data = tomllib.loads(Path(path).read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config file {path}: {exc}") from None
-        unknown = set(data) - set(_TIERS)
+        unknown = set(data) - set(sections)
         if unknown:
-            raise ConfigError(f"{path}: unknown tables {sorted(unknown)}; known: {sorted(_TIERS)}")
+            raise ConfigError(
+                f"{path}: unknown tables {sorted(unknown)}; known: {sorted(sections)}"
+            )
         for section, values in data.items():
             layers[section].update(values)
     env = os.environ if env is None else env
-    for section, cls in _TIERS.items():
-        for name in [*_field_types(cls), "enabled"]:
+    for section, cls in sections.items():
+        names = [*_field_types(cls), *(["enabled"] if section in _TIERS else [])]
+        for name in names:
             key = f"KVSTORE_{section.upper()}_{name.upper()}"
             if key in env:
                 layers[section][name] = env[key]
     for section, values in (overrides or {}).items():
-        if section not in _TIERS:
-            raise ConfigError(f"unknown tier {section!r}")
+        if section not in sections:
+            raise ConfigError(f"unknown table {section!r}; known: {sorted(sections)}")
         layers[section].update({k: v for k, v in values.items() if v is not None})
 
     built: dict[str, Any] = {}
-    for section, cls in _TIERS.items():
+    for section, cls in sections.items():
         values = layers[section]
-        enabled = _coerce(section, "enabled", bool, values.pop("enabled", True))
+        enabled = section not in _TIERS or _coerce(
+            section, "enabled", bool, values.pop("enabled", True)
+        )
         types_ = _field_types(cls)
         unknown = set(values) - set(types_)
         if unknown:

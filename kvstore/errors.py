@@ -9,6 +9,7 @@
      │    ├── SpecMismatchError   a tensor's dtype or shape does not match the namespace
      │    └── BlockTooLargeError  a block does not fit a tier's slot
      ├── CorruptBlockError        stored bytes fail verification (checksum, header, hash, namespace)
+     ├── OverloadedError          background moves are behind; a put could not be admitted in time
      └── TierError                a tier could not do what was asked
           ├── TierFullError       no room; the tier never evicts by itself, placement decides
           └── TierUnavailableError  the backing store is down or did not answer in time
@@ -25,6 +26,7 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidTokenError",
     "KVStoreError",
+    "OverloadedError",
     "SpecMismatchError",
     "TierError",
     "TierFullError",
@@ -58,6 +60,10 @@ class BlockTooLargeError(InvalidArgumentError):
 
 class CorruptBlockError(KVStoreError):
     """Stored bytes failed verification; the block must be treated as missing."""
+
+
+class OverloadedError(KVStoreError):
+    """Background copies are behind and a put could not be admitted within its timeout."""
 
 
 class TierError(KVStoreError):

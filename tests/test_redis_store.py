@@ -413,6 +413,30 @@ async def test_stopped_server_times_out_then_the_same_tier_recovers() -> None:
             assert await tier.get([k for k, _ in blocks]) == [v for _, v in blocks]
 
 
+async def test_a_cancelled_call_is_cancelled_not_completed() -> None:
+    """redis-py can swallow a cancellation that lands while it parses a pipeline's replies and
+    return normally; the tier must still end a cancelled call with CancelledError, so that a
+    cancelled request (a client's deadline, a shutdown) does not carry on."""
+    blocks = make_blocks(SMALL, 400, seed=30)
+    keys = [k for k, _ in blocks]
+    with start_redis_server() as server:
+        config = RedisTierConfig(url=server.url, capacity_bytes=1 << 30, timeout_ms=5000)
+        async with RedisTier(config) as tier:
+            await tier.put(blocks)
+            cancelled_mid_flight = 0
+            for step in range(40):
+                call = asyncio.create_task(tier.get(keys))
+                await asyncio.sleep(step * 0.0002)
+                if call.done():
+                    continue
+                call.cancel()
+                cancelled_mid_flight += 1
+                with pytest.raises(asyncio.CancelledError):
+                    await call
+            assert cancelled_mid_flight > 0
+            assert await tier.get(keys[:1]) == [blocks[0][1]]
+
+
 async def test_restarted_server_is_used_again_by_the_same_tier() -> None:
     blocks = make_blocks(SMALL, 2, seed=23)
     server = start_redis_server()

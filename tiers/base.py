@@ -96,7 +96,7 @@ class Tier(ABC):
         check_capacity(name, capacity_bytes)
         self.name = name
         self.capacity_bytes = capacity_bytes
-        self._on_corrupt = on_corrupt
+        self.on_corrupt = on_corrupt  # who hears about dropped corrupt blocks; settable
         self._num_gets = self._num_hits = self._num_misses = 0
         self._num_puts = self._num_deletes = self._num_corrupt = 0
 
@@ -219,8 +219,8 @@ class Tier(ABC):
     def _report_corrupt(self, key: BlockHash, reason: str) -> None:
         self._num_corrupt += 1
         log.warning("%s: dropped corrupt block %s: %s", self.name, key.hex(), reason)
-        if self._on_corrupt is not None:
-            self._on_corrupt(self.name, key, reason)
+        if self.on_corrupt is not None:
+            self.on_corrupt(self.name, key, reason)
 
     @abstractmethod
     async def _get(self, keys: list[BlockHash]) -> list[BlockBytes | None]: ...

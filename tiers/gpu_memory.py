@@ -76,6 +76,10 @@ class GpuMemoryTier(Tier):
         self._slab.fill_(0)
         self._headers: dict[BlockHash, tuple[bytes, BlockHeader]] = {}
 
+    @property
+    def slot_bytes(self) -> int:
+        return self._slots.slot_bytes
+
     def tensor_of(self, key: bytes) -> torch.Tensor | None:
         """The stored block as a tensor view on the device (no copy), or None.
 

@@ -178,6 +178,36 @@ class LmdbTier(Tier):
                     break
             return batch
 
+    def _header_batch(self, after: bytes | None) -> list[tuple[BlockHash, bytes, int]]:
+        with self._env.begin(db=self._db, buffers=True) as txn:
+            cursor = txn.cursor()
+            if after is None:
+                if not cursor.first():
+                    return []
+            elif not cursor.set_range(after) or (
+                bytes(cursor.key()) == after and not cursor.next()
+            ):
+                return []
+            batch: list[tuple[BlockHash, bytes, int]] = []
+            for key, value in cursor.iternext(keys=True, values=True):
+                # Only the first page of each value is touched: the header, not the payload.
+                batch.append((BlockHash(bytes(key)), bytes(value[:HEADER_BYTES]), len(value)))
+                if len(batch) == _KEY_BATCH:
+                    break
+            return batch
+
+    async def iter_headers(self) -> AsyncIterator[tuple[BlockHash, bytes, int]]:
+        """``(key, first 128 bytes, stored length)`` of every block, without reading payloads:
+        what an index needs to rebuild itself at start (namespace, parent, size)."""
+        after: bytes | None = None
+        while True:
+            batch = await self._run(self._readers, self._header_batch, after)
+            for item in batch:
+                yield item
+            if len(batch) < _KEY_BATCH:
+                return
+            after = batch[-1][0]
+
     async def _keys(self) -> AsyncIterator[BlockHash]:
         # Batches in separate read transactions: a long listing must not pin an old snapshot
         # (which would stop LMDB from reusing freed pages) while the caller processes keys.

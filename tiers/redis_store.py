@@ -688,6 +688,13 @@ class RedisTier(Tier):
                 # whole round trip, connecting and cluster slot discovery included.
                 async with asyncio.timeout(self._timeout_s):
                     yield
+                    # redis-py shields commands from cancellation (so that a cancelled read
+                    # cannot leave a reply on a pooled connection) and then returns normally:
+                    # both an outside cancel and our own timeout would be lost. Measured with
+                    # redis-py 8.1: a cancelled pipeline completes with cancelling() == 1.
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        raise asyncio.CancelledError
             except TimeoutError:
                 raise await self._failed(
                     TierUnavailableError(
