@@ -22,3 +22,4 @@ bench: install
 	.venv/bin/python -m benchmarks.hashing
 	.venv/bin/python -m benchmarks.codec
 	.venv/bin/python -m benchmarks.tiers
+	.venv/bin/python -m benchmarks.engine

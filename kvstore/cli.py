@@ -23,6 +23,7 @@ from rich.table import Table
 
 from kvstore.block_format import decode_block, encode_block
 from kvstore.config import StoreConfig, load_config
+from kvstore.engine import Engine
 from kvstore.errors import KVStoreError
 from kvstore.keys import ModelSpec, block_hashes
 from tiers.base import Tier
@@ -109,6 +110,63 @@ def selfcheck(
     cfg = _load(config_path, settings)
     ok = asyncio.run(_selfcheck(cfg, num_blocks, block_tokens))
     sys.exit(0 if ok else 1)
+
+
+@main.command()
+@config_option
+@set_option
+def stats(config_path: str | None, settings: tuple[str, ...]) -> None:
+    """Open the store as the service would (rebuilding the index from G3) and show each tier."""
+    cfg = _load(config_path, settings)
+    try:
+        asyncio.run(_stats(cfg))
+    except KVStoreError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+async def _stats(cfg: StoreConfig) -> None:
+    with Progress(
+        TextColumn("rebuilding the index from G3"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("rebuild", total=None)
+
+        def report(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        t0 = time.perf_counter()
+        engine = await Engine.open(cfg, progress=report)
+    elapsed = time.perf_counter() - t0
+    try:
+        info = await engine.stats()
+    finally:
+        await engine.close()
+    table = Table(title=f"kvstore tiers ({info.num_blocks} blocks indexed in {elapsed:.2f} s)")
+    for col in ("tier", "blocks", "used", "capacity", "used %"):
+        table.add_column(col, justify="left" if col == "tier" else "right")
+    for name, tier in info.tiers.items():
+        pct = 100 * tier.used_bytes / tier.capacity_bytes if tier.capacity_bytes else 0.0
+        table.add_row(
+            name,
+            str(tier.num_blocks),
+            _size(tier.used_bytes),
+            _size(tier.capacity_bytes),
+            f"{pct:.1f}",
+        )
+    console.print(table)
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
 
 
 async def _selfcheck(cfg: StoreConfig, num_blocks: int, block_tokens: int) -> bool:

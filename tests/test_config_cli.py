@@ -163,3 +163,48 @@ def test_config_command_and_bad_flag() -> None:
     proc = run_cli("config", "--set", "nonsense")
     assert proc.returncode != 0
     assert "TIER.FIELD=VALUE" in proc.stderr
+
+
+def test_stats_rebuilds_the_index_from_g3(tmp_path: Path) -> None:
+    import asyncio
+
+    import torch
+
+    from kvstore.config import StoreConfig
+    from kvstore.engine import Engine
+    from kvstore.keys import ModelSpec
+    from tiers.lmdb_store import LmdbTierConfig
+    from tiers.pinned_memory import PinnedTierConfig
+
+    spec = ModelSpec(
+        "cli", num_layers=1, num_kv_heads=1, head_dim=8, dtype="float16", block_tokens=4
+    )
+
+    async def fill() -> None:
+        cfg = StoreConfig(
+            g2=PinnedTierConfig(1 << 20, 4096, pin="never", segment_prefix="kvstore-clitest"),
+            g3=LmdbTierConfig(str(tmp_path / "g3"), 1 << 24),
+        )
+        engine = await Engine.open(cfg)
+        try:
+            tokens = list(range(40))
+            await engine.put(
+                spec, tokens, torch.zeros((1, 2, 40, 1, 8), dtype=torch.float16), durable=True
+            )
+        finally:
+            await engine.close()
+
+    asyncio.run(fill())
+    proc = run_cli(
+        "stats",
+        "--set",
+        f"g3.path={tmp_path / 'g3'}",
+        "--set",
+        "g2.capacity_bytes=16MiB",
+        "--set",
+        "g2.slot_bytes=4KiB",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "10 blocks indexed" in proc.stdout
+    g3_row = next(line for line in proc.stdout.splitlines() if "G3" in line)
+    assert " 10 " in g3_row
