@@ -1,0 +1,397 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Tier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TIER_UNSPECIFIED: _ClassVar[Tier]
+    TIER_G1: _ClassVar[Tier]
+    TIER_G2: _ClassVar[Tier]
+    TIER_G3: _ClassVar[Tier]
+    TIER_G4: _ClassVar[Tier]
+
+class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EVENT_KIND_UNSPECIFIED: _ClassVar[EventKind]
+    EVENT_KIND_STORED: _ClassVar[EventKind]
+    EVENT_KIND_REMOVED: _ClassVar[EventKind]
+    EVENT_KIND_MOVED: _ClassVar[EventKind]
+    EVENT_KIND_CORRUPT: _ClassVar[EventKind]
+TIER_UNSPECIFIED: Tier
+TIER_G1: Tier
+TIER_G2: Tier
+TIER_G3: Tier
+TIER_G4: Tier
+EVENT_KIND_UNSPECIFIED: EventKind
+EVENT_KIND_STORED: EventKind
+EVENT_KIND_REMOVED: EventKind
+EVENT_KIND_MOVED: EventKind
+EVENT_KIND_CORRUPT: EventKind
+
+class Namespace(_message.Message):
+    __slots__ = ("model_id", "revision", "tokenizer_id", "num_layers", "num_kv_heads", "head_dim", "dtype", "block_tokens")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    revision: str
+    tokenizer_id: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    block_tokens: int
+    def __init__(self, model_id: _Optional[str] = ..., revision: _Optional[str] = ..., tokenizer_id: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., block_tokens: _Optional[int] = ...) -> None: ...
+
+class ExtraKey(_message.Message):
+    __slots__ = ("bytes_value", "string_value", "int_value")
+    BYTES_VALUE_FIELD_NUMBER: _ClassVar[int]
+    STRING_VALUE_FIELD_NUMBER: _ClassVar[int]
+    INT_VALUE_FIELD_NUMBER: _ClassVar[int]
+    bytes_value: bytes
+    string_value: str
+    int_value: int
+    def __init__(self, bytes_value: _Optional[bytes] = ..., string_value: _Optional[str] = ..., int_value: _Optional[int] = ...) -> None: ...
+
+class BlockExtraKeys(_message.Message):
+    __slots__ = ("keys",)
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedCompositeFieldContainer[ExtraKey]
+    def __init__(self, keys: _Optional[_Iterable[_Union[ExtraKey, _Mapping]]] = ...) -> None: ...
+
+class Prompt(_message.Message):
+    __slots__ = ("namespace", "tokens_u32le", "extra_keys")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_U32LE_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_KEYS_FIELD_NUMBER: _ClassVar[int]
+    namespace: Namespace
+    tokens_u32le: bytes
+    extra_keys: _containers.RepeatedCompositeFieldContainer[BlockExtraKeys]
+    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., tokens_u32le: _Optional[bytes] = ..., extra_keys: _Optional[_Iterable[_Union[BlockExtraKeys, _Mapping]]] = ...) -> None: ...
+
+class LookupRequest(_message.Message):
+    __slots__ = ("prompt",)
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    prompt: Prompt
+    def __init__(self, prompt: _Optional[_Union[Prompt, _Mapping]] = ...) -> None: ...
+
+class LookupResponse(_message.Message):
+    __slots__ = ("block_hashes", "tiers", "hit_blocks", "hit_tokens", "holes", "block_tokens")
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    HIT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HOLES_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
+    tiers: _containers.RepeatedScalarFieldContainer[Tier]
+    hit_blocks: int
+    hit_tokens: int
+    holes: _containers.RepeatedScalarFieldContainer[int]
+    block_tokens: int
+    def __init__(self, block_hashes: _Optional[_Iterable[bytes]] = ..., tiers: _Optional[_Iterable[_Union[Tier, str]]] = ..., hit_blocks: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., holes: _Optional[_Iterable[int]] = ..., block_tokens: _Optional[int] = ...) -> None: ...
+
+class ReserveRequest(_message.Message):
+    __slots__ = ("prompt", "num_blocks", "ttl_s")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    prompt: Prompt
+    num_blocks: int
+    ttl_s: float
+    def __init__(self, prompt: _Optional[_Union[Prompt, _Mapping]] = ..., num_blocks: _Optional[int] = ..., ttl_s: _Optional[float] = ...) -> None: ...
+
+class ReserveResponse(_message.Message):
+    __slots__ = ("lease_id", "block_hashes", "ttl_s")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    lease_id: int
+    block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
+    ttl_s: float
+    def __init__(self, lease_id: _Optional[int] = ..., block_hashes: _Optional[_Iterable[bytes]] = ..., ttl_s: _Optional[float] = ...) -> None: ...
+
+class ReleaseRequest(_message.Message):
+    __slots__ = ("lease_id",)
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    lease_id: int
+    def __init__(self, lease_id: _Optional[int] = ...) -> None: ...
+
+class ReleaseResponse(_message.Message):
+    __slots__ = ("released",)
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    released: bool
+    def __init__(self, released: _Optional[bool] = ...) -> None: ...
+
+class PutHeader(_message.Message):
+    __slots__ = ("prompt", "durable", "num_blocks", "shm_segment")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    SHM_SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    prompt: Prompt
+    durable: bool
+    num_blocks: int
+    shm_segment: str
+    def __init__(self, prompt: _Optional[_Union[Prompt, _Mapping]] = ..., durable: _Optional[bool] = ..., num_blocks: _Optional[int] = ..., shm_segment: _Optional[str] = ...) -> None: ...
+
+class BlockChunk(_message.Message):
+    __slots__ = ("block_index", "offset", "data")
+    BLOCK_INDEX_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    block_index: int
+    offset: int
+    data: bytes
+    def __init__(self, block_index: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class SlotRef(_message.Message):
+    __slots__ = ("block_index", "offset", "length")
+    BLOCK_INDEX_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    block_index: int
+    offset: int
+    length: int
+    def __init__(self, block_index: _Optional[int] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
+class PutRequest(_message.Message):
+    __slots__ = ("header", "chunk", "slot")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    header: PutHeader
+    chunk: BlockChunk
+    slot: SlotRef
+    def __init__(self, header: _Optional[_Union[PutHeader, _Mapping]] = ..., chunk: _Optional[_Union[BlockChunk, _Mapping]] = ..., slot: _Optional[_Union[SlotRef, _Mapping]] = ...) -> None: ...
+
+class PutResponse(_message.Message):
+    __slots__ = ("block_hashes", "stored", "already")
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_FIELD_NUMBER: _ClassVar[int]
+    block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
+    stored: int
+    already: int
+    def __init__(self, block_hashes: _Optional[_Iterable[bytes]] = ..., stored: _Optional[int] = ..., already: _Optional[int] = ...) -> None: ...
+
+class FetchRequest(_message.Message):
+    __slots__ = ("prompt", "max_blocks", "repair_holes", "same_host", "max_chunk_bytes")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    MAX_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    REPAIR_HOLES_FIELD_NUMBER: _ClassVar[int]
+    SAME_HOST_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    prompt: Prompt
+    max_blocks: int
+    repair_holes: bool
+    same_host: bool
+    max_chunk_bytes: int
+    def __init__(self, prompt: _Optional[_Union[Prompt, _Mapping]] = ..., max_blocks: _Optional[int] = ..., repair_holes: _Optional[bool] = ..., same_host: _Optional[bool] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
+
+class FetchHeader(_message.Message):
+    __slots__ = ("block_hashes", "block_tokens", "block_bytes", "shm_segment", "lease_id")
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHM_SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
+    block_tokens: int
+    block_bytes: int
+    shm_segment: str
+    lease_id: int
+    def __init__(self, block_hashes: _Optional[_Iterable[bytes]] = ..., block_tokens: _Optional[int] = ..., block_bytes: _Optional[int] = ..., shm_segment: _Optional[str] = ..., lease_id: _Optional[int] = ...) -> None: ...
+
+class FetchResponse(_message.Message):
+    __slots__ = ("header", "chunk", "slot")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    header: FetchHeader
+    chunk: BlockChunk
+    slot: SlotRef
+    def __init__(self, header: _Optional[_Union[FetchHeader, _Mapping]] = ..., chunk: _Optional[_Union[BlockChunk, _Mapping]] = ..., slot: _Optional[_Union[SlotRef, _Mapping]] = ...) -> None: ...
+
+class RepairRequest(_message.Message):
+    __slots__ = ("prompt", "exact")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    EXACT_FIELD_NUMBER: _ClassVar[int]
+    prompt: Prompt
+    exact: bool
+    def __init__(self, prompt: _Optional[_Union[Prompt, _Mapping]] = ..., exact: _Optional[bool] = ...) -> None: ...
+
+class RepairResponse(_message.Message):
+    __slots__ = ("repaired", "hit_blocks")
+    REPAIRED_FIELD_NUMBER: _ClassVar[int]
+    HIT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    repaired: _containers.RepeatedScalarFieldContainer[int]
+    hit_blocks: int
+    def __init__(self, repaired: _Optional[_Iterable[int]] = ..., hit_blocks: _Optional[int] = ...) -> None: ...
+
+class BlocksRequest(_message.Message):
+    __slots__ = ("namespace", "block_hashes", "ttl_s", "tier")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    namespace: Namespace
+    block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
+    ttl_s: float
+    tier: Tier
+    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., block_hashes: _Optional[_Iterable[bytes]] = ..., ttl_s: _Optional[float] = ..., tier: _Optional[_Union[Tier, str]] = ...) -> None: ...
+
+class CountResponse(_message.Message):
+    __slots__ = ("count",)
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    def __init__(self, count: _Optional[int] = ...) -> None: ...
+
+class FlushRequest(_message.Message):
+    __slots__ = ("tier",)
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    tier: Tier
+    def __init__(self, tier: _Optional[_Union[Tier, str]] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TierStats(_message.Message):
+    __slots__ = ("tier", "name", "capacity_bytes", "used_bytes", "num_blocks", "num_hits", "num_misses", "num_corrupt")
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_HITS_FIELD_NUMBER: _ClassVar[int]
+    NUM_MISSES_FIELD_NUMBER: _ClassVar[int]
+    NUM_CORRUPT_FIELD_NUMBER: _ClassVar[int]
+    tier: Tier
+    name: str
+    capacity_bytes: int
+    used_bytes: int
+    num_blocks: int
+    num_hits: int
+    num_misses: int
+    num_corrupt: int
+    def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., name: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., num_blocks: _Optional[int] = ..., num_hits: _Optional[int] = ..., num_misses: _Optional[int] = ..., num_corrupt: _Optional[int] = ...) -> None: ...
+
+class StatsResponse(_message.Message):
+    __slots__ = ("tiers", "num_blocks", "num_leases", "queue_depth", "counters")
+    class CountersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_LEASES_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    tiers: _containers.RepeatedCompositeFieldContainer[TierStats]
+    num_blocks: int
+    num_leases: int
+    queue_depth: int
+    counters: _containers.ScalarMap[str, int]
+    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., num_blocks: _Optional[int] = ..., num_leases: _Optional[int] = ..., queue_depth: _Optional[int] = ..., counters: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class BlockInfo(_message.Message):
+    __slots__ = ("block_hash", "parent_hash", "namespace_fingerprint", "tiers", "nbytes", "hits", "pinned", "leases")
+    BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
+    PARENT_HASH_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    LEASES_FIELD_NUMBER: _ClassVar[int]
+    block_hash: bytes
+    parent_hash: bytes
+    namespace_fingerprint: bytes
+    tiers: _containers.RepeatedScalarFieldContainer[Tier]
+    nbytes: int
+    hits: int
+    pinned: bool
+    leases: int
+    def __init__(self, block_hash: _Optional[bytes] = ..., parent_hash: _Optional[bytes] = ..., namespace_fingerprint: _Optional[bytes] = ..., tiers: _Optional[_Iterable[_Union[Tier, str]]] = ..., nbytes: _Optional[int] = ..., hits: _Optional[int] = ..., pinned: _Optional[bool] = ..., leases: _Optional[int] = ...) -> None: ...
+
+class ListBlocksRequest(_message.Message):
+    __slots__ = ("tier", "limit", "after")
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    tier: Tier
+    limit: int
+    after: bytes
+    def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., limit: _Optional[int] = ..., after: _Optional[bytes] = ...) -> None: ...
+
+class ListBlocksResponse(_message.Message):
+    __slots__ = ("blocks", "next_after")
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    blocks: _containers.RepeatedCompositeFieldContainer[BlockInfo]
+    next_after: bytes
+    def __init__(self, blocks: _Optional[_Iterable[_Union[BlockInfo, _Mapping]]] = ..., next_after: _Optional[bytes] = ...) -> None: ...
+
+class InspectRequest(_message.Message):
+    __slots__ = ("block_hash",)
+    BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
+    block_hash: bytes
+    def __init__(self, block_hash: _Optional[bytes] = ...) -> None: ...
+
+class InspectResponse(_message.Message):
+    __slots__ = ("block", "dtype", "shape", "codec", "raw_xxh3", "payload_xxh3")
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    RAW_XXH3_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_XXH3_FIELD_NUMBER: _ClassVar[int]
+    block: BlockInfo
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    codec: str
+    raw_xxh3: int
+    payload_xxh3: int
+    def __init__(self, block: _Optional[_Union[BlockInfo, _Mapping]] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., codec: _Optional[str] = ..., raw_xxh3: _Optional[int] = ..., payload_xxh3: _Optional[int] = ...) -> None: ...
+
+class WatchRequest(_message.Message):
+    __slots__ = ("after_seq",)
+    AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    after_seq: int
+    def __init__(self, after_seq: _Optional[int] = ...) -> None: ...
+
+class WatchEvent(_message.Message):
+    __slots__ = ("seq", "kind", "block_hash", "tier", "from_tier", "parent_hash", "namespace_fingerprint", "time_s", "snapshot")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    FROM_TIER_FIELD_NUMBER: _ClassVar[int]
+    PARENT_HASH_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    TIME_S_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    kind: EventKind
+    block_hash: bytes
+    tier: Tier
+    from_tier: Tier
+    parent_hash: bytes
+    namespace_fingerprint: bytes
+    time_s: float
+    snapshot: bool
+    def __init__(self, seq: _Optional[int] = ..., kind: _Optional[_Union[EventKind, str]] = ..., block_hash: _Optional[bytes] = ..., tier: _Optional[_Union[Tier, str]] = ..., from_tier: _Optional[_Union[Tier, str]] = ..., parent_hash: _Optional[bytes] = ..., namespace_fingerprint: _Optional[bytes] = ..., time_s: _Optional[float] = ..., snapshot: _Optional[bool] = ...) -> None: ...
