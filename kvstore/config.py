@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from kvstore.block_format import HEADER_BYTES, Codec
+from kvstore.auth import TenantConfig
 from kvstore.engine import EngineConfig
 from kvstore.errors import ConfigError
 from kvstore.placement import PlacementConfig
+from kvstore.server import ServerConfig
 from tiers.gpu_memory import GpuTierConfig
 from tiers.lmdb_store import LmdbTierConfig
 from tiers.pinned_memory import PinnedTierConfig
@@ -48,7 +50,11 @@ _TIERS: dict[str, type[Any]] = {
     "g4": RedisTierConfig,
 }
 # Tables that are not tiers: no "enabled" switch, every field has a default.
-_SECTIONS: dict[str, type[Any]] = {"placement": PlacementConfig, "engine": EngineConfig}
+_SECTIONS: dict[str, type[Any]] = {
+    "placement": PlacementConfig,
+    "engine": EngineConfig,
+    "server": ServerConfig,
+}
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "g1": {"enabled": False, "capacity_bytes": 4 * GiB, "slot_bytes": DEFAULT_SLOT_BYTES},
     "g2": {"enabled": True, "capacity_bytes": 1 * GiB, "slot_bytes": DEFAULT_SLOT_BYTES},
@@ -88,6 +94,8 @@ class StoreConfig:
     g4: RedisTierConfig | None = None
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    tenants: tuple[TenantConfig, ...] = ()
 
     def tiers(self) -> list[tuple[str, Any]]:
         """``(name, config)`` of every enabled tier, hottest first."""
@@ -119,6 +127,9 @@ def _coerce(section: str, name: str, typ: Any, value: Any) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
             return None
         typ = args[0]
+    if origin is tuple:
+        items = value.split(",") if isinstance(value, str) else list(value)
+        return tuple(str(v).strip() for v in items if str(v).strip())
     if origin is typing.Literal:
         if value not in typing.get_args(typ):
             raise ConfigError(f"{where} must be one of {typing.get_args(typ)}, got {value!r}")
@@ -157,11 +168,25 @@ def load_config(
     """Build the ``StoreConfig``: defaults < TOML file < ``KVSTORE_*`` env < ``overrides``."""
     sections = {**_TIERS, **_SECTIONS}
     layers: dict[str, dict[str, Any]] = {k: dict(_DEFAULTS.get(k, {})) for k in sections}
+    tenants: list[TenantConfig] = []
     if path is not None:
         try:
             data = tomllib.loads(Path(path).read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config file {path}: {exc}") from None
+        tenant_tables = data.pop("tenants", [])
+        if not isinstance(tenant_tables, list):
+            raise ConfigError(f"{path}: tenants must be an array of tables ([[tenants]])")
+        for i, table in enumerate(tenant_tables):
+            types_ = _field_types(TenantConfig)
+            unknown_keys = set(table) - set(types_)
+            if unknown_keys:
+                raise ConfigError(
+                    f"{path}: tenants[{i}] has unknown settings {sorted(unknown_keys)}"
+                )
+            tenants.append(
+                TenantConfig(**{k: _coerce("tenants", k, types_[k], v) for k, v in table.items()})
+            )
         unknown = set(data) - set(sections)
         if unknown:
             raise ConfigError(
@@ -202,4 +227,4 @@ def load_config(
             built[section] = cls(**kwargs)
         except TypeError as exc:
             raise ConfigError(f"[{section}] {exc}") from None
-    return StoreConfig(**built)
+    return StoreConfig(**built, tenants=tuple(tenants))

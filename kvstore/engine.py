@@ -380,6 +380,7 @@ class Engine:
         salt: bytes = b"",
         extra_keys: Sequence[Sequence[ExtraKey]] | None = None,
         durable: bool = False,
+        owner: str = "",
     ) -> PutResult:
         """Store the full blocks of a prompt's K/V ``[layers, 2, tokens, kv_heads, head_dim]``.
 
@@ -403,7 +404,7 @@ class Engine:
         items = [
             (h, parents[i], kv[:, :, i * block : (i + 1) * block]) for i, h in enumerate(hashes)
         ]
-        return await self.put_blocks(spec, items, durable=durable)
+        return await self.put_blocks(spec, items, durable=durable, owner=owner)
 
     async def put_blocks(
         self,
@@ -411,13 +412,14 @@ class Engine:
         items: Sequence[tuple[bytes, bytes | None, torch.Tensor]],
         *,
         durable: bool = False,
+        owner: str = "",
     ) -> PutResult:
         """Store blocks given as ``(hash, parent hash or None, tensor)``, in chain order."""
         encoded = [
             (key, parent, encode_block(spec, key, t, parent_hash=parent))
             for key, parent, t in items
         ]
-        return await self.put_encoded(spec, encoded, durable=durable)
+        return await self.put_encoded(spec, encoded, durable=durable, owner=owner)
 
     async def put_encoded(
         self,
@@ -425,6 +427,7 @@ class Engine:
         items: Sequence[tuple[bytes, bytes | None, bytes | bytearray | memoryview]],
         *,
         durable: bool = False,
+        owner: str = "",
     ) -> PutResult:
         """Store already-encoded blocks; every one is verified against ``spec`` first, and a bad
         one fails the whole call before anything is stored."""
@@ -444,13 +447,14 @@ class Engine:
                     f"{spec.name} wants {spec.dtype}{list(spec.block_shape)}"
                 )
             checked.append((BlockHash(bytes(key)), _parent_or_none(parent), data))
-        return await self._admit(spec.fingerprint, checked, durable)
+        return await self._admit(spec.fingerprint, checked, durable, owner)
 
     async def _admit(
         self,
         namespace: bytes,
         items: list[tuple[BlockHash, BlockHash | None, bytes | bytearray | memoryview]],
         durable: bool,
+        owner: str,
     ) -> PutResult:
         top = self.placement.top
         hashes = [k for k, _, _ in items]
@@ -471,7 +475,7 @@ class Engine:
             await self._make_room(top, namespace, charge)
             for key, parent, data in new:
                 if self.index.begin_write(
-                    key, top, namespace=namespace, parent=parent, nbytes=len(data)
+                    key, top, namespace=namespace, parent=parent, nbytes=len(data), owner=owner
                 ):
                     reserved.append(key)
         want = set(reserved)
@@ -754,6 +758,49 @@ class Engine:
             removed += 1
         self.counters.add("evicted_by_request", removed)
         return removed
+
+    async def flush(self, tier: str | None = None) -> int:
+        """Remove every block that is not leased or pinned from one tier (demoting as placement
+        says) or from every tier. Returns blocks removed."""
+        if tier is None:
+            return await self.evict([e.key for e in self.index.entries()])
+        if tier not in self.placement.order:
+            raise InvalidArgumentError(f"tier {tier!r} is not configured ({self.tier_names})")
+        return await self.evict(list(self.index.keys_in(tier)), tier)
+
+    # -- same host -----------------------------------------------------------------------------
+
+    async def stage(self, spec: ModelSpec, keys: Sequence[bytes]) -> list[bool]:
+        """Bring blocks into G2 now (not in the background), for a same-host reader that maps
+        G2's segment; returns which of them are in G2 afterwards."""
+        out = []
+        for raw in keys:
+            key = BlockHash(bytes(raw))
+            if not self.index.in_tier(key, "G2"):
+                hottest = self.index.hottest(key)
+                if hottest is not None:
+                    await self._copy(key, spec.fingerprint, hottest, "G2")
+            out.append(self.index.in_tier(key, "G2"))
+        return out
+
+    def segment_name(self) -> str:
+        """The name of G2's shared-memory segment (``/dev/shm/<name>``)."""
+        g2 = self._tiers["G2"]
+        assert isinstance(g2, PinnedMemoryTier)
+        return g2.segment_name
+
+    def payload_slot(self, key: bytes) -> tuple[int, int] | None:
+        """``(offset, length)`` of a G2 block's payload (after its header) in G2's segment."""
+        g2 = self._tiers["G2"]
+        assert isinstance(g2, PinnedMemoryTier)
+        where = g2.slot_of(key)
+        if where is None:
+            return None
+        return where[0] + HEADER_BYTES, where[1] - HEADER_BYTES
+
+    def usage_of(self, owner: str) -> int:
+        """Bytes of the distinct blocks ``owner`` stored that are still held on this node."""
+        return self.index.owner_bytes(owner)
 
     # -- inspection ----------------------------------------------------------------------------
 

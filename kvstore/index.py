@@ -56,6 +56,7 @@ class BlockEntry:
     leases: int = 0
     pins: int = 0
     pin_until: float | None = None
+    owner: str = ""  # the tenant that stored it first; charged for it in owner_bytes
 
     def tiers(self) -> list[str]:
         return [name for i, name in enumerate(TIER_NAMES) if self.resident >> i & 1]
@@ -81,6 +82,7 @@ class BlockIndex:
         self._leases: dict[int, Lease] = {}
         self._lease_heap: list[tuple[float, int]] = []
         self._pin_heap: list[tuple[float, BlockHash]] = []
+        self._owner_bytes: dict[str, int] = {}
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -137,22 +139,41 @@ class BlockIndex:
 
     # -- writes into tiers ---------------------------------------------------------------------
 
+    def owner_bytes(self, owner: str) -> int:
+        """Bytes of the distinct blocks ``owner`` stored that are still held somewhere here."""
+        return self._owner_bytes.get(owner, 0)
+
     def _entry(
-        self, key: BlockHash, namespace: bytes, parent: BlockHash | None, nbytes: int
+        self,
+        key: BlockHash,
+        namespace: bytes,
+        parent: BlockHash | None,
+        nbytes: int,
+        owner: str = "",
     ) -> BlockEntry:
         entry = self._entries.get(key)
         if entry is None:
-            entry = BlockEntry(key, namespace, parent, nbytes, last_access=next(self._clock))
+            entry = BlockEntry(
+                key, namespace, parent, nbytes, last_access=next(self._clock), owner=owner
+            )
             self._entries[key] = entry
+            self._owner_bytes[owner] = self._owner_bytes.get(owner, 0) + nbytes
         elif entry.parent is None and parent is not None:
             entry.parent = parent  # learned later (a G4 probe does not know it)
         return entry
 
     def begin_write(
-        self, key: BlockHash, tier: str, *, namespace: bytes, parent: BlockHash | None, nbytes: int
+        self,
+        key: BlockHash,
+        tier: str,
+        *,
+        namespace: bytes,
+        parent: BlockHash | None,
+        nbytes: int,
+        owner: str = "",
     ) -> bool:
         """Reserve ``key`` in ``tier``; False if it is already there or on its way."""
-        entry = self._entry(key, namespace, parent, nbytes)
+        entry = self._entry(key, namespace, parent, nbytes, owner)
         bit = 1 << _LEVEL[tier]
         if (entry.resident | entry.writing) & bit:
             return False
@@ -214,6 +235,7 @@ class BlockIndex:
         if entry.resident or entry.writing or entry.leases or entry.pins:
             return
         del self._entries[entry.key]
+        self._owner_bytes[entry.owner] -= entry.nbytes
 
     # -- recency -------------------------------------------------------------------------------
 

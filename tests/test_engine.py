@@ -584,3 +584,35 @@ async def test_reaper_runs_without_calls(tmp_path: Path) -> None:
         assert stats.counters["expired_pins"] == 1
     finally:
         await e.close()
+
+
+async def test_flush_stage_and_slots(tmp_path: Path) -> None:
+    e = await Engine.open(config(tmp_path))
+    try:
+        tokens = chains(1, 3, seed=25)[0]
+        hashes = block_hashes(SPEC, tokens)
+        await e.put(SPEC, tokens, prompt_kv(tokens), durable=True, owner="team-a")
+        assert e.usage_of("team-a") == 3 * BLOCK
+        assert e.usage_of("team-b") == 0
+        assert await e.flush("G2") == 3
+        assert (await e.lookup(SPEC, tokens)).tiers == ["G3"] * 3
+        assert await e.stage(SPEC, hashes) == [True, True, True]
+        from multiprocessing import shared_memory
+
+        shm = shared_memory.SharedMemory(name=e.segment_name())
+        try:
+            for h in hashes:
+                where = e.payload_slot(h)
+                assert where is not None
+                offset, length = where
+                got = torch.frombuffer(
+                    bytearray(shm.buf[offset : offset + length]), dtype=torch.float16
+                ).view(SPEC.block_shape)
+                assert torch.equal(got, content(h))
+        finally:
+            shm.close()
+        assert await e.flush() == 3
+        assert (await e.lookup(SPEC, tokens)).present_blocks == 0
+        assert e.usage_of("team-a") == 0
+    finally:
+        await e.close()
