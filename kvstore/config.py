@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvstore.block_format import HEADER_BYTES, Codec
 from kvstore.auth import TenantConfig
+from kvstore.block_format import HEADER_BYTES, Codec
 from kvstore.engine import EngineConfig
 from kvstore.errors import ConfigError
 from kvstore.placement import PlacementConfig
