@@ -7,10 +7,11 @@ Run ``python -m benchmarks.codec [--quick]`` from the repository root. Two table
    ``benchmarks.kv_sample``. For each codec: ``encode_block``, ``decode_block`` returning a fresh
    tensor and ``decode_block(out=...)`` into a pre-allocated one, each as GB/s of raw tensor bytes
    and as a ratio to ``dst.copy_(src)`` of the same tensor measured in the same run, on one
-   thread like the codecs.
+   thread like the codecs; and, for the raw codec, ``encode_block_into`` a reused buffer.
 2. Compression. Four 2 MiB blocks of real K/V (the default ``kv_sample`` model: 8 layers, 4 KV
    heads, head_dim 64, 1024 tokens) in float16 and bfloat16, and Gaussian noise of the same mean
-   and spread for comparison: stored size, ratio and encode/decode speed per codec.
+   and spread for comparison: stored size, ratio and encode/decode speed per codec (and
+   ``encode_block_into`` for the raw codec).
 
 Timings are medians of several repeats after warm-up, taken round-robin across the rows of a
 group; every output buffer that the API lets the caller supply is allocated once. Prints rich
@@ -22,23 +23,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import os
-import platform
-import statistics
 import sys
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import zstandard
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
 from benchmarks.kv_sample import real_kv_blocks
-from kvstore.block_format import Codec, decode_block, encode_block, torch_dtype
+from benchmarks.report import Settings, Table, medians_s, print_tables
+from kvstore.block_format import (
+    HEADER_BYTES,
+    Codec,
+    decode_block,
+    encode_block,
+    encode_block_into,
+    torch_dtype,
+)
 from kvstore.keys import ModelSpec, root_hash
 
 GB = 1e9
@@ -97,43 +98,9 @@ COMPRESSION_HEADERS = (
 TEXT_COLUMNS = frozenset({"block", "codec", "data", "dtype"})
 
 
-@dataclass(frozen=True, slots=True)
-class Settings:
-    repeats: int
-    warmup: int
-    min_sample_s: float
-
-
 FULL = Settings(repeats=15, warmup=2, min_sample_s=0.05)
 QUICK = Settings(repeats=3, warmup=1, min_sample_s=0.01)
-
-
-def medians_s(fns: Mapping[str, Callable[[], object]], settings: Settings) -> dict[str, float]:
-    """Median seconds per call of each function.
-
-    The functions are sampled round-robin, one sample of each per round, so that a burst of load
-    from another process slows the baseline and the rows compared with it alike instead of
-    landing on one row (this machine is shared; timing one function after another gave ratios
-    off by 40%). A sample repeats the call often enough to last ``min_sample_s``, which keeps
-    timer resolution and loop overhead out of fast calls.
-    """
-    numbers: dict[str, int] = {}
-    for name, fn in fns.items():
-        for _ in range(settings.warmup):
-            fn()
-        start = time.perf_counter()
-        fn()
-        once = time.perf_counter() - start
-        numbers[name] = max(1, int(settings.min_sample_s / max(once, 1e-9)))
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(settings.repeats):
-        for name, fn in fns.items():
-            number = numbers[name]
-            start = time.perf_counter()
-            for _ in range(number):
-                fn()
-            samples[name].append((time.perf_counter() - start) / number)
-    return {name: statistics.median(times) for name, times in samples.items()}
+INTO_LABEL = "raw, encode_block_into"
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -153,6 +120,18 @@ def _encode_all(
         encode_block(spec, hashes[i], blocks[i], codec=codec, level=level)
         for i in range(blocks.shape[0])
     ]
+
+
+def _encode_all_into(
+    spec: ModelSpec, hashes: Sequence[bytes], blocks: torch.Tensor, outs: Sequence[np.ndarray]
+) -> None:
+    for i, out in enumerate(outs):
+        encode_block_into(spec, hashes[i], blocks[i], out)
+
+
+def _into_buffer(spec: ModelSpec) -> np.ndarray:
+    """A reused destination for ``encode_block_into``, written once so its pages are mapped."""
+    return np.ones(HEADER_BYTES + spec.block_nbytes, dtype=np.uint8)
 
 
 def _decode_all(
@@ -197,6 +176,12 @@ def throughput(settings: Settings, samples: dict[int, torch.Tensor]) -> list[tup
             )
             fns[f"{label} decode"] = functools.partial(decode_block, spec, h, data)
             fns[f"{label} decode out"] = functools.partial(decode_block, spec, h, data, out=dst)
+        into = _into_buffer(spec)
+        if encode_block_into(spec, h, src, into) != len(encoded["raw"]) or into.tobytes() != bytes(
+            encoded["raw"]
+        ):
+            raise AssertionError("encode_block_into disagrees with encode_block")
+        fns[f"{INTO_LABEL} encode"] = functools.partial(encode_block_into, spec, h, src, into)
         times = medians_s(fns, settings)
 
         memcpy_s = times["memcpy"]
@@ -213,6 +198,13 @@ def throughput(settings: Settings, samples: dict[int, torch.Tensor]) -> list[tup
                 f"{nbytes / dec_s / GB:.2f}", _ratio(memcpy_s, dec_s),
                 f"{nbytes / out_s / GB:.2f}", _ratio(memcpy_s, out_s),
             ))
+            if label == "raw":
+                into_s = times[f"{INTO_LABEL} encode"]
+                rows.append((
+                    block, INTO_LABEL, f"{nbytes / len(encoded[label]):.3f}",
+                    f"{nbytes / into_s / GB:.2f}", _ratio(memcpy_s, into_s),
+                    "—", "—", "—", "—",
+                ))
     return rows
 
 
@@ -259,6 +251,10 @@ def compression(
             stored[label] = sum(len(e) for e in encoded)
             fns[f"{label} encode"] = encode_all
             fns[f"{label} decode out"] = decode_all
+        intos = [_into_buffer(spec) for _ in range(num_blocks)]
+        fns[f"{INTO_LABEL} encode"] = functools.partial(
+            _encode_all_into, spec, hashes, blocks, intos
+        )
         times = medians_s(fns, settings)
 
         memcpy_s = times["memcpy"]
@@ -274,6 +270,13 @@ def compression(
                 f"{raw_nbytes / enc_s / GB:.2f}", _ratio(memcpy_s, enc_s),
                 f"{raw_nbytes / dec_s / GB:.2f}", _ratio(memcpy_s, dec_s),
             ))
+            if label == "raw":
+                into_s = times[f"{INTO_LABEL} encode"]
+                rows.append((
+                    data_label, dtype_name, INTO_LABEL, f"{raw_nbytes / MiB:.2f}",
+                    f"{stored[label] / MiB:.2f}", f"{raw_nbytes / stored[label]:.3f}",
+                    f"{raw_nbytes / into_s / GB:.2f}", _ratio(memcpy_s, into_s), "—", "—",
+                ))
     return rows
 
 
@@ -285,37 +288,6 @@ def torch_threads(num_threads: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-def environment() -> str:
-    return (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"Python {platform.python_version()}, "
-        f"numpy {np.__version__}, torch {torch.__version__}, zstandard {zstandard.__version__}"
-    )
-
-
-def markdown(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    align = ["---" if h in TEXT_COLUMNS else "---:" for h in headers]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(align) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def rich_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> Table:
-    table = Table(title=title, caption=environment())
-    for header in headers:
-        table.add_column(header, justify="left" if header in TEXT_COLUMNS else "right")
-    previous_group = None
-    for row in rows:
-        # A rule between groups (block size, or data and dtype) keeps the baselines visible.
-        group = row[:2] if headers is COMPRESSION_HEADERS else row[:1]
-        if previous_group is not None and group != previous_group:
-            table.add_section()
-        previous_group = group
-        # Text, not str: rich would read brackets in a cell as markup.
-        table.add_row(*(Text(cell) for cell in row))
-    return table
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -332,31 +304,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     # same 2 MiB copy ran at 0.3 GB/s in one run and 80 GB/s in the next.
     with torch_threads(1):
         tables = [
-            (
+            Table(
                 "Block encode/decode, Llama-3-8B-shaped float16 real K/V; GB/s = 1e9 raw tensor "
                 "bytes per second; ÷ memcpy = speed relative to dst.copy_(src) on 1 thread; "
-                + suffix,
+                "encode_block_into writes into one reused, pre-faulted buffer; " + suffix,
                 THROUGHPUT_HEADERS,
                 throughput(settings, large),
+                TEXT_COLUMNS,
+                group_columns=1,
             ),
-            (
+            Table(
                 f"Compression of {COMPRESSION_TOKENS // COMPRESSION_BLOCK_TOKENS} blocks of "
                 f"{COMPRESSION_BLOCK_TOKENS} tokens (8 layers, 4 KV heads, head_dim 64; 2 MiB "
                 "each); raw/stored counts the 128-byte header; decode→out into pre-allocated "
                 f"tensors; ÷ memcpy = speed relative to dst.copy_ on 1 thread; {suffix}",
                 COMPRESSION_HEADERS,
                 compression(settings, small),
+                TEXT_COLUMNS,
+                group_columns=2,
             ),
         ]
-    console = Console(width=max(Console().width, 160))
-    for title, headers, rows in tables:
-        console.print(rich_table(title, headers, rows))
-        print()
-    for title, headers, rows in tables:
-        print(f"**{title}** — {environment()}")
-        print()
-        print(markdown(headers, rows))
-        print()
+    print_tables(tables, "zstandard", "xxhash")
     return 0
 
 

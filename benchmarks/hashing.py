@@ -4,7 +4,8 @@ Run ``python -m benchmarks.hashing [--quick]`` from the repository root. For 16,
 per block and for a token list, a numpy int64 array and a torch int64 tensor, it times
 ``block_hashes`` and, in the same run, the bare chain of as many blake2b-16 digests over the same
 u32 bytes (a ``hashlib`` loop with the tokens already converted). The ratio is our overhead: token
-conversion and range checks, extra-key handling and the ``BlockHash`` wrapping. The target is
+conversion and range checks (for a list, building an ``array('I')`` of 128K ints) and argument
+handling; the hash loop itself is the same as the baseline's. The target is
 5 ms for the whole prompt at 256 tokens per block. Prints a rich table and the same table in
 Markdown for ``benchmarks/RESULTS.md``.
 """
@@ -14,21 +15,14 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
-import os
-import platform
-import statistics
 import sys
-import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
+from benchmarks.report import Settings, Table, medians_s, print_tables
 from kvstore.keys import DIGEST_BYTES, ModelSpec, block_hashes, root_hash, tokens_to_u32
 
 NUM_TOKENS = 131072
@@ -41,44 +35,8 @@ SEED = 0
 HEADERS = ("block_tokens", "input type", "ms median", "ms baseline", "ratio", "target met")
 TEXT_COLUMNS = frozenset({"input type", "target met"})
 
-
-@dataclass(frozen=True, slots=True)
-class Settings:
-    repeats: int
-    warmup: int
-    min_sample_s: float
-
-
 FULL = Settings(repeats=15, warmup=3, min_sample_s=0.02)
 QUICK = Settings(repeats=5, warmup=1, min_sample_s=0.005)
-
-
-def medians_s(fns: Mapping[str, Callable[[], object]], settings: Settings) -> dict[str, float]:
-    """Median seconds per call of each function.
-
-    The functions are sampled round-robin, one sample of each per round, so that a burst of load
-    from another process slows the baseline and the rows compared with it alike instead of
-    landing on one row (this machine is shared; timing one function after another gave ratios
-    off by 40%). A sample repeats the call often enough to last ``min_sample_s``, which keeps
-    timer resolution and loop overhead out of fast calls.
-    """
-    numbers: dict[str, int] = {}
-    for name, fn in fns.items():
-        for _ in range(settings.warmup):
-            fn()
-        start = time.perf_counter()
-        fn()
-        once = time.perf_counter() - start
-        numbers[name] = max(1, int(settings.min_sample_s / max(once, 1e-9)))
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(settings.repeats):
-        for name, fn in fns.items():
-            number = numbers[name]
-            start = time.perf_counter()
-            for _ in range(number):
-                fn()
-            samples[name].append((time.perf_counter() - start) / number)
-    return {name: statistics.median(times) for name, times in samples.items()}
 
 
 def bare_chain(root: bytes, raw: bytes, block_tokens: int) -> bytes:
@@ -134,20 +92,6 @@ def run(settings: Settings) -> list[tuple[str, ...]]:
     return rows
 
 
-def environment() -> str:
-    return (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"Python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__}"
-    )
-
-
-def markdown(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    align = ["---" if h in TEXT_COLUMNS else "---:" for h in headers]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(align) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.hashing", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer repeats, for a smoke run")
@@ -159,18 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"baseline: bare blake2b-16 chain over the same u32 bytes; "
         f"median of {settings.repeats}{' (quick)' if args.quick else ''}"
     )
-    table = Table(title=title, caption=environment())
-    for header in HEADERS:
-        table.add_column(header, justify="left" if header in TEXT_COLUMNS else "right")
-    for row in rows:
-        # Text, not str: rich would read "list[int]" as a markup tag.
-        table.add_row(*(Text(cell) for cell in row))
-    console = Console(width=max(Console().width, 120))
-    console.print(table)
-    print()
-    print(f"**{title}** — {environment()}")
-    print()
-    print(markdown(HEADERS, rows))
+    print_tables([Table(title, HEADERS, rows, TEXT_COLUMNS, group_columns=1)])
     return 0
 
 

@@ -14,8 +14,13 @@ of 2 MiB and 32 MiB (bfloat16 K/V, header included) it times each tier's ``put``
 - G4: raw redis-py, pipelined ``SET``/``GET`` of the whole values (the faster of the sync and the
   asyncio client), against a ``redis-server`` this benchmark starts (or ``--redis-url``).
 
-Targets: G2 ≥ 0.8× memcpy, G3 ≥ 0.8× raw LMDB, G4 ≥ 0.8× raw redis-py. Median of several repeats;
-puts are timed into an empty store each time (keys deleted between repeats, untimed).
+Targets: G2 ≥ 0.8× memcpy, G3 ≥ 0.8× raw LMDB, G4 ≥ 0.8× raw redis-py. Every tier and every
+baseline of one block size is set up first and then sampled round-robin (``report.medians_s``):
+one sample of each per round, so that a tier and its baseline see the same load on this shared
+machine (timed one after the other, G3 put came out at 2.82x of raw LMDB for 2 MiB blocks and
+0.31x for 32 MiB in one run; sampled round-robin, 0.87x-0.98x and 0.82x-0.91x). Puts are timed
+into an empty store each time (keys deleted before each sample, untimed); the put leaves the
+blocks in place for the gets that follow it in the round.
 """
 
 from __future__ import annotations
@@ -23,10 +28,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
-import statistics
 import tempfile
-import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -37,7 +40,7 @@ import redis
 import redis.asyncio as aredis
 import torch
 
-from benchmarks.report import print_report
+from benchmarks.report import Case, Settings, Table, medians_s, print_tables
 from kvstore.block_format import encode_block
 from kvstore.keys import ModelSpec, block_hashes
 from tiers.base import Tier
@@ -50,6 +53,11 @@ MiB = 1 << 20
 HEADERS = ("tier", "block", "op", "tier GB/s", "baseline", "baseline GB/s", "ratio", "target")
 TEXT = frozenset({"tier", "block", "op", "baseline", "target"})
 TARGETS = {"G2": 0.8, "G3": 0.8, "G4": 0.8}
+# One call moves the whole data set (256 MiB), tens to hundreds of ms: one call per sample.
+FULL = Settings(repeats=9, warmup=1, min_sample_s=0.0)
+QUICK = Settings(repeats=3, warmup=1, min_sample_s=0.0)
+
+Block = tuple[bytes, bytearray]
 
 
 def spec_for(block_mib: int) -> ModelSpec:
@@ -64,44 +72,27 @@ def spec_for(block_mib: int) -> ModelSpec:
     )
 
 
-def make_blocks(block_mib: int, total_mib: int) -> list[tuple[bytes, bytearray]]:
+def make_blocks(block_mib: int, total_mib: int) -> list[Block]:
     spec = spec_for(block_mib)
     n = max(2, total_mib // block_mib)
     g = torch.Generator().manual_seed(block_mib)
-    out = []
+    out: list[Block] = []
     for h in block_hashes(spec, list(range(n * spec.block_tokens))):
         t = torch.randn(spec.block_shape, generator=g).to(torch.bfloat16)
         out.append((h, encode_block(spec, h, t)))
     return out
 
 
-async def timed(
-    fn: Callable[[], Awaitable[Any]],
-    repeats: int,
-    reset: Callable[[], Awaitable[Any]] | None = None,
-) -> float:
-    """Median seconds of ``fn`` over ``repeats`` runs after one warm-up; ``reset`` runs untimed."""
-    samples = []
-    for i in range(repeats + 1):
-        if reset is not None:
-            await reset()
-        t0 = time.perf_counter()
-        await fn()
-        if i:  # the first run warms caches and connections
-            samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
-
-
-def batches(
-    blocks: Sequence[tuple[bytes, bytearray]], block_mib: int
-) -> list[list[tuple[bytes, bytearray]]]:
+def batches(blocks: Sequence[Block], block_mib: int) -> list[list[Block]]:
     per = max(1, 16 // block_mib)  # 16 MiB per call: a prefix fetch moves several blocks at once
     return [list(blocks[i : i + per]) for i in range(0, len(blocks), per)]
 
 
 class Bench:
-    def __init__(self, repeats: int, block_mib: int, total_mib: int) -> None:
-        self.repeats = repeats
+    """The cases of one block size: every tier's ops and every baseline, timed together."""
+
+    def __init__(self, runner: asyncio.Runner, block_mib: int, total_mib: int) -> None:
+        self.runner = runner
         self.block_mib = block_mib
         self.blocks = make_blocks(block_mib, total_mib)
         self.nbytes = sum(len(v) for _, v in self.blocks)
@@ -110,29 +101,30 @@ class Bench:
         self.key_batches = [[k for k, _ in b] for b in self.batches]
         # Reused, pre-faulted destination buffers: the same ones for baselines and get_into.
         self.buffers = [np.ones(len(v), dtype=np.uint8) for _, v in self.blocks]
+        self.cases: dict[str, Callable[[], object] | Case] = {}
         self.rows: list[tuple[str, ...]] = []
+        self.closers: list[Callable[[], object]] = []
 
-    def gbps(self, seconds: float) -> float:
-        return self.nbytes / seconds / 1e9
+    def sync(self, coroutine_fn: Callable[[], Coroutine[Any, Any, object]]) -> Callable[[], object]:
+        """A plain callable that runs one async op on the benchmark's event loop."""
+        return lambda: self.runner.run(coroutine_fn())
 
-    def row(self, tier: str, op: str, ours: float, baseline: str, base: float) -> None:
-        ratio = base / ours  # times -> throughput ratio
-        target = TARGETS.get(tier)
-        verdict = "—" if target is None else f"{'yes' if ratio >= target else 'NO'} (≥ {target}×)"
-        self.rows.append(
-            (
-                tier,
-                f"{self.block_mib} MiB",
-                op,
-                f"{self.gbps(ours):.2f}",
-                baseline,
-                f"{self.gbps(base):.2f}",
-                f"{ratio:.2f}×",
-                verdict,
-            )
-        )
+    # -- cases ---------------------------------------------------------------------------------
 
-    async def tier_ops(self, tier: Tier) -> tuple[float, float, float]:
+    def add_memcpy_baselines(self) -> None:
+        def memcpy() -> None:
+            for (_, value), buf in zip(self.blocks, self.buffers, strict=True):
+                np.copyto(buf, np.frombuffer(value, dtype=np.uint8))
+
+        def copy_to_new() -> None:
+            for batch in self.batches:
+                kept = [bytes(v) for _, v in batch]
+                assert len(kept) == len(batch)
+
+        self.cases["memcpy"] = memcpy
+        self.cases["copy to new bytes"] = copy_to_new
+
+    def add_tier(self, name: str, tier: Tier) -> None:
         async def put() -> None:
             for batch in self.batches:
                 await tier.put(batch)
@@ -152,85 +144,55 @@ class Bench:
                 assert None not in sizes
                 i += len(keys)
 
-        t_put = await timed(put, self.repeats, clear)
-        await put()
-        return t_put, await timed(get, self.repeats), await timed(get_into, self.repeats)
+        # Order matters within a round: the put leaves the blocks in place for both gets.
+        self.cases[f"{name} put"] = Case(self.sync(put), reset=self.sync(clear))
+        self.cases[f"{name} get"] = self.sync(get)
+        self.cases[f"{name} get_into"] = self.sync(get_into)
+        self.closers.append(self.sync(tier.close))
 
-    async def memcpy(self) -> float:
-        async def copy() -> None:
-            for (_, value), buf in zip(self.blocks, self.buffers, strict=True):
-                np.copyto(buf, np.frombuffer(value, dtype=np.uint8))
-
-        return await timed(copy, self.repeats)
-
-    async def copy_to_new(self) -> float:
-        async def copy() -> None:
-            for batch in self.batches:
-                kept = [bytes(v) for _, v in batch]
-                assert len(kept) == len(batch)
-
-        return await timed(copy, self.repeats)
-
-    async def memory_tier(self, name: str, tier: Tier) -> None:
-        base = await self.memcpy()
-        base_new = await self.copy_to_new()
-        t_put, t_get, t_into = await self.tier_ops(tier)
-        await tier.close()
-        self.row(name, "put", t_put, "memcpy", base)
-        self.row(name, "get", t_get, "copy to new bytes", base_new)
-        self.row(name, "get_into", t_into, "memcpy", base)
-
-    async def lmdb(self, workdir: Path) -> None:
-        capacity = 2 * self.nbytes
-        config = LmdbTierConfig(str(workdir / "g3"), capacity)
-        (workdir / "raw").mkdir(parents=True, exist_ok=True)
-        env = lmdb.open(
-            str(workdir / "raw"), map_size=config.map_size, max_dbs=4, sync=False, metasync=False
-        )
+    def add_raw_lmdb(self, path: Path, map_size: int) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        env = lmdb.open(str(path), map_size=map_size, max_dbs=4, sync=False, metasync=False)
         db = env.open_db(b"blocks")
 
-        async def raw_put() -> None:
+        def put() -> None:
             for batch in self.batches:
                 with env.begin(db=db, write=True) as txn:
                     for k, v in batch:
                         txn.put(k, v)
 
-        async def raw_clear() -> None:
+        def clear() -> None:
             with env.begin(db=db, write=True) as txn:
                 for k in self.keys:
                     txn.delete(k)
 
-        async def raw_get() -> None:
+        def get() -> None:
             for keys in self.key_batches:
                 with env.begin(db=db) as txn:
                     kept = [txn.get(k) for k in keys]
                 assert None not in kept
 
-        async def raw_get_into() -> None:
+        def get_into() -> None:
             i = 0
             for keys in self.key_batches:
                 with env.begin(db=db, buffers=True) as txn:
                     for k in keys:
-                        np.copyto(self.buffers[i], np.frombuffer(txn.get(k), dtype=np.uint8))
+                        value = txn.get(k)
+                        assert value is not None
+                        np.copyto(self.buffers[i], np.frombuffer(value, dtype=np.uint8))
                         i += 1
 
-        base_put = await timed(raw_put, self.repeats, raw_clear)
-        await raw_put()
-        base_get = await timed(raw_get, self.repeats)
-        base_into = await timed(raw_get_into, self.repeats)
-        env.close()
-        tier = LmdbTier(config)
-        t_put, t_get, t_into = await self.tier_ops(tier)
-        await tier.close()
-        self.row("G3", "put", t_put, "raw lmdb put", base_put)
-        self.row("G3", "get", t_get, "raw lmdb get", base_get)
-        self.row("G3", "get_into", t_into, "raw lmdb view + copy", base_into)
+        self.cases["raw lmdb put"] = Case(put, reset=clear)
+        self.cases["raw lmdb get"] = get
+        self.cases["raw lmdb view + copy"] = get_into
+        self.closers.append(env.close)
 
-    async def redis(self, url: str) -> None:
+    def add_raw_redis(self, url: str) -> None:
         sync = redis.Redis.from_url(url)
         asy = aredis.Redis.from_url(url)
+        names = [b"raw:" + k for k in self.keys]
 
-        async def sync_set() -> None:
+        def sync_set() -> None:
             for batch in self.batches:
                 pipe = sync.pipeline(transaction=False)
                 for k, v in batch:
@@ -244,10 +206,10 @@ class Bench:
                     pipe.set(b"raw:" + k, v)
                 await pipe.execute()
 
-        async def raw_clear() -> None:
-            sync.delete(*[b"raw:" + k for k in self.keys])
+        def clear() -> None:
+            sync.delete(*names)
 
-        async def sync_get() -> None:
+        def sync_get() -> None:
             for keys in self.key_batches:
                 pipe = sync.pipeline(transaction=False)
                 for k in keys:
@@ -261,45 +223,89 @@ class Bench:
                     pipe.get(b"raw:" + k)
                 assert None not in await pipe.execute()
 
-        base_put = min(
-            await timed(sync_set, self.repeats, raw_clear),
-            await timed(async_set, self.repeats, raw_clear),
-        )
-        await async_set()
-        base_get = min(await timed(sync_get, self.repeats), await timed(async_get, self.repeats))
-        await raw_clear()
-        sync.close()
-        await asy.aclose()
-        tier = RedisTier(
-            RedisTierConfig(
-                url=url, capacity_bytes=4 * self.nbytes, namespace="bench", timeout_ms=30_000
+        self.cases["redis-py sync SET"] = Case(sync_set, reset=clear)
+        self.cases["redis-py async SET"] = Case(self.sync(async_set), reset=clear)
+        self.cases["redis-py sync GET"] = sync_get
+        self.cases["redis-py async GET"] = self.sync(async_get)
+        self.closers += [clear, sync.close, self.sync(asy.aclose)]
+
+    # -- results -------------------------------------------------------------------------------
+
+    def row(self, tier: str, op: str, ours: float, baseline: str, base: float) -> None:
+        ratio = base / ours  # times -> throughput ratio
+        target = TARGETS.get(tier)
+        verdict = "—" if target is None else f"{'yes' if ratio >= target else 'NO'} (≥ {target}×)"
+        self.rows.append(
+            (
+                tier,
+                f"{self.block_mib} MiB",
+                op,
+                f"{self.nbytes / ours / 1e9:.2f}",
+                baseline,
+                f"{self.nbytes / base / 1e9:.2f}",
+                f"{ratio:.2f}×",
+                verdict,
             )
         )
-        t_put, t_get, t_into = await self.tier_ops(tier)
-        await tier.delete(self.keys)
-        await tier.close()
-        self.row("G4", "put", t_put, "redis-py pipelined SET", base_put)
-        self.row("G4", "get", t_get, "redis-py pipelined GET", base_get)
-        self.row("G4", "get_into", t_into, "redis-py pipelined GET", base_get)
+
+    def report(self, times: dict[str, float]) -> None:
+        for name in ("G1 (cpu)", "G2"):
+            self.row(name, "put", times[f"{name} put"], "memcpy", times["memcpy"])
+            self.row(name, "get", times[f"{name} get"], "copy to new bytes",
+                     times["copy to new bytes"])
+            self.row(name, "get_into", times[f"{name} get_into"], "memcpy", times["memcpy"])
+        self.row("G3", "put", times["G3 put"], "raw lmdb put", times["raw lmdb put"])
+        self.row("G3", "get", times["G3 get"], "raw lmdb get", times["raw lmdb get"])
+        self.row("G3", "get_into", times["G3 get_into"], "raw lmdb view + copy",
+                 times["raw lmdb view + copy"])
+        # The faster of the two clients is the baseline, as a user would pick it.
+        redis_set = min(times["redis-py sync SET"], times["redis-py async SET"])
+        redis_get = min(times["redis-py sync GET"], times["redis-py async GET"])
+        self.row("G4", "put", times["G4 put"], "redis-py pipelined SET", redis_set)
+        self.row("G4", "get", times["G4 get"], "redis-py pipelined GET", redis_get)
+        self.row("G4", "get_into", times["G4 get_into"], "redis-py pipelined GET", redis_get)
 
 
-async def run(args: argparse.Namespace, redis_url: str, workdir: Path) -> list[tuple[str, ...]]:
-    rows: list[tuple[str, ...]] = []
-    for block_mib in (2, 32):
-        bench = Bench(args.repeats, block_mib, args.total_mib)
-        slot = max(len(v) for _, v in bench.blocks) + 4096
-        capacity = slot * (len(bench.blocks) + 1)
-        await bench.memory_tier("G1 (cpu)", GpuMemoryTier(GpuTierConfig(capacity, slot, "cpu")))
-        await bench.memory_tier(
+def measure(
+    runner: asyncio.Runner,
+    settings: Settings,
+    block_mib: int,
+    total_mib: int,
+    redis_url: str,
+    workdir: Path,
+) -> list[tuple[str, ...]]:
+    bench = Bench(runner, block_mib, total_mib)
+    slot = max(len(v) for _, v in bench.blocks) + 4096
+    capacity = slot * (len(bench.blocks) + 1)
+    try:
+        bench.add_memcpy_baselines()
+        bench.add_tier("G1 (cpu)", GpuMemoryTier(GpuTierConfig(capacity, slot, "cpu")))
+        bench.add_tier(
             "G2",
             PinnedMemoryTier(
                 PinnedTierConfig(capacity, slot, pin="never", segment_prefix="kvstore-bench")
             ),
         )
-        await bench.lmdb(workdir / f"lmdb-{block_mib}")
-        await bench.redis(redis_url)
-        rows += bench.rows
-    return rows
+        lmdb_config = LmdbTierConfig(str(workdir / f"g3-{block_mib}"), 2 * bench.nbytes)
+        bench.add_raw_lmdb(workdir / f"raw-lmdb-{block_mib}", lmdb_config.map_size)
+        # Built on the benchmark's loop: the tier's executors and clients belong to that loop.
+        bench.add_tier("G3", runner.run(_build(lambda: LmdbTier(lmdb_config))))
+        bench.add_raw_redis(redis_url)
+        redis_config = RedisTierConfig(
+            url=redis_url, capacity_bytes=4 * bench.nbytes, namespace="bench", timeout_ms=30_000
+        )
+        g4 = runner.run(_build(lambda: RedisTier(redis_config)))
+        bench.add_tier("G4", g4)
+        bench.closers.insert(0, bench.sync(lambda: g4.delete(bench.keys)))
+        bench.report(medians_s(bench.cases, settings))
+    finally:
+        for close in bench.closers:
+            close()
+    return bench.rows
+
+
+async def _build(factory: Callable[[], Tier]) -> Tier:
+    return factory()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -307,9 +313,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="less data, fewer repeats")
     parser.add_argument("--redis-url", default=None, help="use this Redis instead of starting one")
     args = parser.parse_args(argv)
-    args.total_mib = 64 if args.quick else 256
-    args.repeats = 2 if args.quick else 5
+    total_mib = 64 if args.quick else 256
+    settings = QUICK if args.quick else FULL
     workdir = Path(tempfile.mkdtemp(prefix="kvstore-bench-"))
+    rows: list[tuple[str, ...]] = []
     with ExitStack() as stack:
         stack.callback(shutil.rmtree, workdir, ignore_errors=True)
         url = args.redis_url
@@ -317,12 +324,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             from tests.redis_servers import start_redis_server
 
             url = stack.enter_context(start_redis_server()).url
-        rows = asyncio.run(run(args, url, workdir))
+        runner = stack.enter_context(asyncio.Runner())
+        for block_mib in (2, 32):
+            rows += measure(runner, settings, block_mib, total_mib, url, workdir)
     title = (
-        f"Tier throughput vs raw baselines, {args.total_mib} MiB per op per block size, "
-        f"median of {args.repeats}{' (quick)' if args.quick else ''}"
+        f"Tier throughput vs raw baselines, {total_mib} MiB per op per block size, tiers and "
+        f"baselines sampled round-robin, median of {settings.repeats}"
+        f"{' (quick)' if args.quick else ''}"
     )
-    print_report(title, HEADERS, rows, TEXT)
+    print_tables([Table(title, HEADERS, rows, TEXT, group_columns=2)], "lmdb", "redis")
     return 0
 
 

