@@ -1,0 +1,1 @@
+"""The kvstore Python client (being written: see issue 4)."""
