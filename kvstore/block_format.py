@@ -53,6 +53,7 @@ __all__ = [
     "HEADER_BYTES",
     "BlockHeader",
     "Codec",
+    "check_block_tensor",
     "copy_and_checksum",
     "decode_block",
     "encode_block",
@@ -299,6 +300,11 @@ def _fresh_tensor(spec: ModelSpec) -> torch.Tensor:
 def _as_bytes_view(tensor: torch.Tensor) -> U8Array:
     """A flat uint8 numpy view of a contiguous CPU tensor; no copy for any dtype (bf16, fp8 too)."""
     return tensor.view(torch.uint8).reshape(-1).numpy()
+
+
+def check_block_tensor(spec: ModelSpec, tensor: torch.Tensor) -> None:
+    """Raise ``SpecMismatchError`` unless ``tensor`` is one block of ``spec`` (dtype and shape)."""
+    _check_tensor(spec, tensor)
 
 
 def _check_tensor(spec: ModelSpec, tensor: torch.Tensor) -> None:

@@ -41,8 +41,9 @@ import torch
 from kvstore.block_format import (
     HEADER_BYTES,
     NO_PARENT,
+    check_block_tensor,
     decode_block,
-    encode_block,
+    encode_block_into,
     read_header,
     verify_block,
 )
@@ -289,6 +290,11 @@ class Engine:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    @property
+    def queue_depth(self) -> int:
+        """Background moves waiting in the queue."""
+        return self._queue.qsize()
+
     async def drain(self) -> None:
         """Wait until every queued background move has finished (tests, orderly shutdown)."""
         await self._queue.join()
@@ -414,12 +420,18 @@ class Engine:
         durable: bool = False,
         owner: str = "",
     ) -> PutResult:
-        """Store blocks given as ``(hash, parent hash or None, tensor)``, in chain order."""
-        encoded = [
-            (key, parent, encode_block(spec, key, t, parent_hash=parent))
-            for key, parent, t in items
-        ]
-        return await self.put_encoded(spec, encoded, durable=durable, owner=owner)
+        """Store blocks given as ``(hash, parent hash or None, tensor)``, in chain order.
+
+        Every tensor is checked against ``spec`` before anything is stored; each block is then
+        encoded straight into its top-tier slot (``Tier.put_with``), not built and copied in.
+        """
+        checked: list[tuple[BlockHash, BlockHash | None, _Source]] = []
+        for key, parent, tensor in items:
+            if len(key) != DIGEST_BYTES:
+                raise InvalidArgumentError(f"block hash must be {DIGEST_BYTES} bytes")
+            check_block_tensor(spec, tensor)
+            checked.append((BlockHash(bytes(key)), _parent_or_none(parent), tensor))
+        return await self._admit(spec, checked, durable, owner)
 
     async def put_encoded(
         self,
@@ -447,15 +459,17 @@ class Engine:
                     f"{spec.name} wants {spec.dtype}{list(spec.block_shape)}"
                 )
             checked.append((BlockHash(bytes(key)), _parent_or_none(parent), data))
-        return await self._admit(spec.fingerprint, checked, durable, owner)
+        return await self._admit(spec, checked, durable, owner)
 
     async def _admit(
         self,
-        namespace: bytes,
-        items: list[tuple[BlockHash, BlockHash | None, bytes | bytearray | memoryview]],
+        spec: ModelSpec,
+        items: list[tuple[BlockHash, BlockHash | None, _Source]],
         durable: bool,
         owner: str,
     ) -> PutResult:
+        namespace = spec.fingerprint
+        block_nbytes = HEADER_BYTES + spec.block_nbytes
         top = self.placement.top
         hashes = [k for k, _, _ in items]
         self.counters.add("put_blocks", len(items))
@@ -469,18 +483,25 @@ class Engine:
         through = self.placement.write_through()
         if new and through:
             await self._wait_for_queue_room(len(new) * len(through))
-        charge = sum(self.index.charge(top, len(d)) for _, _, d in new)
+        sizes = {k: _source_nbytes(d, block_nbytes) for k, _, d in new}
+        charge = sum(self.index.charge(top, n) for n in sizes.values())
         reserved: list[BlockHash] = []
         async with self._room_locks[top]:
             await self._make_room(top, namespace, charge)
-            for key, parent, data in new:
+            for key, parent, _ in new:
                 if self.index.begin_write(
-                    key, top, namespace=namespace, parent=parent, nbytes=len(data), owner=owner
+                    key, top, namespace=namespace, parent=parent, nbytes=sizes[key], owner=owner
                 ):
                     reserved.append(key)
         want = set(reserved)
+        tier = self.tier(top, namespace)
         try:
-            await self.tier(top, namespace).put([(k, d) for k, _, d in new if k in want])
+            encoded = [(k, d) for k, _, d in new if k in want and not isinstance(d, torch.Tensor)]
+            if encoded:
+                await tier.put(encoded)
+            for key, parent, data in new:
+                if key in want and isinstance(data, torch.Tensor):
+                    await tier.put_with(key, block_nbytes, _encoder(spec, key, data, parent))
         except BaseException:
             for key in reserved:
                 self.index.abort_write(key, top)
@@ -822,6 +843,23 @@ class Engine:
             queue_depth=self._queue.qsize(),
             counters=dict(self.counters.values),
         )
+
+
+_Source = bytes | bytearray | memoryview | torch.Tensor
+"""A block to admit: encoded bytes, or a tensor to encode straight into the top tier."""
+
+
+def _source_nbytes(source: _Source, block_nbytes: int) -> int:
+    return block_nbytes if isinstance(source, torch.Tensor) else len(source)
+
+
+def _encoder(
+    spec: ModelSpec, key: BlockHash, tensor: torch.Tensor, parent: BlockHash | None
+) -> Callable[[memoryview], int]:
+    def fill(out: memoryview) -> int:
+        return encode_block_into(spec, key, tensor, out, parent_hash=parent)
+
+    return fill
 
 
 def _parent_or_none(parent: bytes | None) -> BlockHash | None:

@@ -411,3 +411,32 @@ async def test_get_into_caller_buffers(tier: Tier) -> None:
         await tier.get_into([blocks[0][0]], [bytes(BLOCK_NBYTES)])
     with pytest.raises(InvalidArgumentError, match="1 keys but 2 buffers"):
         await tier.get_into([blocks[0][0]], [bytearray(10), bytearray(10)])
+
+
+async def test_put_with_fills_the_destination_once(tier: Tier) -> None:
+    from kvstore.block_format import encode_block_into
+
+    key = block_hashes(SPEC, [9, 9, 9, 9])[0]
+    t = torch.randn(SPEC.block_shape).to(torch.float16)
+
+    def fill(out: memoryview) -> int:
+        return encode_block_into(SPEC, key, t, out)
+
+    def broken(out: memoryview) -> int:
+        out[:8] = b"garbage!"
+        raise RuntimeError("the producer failed half-way")
+
+    with pytest.raises(RuntimeError, match="half-way"):
+        await tier.put_with(key, BLOCK_NBYTES, broken)
+    assert await tier.exists([key]) == [False]
+    assert await tier.put_with(key, BLOCK_NBYTES, fill) is True
+    assert await tier.put_with(key, BLOCK_NBYTES, fill) is False
+    (back,) = await tier.get([key])
+    assert back is not None
+    assert torch.equal(decode_block(SPEC, key, back), t)
+    stats = await tier.stats()
+    assert (stats.num_blocks, stats.used_bytes, stats.num_puts) == (1, BLOCK_NBYTES, 1)
+    other = block_hashes(SPEC, [8, 8, 8, 8])[0]
+    with pytest.raises(InvalidArgumentError, match="is block"):
+        await tier.put_with(other, BLOCK_NBYTES, fill)  # writes a block named `key`
+    assert await tier.exists([other]) == [False]

@@ -42,6 +42,7 @@ __all__ = [
     "TierStats",
     "check_capacity",
     "check_fits",
+    "check_header",
 ]
 
 log = logging.getLogger(__name__)
@@ -160,22 +161,35 @@ class Tier(ABC):
         seen: set[bytes] = set()
         for key, value in items:
             (key,) = _check_keys([key])
-            try:
-                header = read_header(value)
-            except CorruptBlockError as exc:
-                raise InvalidArgumentError(
-                    f"value for block {key.hex()} is not a block: {exc}"
-                ) from None
-            if header.block_hash != key:
-                raise InvalidArgumentError(
-                    f"value for block {key.hex()} is block {header.block_hash.hex()}"
-                )
+            check_header(key, value)
             if key not in seen:
                 seen.add(key)
                 checked.append((key, value))
         stored = await self._put(checked) if checked else 0
         self._num_puts += stored
         return stored
+
+    async def put_with(self, key: bytes, nbytes: int, fill: Callable[[memoryview], int]) -> bool:
+        """Store one block that ``fill`` writes into a buffer of ``nbytes`` (Mooncake's
+        ``put_from``, the other way round): tiers with their own memory hand out the final
+        destination, so the block is written once instead of built and then copied in.
+
+        ``fill`` returns the bytes it wrote. The block becomes visible only after ``fill`` has
+        returned and its header checks out against ``key``; False if it was already stored.
+        """
+        (key,) = _check_keys([key])
+        stored = await self._put_with(key, nbytes, fill)
+        self._num_puts += stored
+        return stored
+
+    async def _put_with(
+        self, key: BlockHash, nbytes: int, fill: Callable[[memoryview], int]
+    ) -> bool:
+        """Default: fill a fresh buffer, then ``put`` it."""
+        buf = bytearray(nbytes)
+        written = fill(memoryview(buf))
+        check_header(key, memoryview(buf)[:written])
+        return await self._put([(key, memoryview(buf)[:written])]) == 1
 
     async def delete(self, keys: Sequence[bytes]) -> int:
         keys = _check_keys(keys)
@@ -254,6 +268,18 @@ class Tier(ABC):
     @abstractmethod
     async def _usage(self) -> tuple[int, int]:
         """``(used_bytes, num_blocks)``."""
+
+
+def check_header(key: BlockHash, value: Buffer) -> None:
+    """Refuse (InvalidArgumentError) a value that is not a block stored under ``key``."""
+    try:
+        header = read_header(value)
+    except CorruptBlockError as exc:
+        raise InvalidArgumentError(f"value for block {key.hex()} is not a block: {exc}") from None
+    if header.block_hash != key:
+        raise InvalidArgumentError(
+            f"value for block {key.hex()} is block {header.block_hash.hex()}"
+        )
 
 
 def check_fits(key: bytes, nbytes: int, view: memoryview) -> None:

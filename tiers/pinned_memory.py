@@ -22,7 +22,7 @@ import ctypes
 import logging
 import os
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 from pathlib import Path
@@ -40,6 +40,7 @@ from tiers.base import (
     Tier,
     check_capacity,
     check_fits,
+    check_header,
 )
 from tiers.slots import SlotTable
 
@@ -188,6 +189,22 @@ class PinnedMemoryTier(Tier):
             self._buf[slot * step : slot * step + n] = memoryview(value).cast("B")
             self._slots.commit(key, slot, n)
         return len(new)
+
+    async def _put_with(
+        self, key: BlockHash, nbytes: int, fill: Callable[[memoryview], int]
+    ) -> bool:
+        if key in self._slots:
+            return False
+        (slot,) = self._slots.allocate([(key, nbytes)])
+        start = slot * self._slots.slot_bytes
+        try:
+            written = fill(self._buf[start : start + nbytes])
+            check_header(key, self._buf[start : start + written])
+        except BaseException:
+            self._slots.release([slot])
+            raise
+        self._slots.commit(key, slot, written)
+        return True
 
     async def _delete(self, keys: list[BlockHash]) -> int:
         return sum(self._slots.remove(k) for k in keys)
