@@ -45,14 +45,20 @@ TEXT = frozenset({"what", "size", "baseline", "target"})
 MiB = 1 << 20
 
 
-async def median_s(fn: Callable[[], Awaitable[Any]], repeats: int) -> float:
-    await fn()
-    samples = []
+async def medians_s(
+    a: Callable[[], Awaitable[Any]], b: Callable[[], Awaitable[Any]], repeats: int
+) -> tuple[float, float]:
+    """Median seconds of ``a`` and of ``b``, sampled alternately (a, b, a, b, ...) after one
+    warm-up call each, so that load from other processes falls on both alike."""
+    await a()
+    await b()
+    samples: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        await fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+        for fn, out in ((a, samples[0]), (b, samples[1])):
+            t0 = time.perf_counter()
+            await fn()
+            out.append(time.perf_counter() - t0)
+    return statistics.median(samples[0]), statistics.median(samples[1])
 
 
 def store_config(
@@ -101,8 +107,7 @@ async def lookup_rows(repeats: int, workdir: Path) -> list[tuple[str, ...]]:
             async def hashing(p: np.ndarray[Any, Any] = prompt) -> None:
                 block_hashes(spec, p)
 
-            t = await median_s(lookup, repeats * 5)
-            base = await median_s(hashing, repeats * 5)
+            t, base = await medians_s(lookup, hashing, repeats * 5)
             target = "—" if n != 131_072 else f"{'yes' if t <= 3e-3 else 'NO'} (≤ 3 ms)"
             rows.append(
                 (
@@ -183,8 +188,7 @@ async def tier_rows(
                 for i in range(0, len(keys), 8):
                     assert None not in await raw.get(keys[i : i + 8])
 
-            t = await median_s(via_engine, repeats)
-            base = await median_s(via_tier, repeats)
+            t, base = await medians_s(via_engine, via_tier, repeats)
             per_block_ms = t / num_blocks * 1e3
             rows.append(
                 (
