@@ -1,0 +1,211 @@
+"""The service's Fetch path against the floors beneath it, measured in the same run.
+
+Run ``python -m benchmarks.service [--quick]`` from the repository root. A kvstore server runs
+in this process (G2 + G3, port 0) holding one prompt of 2 MiB blocks; the client fetches its
+leading hit into one preallocated tensor, alternating with each baseline:
+
+- same-host Fetch (slot references into G2's shared memory, the client copies) against a plain
+  memcpy of the same bytes into a pre-faulted buffer; target ≥ 0.5×;
+- bytes Fetch (payload streamed in 1 MiB chunks) against a raw Python gRPC server stream of the
+  same payload in 1 MiB messages (bytes in, bytes out, no protobuf), received into the same kind
+  of buffer; target ≥ 0.7×.
+
+Client and servers share one event loop and one process, as in the baseline, so the ratios
+compare the protocols rather than the number of cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+
+from benchmarks.report import Table, print_tables
+from client import AsyncClient
+from kvstore.config import StoreConfig
+from kvstore.keys import ModelSpec
+from kvstore.server import KVStoreServer, ServerConfig
+from tiers.lmdb_store import LmdbTierConfig
+from tiers.pinned_memory import PinnedTierConfig
+
+MiB = 1 << 20
+CHUNK = 1 * MiB
+HEADERS = ("path", "payload", "kvstore GB/s", "baseline", "baseline GB/s", "ratio", "target")
+TEXT = frozenset({"path", "payload", "baseline", "target"})
+
+
+async def medians_s(
+    a: Callable[[], Awaitable[Any]], b: Callable[[], Awaitable[Any]], repeats: int
+) -> tuple[float, float]:
+    await a()
+    await b()
+    samples: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        for fn, out in ((a, samples[0]), (b, samples[1])):
+            t0 = time.perf_counter()
+            await fn()
+            out.append(time.perf_counter() - t0)
+    return statistics.median(samples[0]), statistics.median(samples[1])
+
+
+class RawStream:
+    """A bare gRPC server-streaming method that sends a payload in fixed-size raw messages."""
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+        self.server = grpc.aio.server()
+        handler = grpc.method_handlers_generic_handler(
+            "bench.Raw",
+            {
+                "Stream": grpc.unary_stream_rpc_method_handler(
+                    self.stream,
+                    request_deserializer=lambda b: b,
+                    response_serializer=lambda b: b,
+                )
+            },
+        )
+        self.server.add_generic_rpc_handlers((handler,))
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+
+    async def stream(self, request: bytes, context: Any) -> AsyncIterator[bytes]:
+        view = memoryview(self.payload)
+        for start in range(0, len(view), CHUNK):
+            yield bytes(view[start : start + CHUNK])
+
+
+async def run(args: argparse.Namespace, workdir: Path) -> list[tuple[str, ...]]:
+    spec = ModelSpec(
+        "bench/service",
+        num_layers=32,
+        num_kv_heads=8,
+        head_dim=128,
+        dtype="bfloat16",
+        block_tokens=16,
+    )  # 2 MiB blocks
+    num_blocks = args.total_mib // 2
+    slot = spec.block_nbytes + 4096
+    config = StoreConfig(
+        g2=PinnedTierConfig(
+            slot * (num_blocks + 8) * 2, slot, pin="never", segment_prefix="kvstore-bench"
+        ),
+        g3=LmdbTierConfig(str(workdir / "g3"), 4 * spec.block_nbytes * num_blocks),
+        server=ServerConfig(listen="127.0.0.1:0"),
+    )
+    server = KVStoreServer(config)
+    port = await server.start()
+    raw: RawStream | None = None
+    try:
+        tokens = np.arange(num_blocks * spec.block_tokens, dtype=np.int64)
+        g = torch.Generator().manual_seed(0)
+        kv = torch.randn((32, 2, len(tokens), 8, 128), generator=g).to(torch.bfloat16)
+        target = f"127.0.0.1:{port}"
+        out = torch.empty_like(kv)
+        out.view(torch.uint8).fill_(1)  # pre-faulted
+        nbytes = kv.numel() * kv.element_size()
+        rows: list[tuple[str, ...]] = []
+        async with (
+            AsyncClient(target, same_host=True) as shm_client,
+            AsyncClient(target, same_host=False) as byte_client,
+        ):
+            await byte_client.put(spec, tokens, kv, durable=True)
+
+            # Same host vs memcpy.
+            src = np.frombuffer(kv.contiguous().view(torch.uint8).numpy(), dtype=np.uint8)
+            dst = np.ones(nbytes, dtype=np.uint8)
+
+            async def same_host() -> None:
+                _, n = await shm_client.get_prefix(spec, tokens, out=out)
+                assert n == len(tokens)
+
+            async def memcpy() -> None:
+                np.copyto(dst, src)
+
+            t, base = await medians_s(same_host, memcpy, args.repeats)
+            assert torch.equal(out, kv), "same-host fetch returned other bytes"
+            ratio = base / t
+            rows.append(
+                (
+                    "Fetch, same host (shared memory)",
+                    f"{nbytes // MiB} MiB",
+                    f"{nbytes / t / 1e9:.2f}",
+                    "memcpy",
+                    f"{nbytes / base / 1e9:.2f}",
+                    f"{ratio:.2f}×",
+                    f"{'yes' if ratio >= 0.5 else 'NO'} (≥ 0.5×)",
+                )
+            )
+
+            # Bytes vs a raw gRPC stream of the same payload.
+            raw = RawStream(bytes(src))
+            await raw.server.start()
+            channel = grpc.aio.insecure_channel(
+                f"127.0.0.1:{raw.port}",
+                options=[("grpc.max_receive_message_length", 64 * MiB)],
+            )
+            call = channel.unary_stream(
+                "/bench.Raw/Stream",
+                request_serializer=lambda b: b,
+                response_deserializer=lambda b: b,
+            )
+
+            async def bytes_fetch() -> None:
+                _, n = await byte_client.get_prefix(spec, tokens, out=out)
+                assert n == len(tokens)
+
+            async def raw_stream() -> None:
+                pos = 0
+                async for message in call(b""):
+                    dst[pos : pos + len(message)] = np.frombuffer(message, dtype=np.uint8)
+                    pos += len(message)
+                assert pos == nbytes
+
+            out.zero_()
+            t, base = await medians_s(bytes_fetch, raw_stream, args.repeats)
+            assert torch.equal(out, kv), "bytes fetch returned other bytes"
+            await channel.close()
+            ratio = base / t
+            rows.append(
+                (
+                    "Fetch, bytes over gRPC",
+                    f"{nbytes // MiB} MiB",
+                    f"{nbytes / t / 1e9:.2f}",
+                    "raw gRPC stream, 1 MiB messages",
+                    f"{nbytes / base / 1e9:.2f}",
+                    f"{ratio:.2f}×",
+                    f"{'yes' if ratio >= 0.7 else 'NO'} (≥ 0.7×)",
+                )
+            )
+        return rows
+    finally:
+        if raw is not None:
+            await raw.server.stop(None)
+        await server.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.service", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="less data, fewer repeats")
+    args = parser.parse_args(argv)
+    args.total_mib = 32 if args.quick else 128
+    args.repeats = 3 if args.quick else 9
+    with tempfile.TemporaryDirectory(prefix="kvstore-bench-service-") as workdir:
+        rows = asyncio.run(run(args, Path(workdir)))
+    title = (
+        f"Fetch through the service vs its floors, one prompt of 2 MiB blocks, "
+        f"alternating samples, median of {args.repeats}{' (quick)' if args.quick else ''}"
+    )
+    print_tables([Table(title, HEADERS, rows, TEXT)], "grpcio", "protobuf")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
