@@ -1,7 +1,7 @@
 """The ``kvstore`` command line: check the tiers, show the effective configuration.
 
 Commands map one-to-one onto library calls; output is rich tables, long operations show progress
-bars. Later issues add ``serve`` and the inspection commands on the same group.
+bars. ``serve`` runs the gRPC service; later issues add the inspection commands on the same group.
 """
 
 from __future__ import annotations
@@ -9,10 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import secrets
+import signal
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -22,10 +25,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from kvstore.block_format import decode_block, encode_block
-from kvstore.config import StoreConfig, load_config
+from kvstore.config import DEFAULT_DATA_DIR, StoreConfig, load_config
 from kvstore.engine import Engine
 from kvstore.errors import KVStoreError
 from kvstore.keys import ModelSpec, block_hashes
+from kvstore.server import KVStoreServer
 from tiers.base import Tier
 from tiers.gpu_memory import GpuMemoryTier, GpuTierConfig
 from tiers.lmdb_store import LmdbTier, LmdbTierConfig
@@ -248,6 +252,128 @@ async def _selfcheck(cfg: StoreConfig, num_blocks: int, block_tokens: int) -> bo
                 await tier.close()
     console.print(table)
     return all_ok
+
+
+# -- serve ---------------------------------------------------------------------------------------
+
+# `serve` keeps its embedded G3 next to where it is started, not in the per-user default.
+SERVE_G3_PATH = Path("kvstore-data") / "g3"
+
+
+@main.command()
+@config_option
+@set_option
+@click.option(
+    "--listen",
+    default=None,
+    metavar="HOST:PORT",
+    help="Address to serve on (server.listen; port 0 picks a free one).",
+)
+@click.option(
+    "--g4-url",
+    default=None,
+    metavar="URL",
+    help="Turn G4 on with this Redis URL (g4.enabled=true, g4.url=URL).",
+)
+@click.option(
+    "--print-config",
+    is_flag=True,
+    help="Print the effective configuration (tokens and secrets masked) and exit.",
+)
+def serve(
+    config_path: str | None,
+    settings: tuple[str, ...],
+    listen: str | None,
+    g4_url: str | None,
+    print_config: bool,
+) -> None:
+    """Serve the gRPC API until SIGINT or SIGTERM.
+
+    Embedded default: G2 shared memory + G3 LMDB in ./kvstore-data/g3 (unless g3.path is set).
+    """
+    overrides: dict[str, dict[str, str]] = {}
+    if g4_url:
+        overrides["g4"] = {"enabled": "true", "url": g4_url}
+    for section, values in _overrides(settings).items():
+        overrides.setdefault(section, {}).update(values)
+    if listen:
+        overrides.setdefault("server", {})["listen"] = listen
+    try:
+        cfg = load_config(config_path, overrides=overrides)
+    except KVStoreError as exc:
+        raise click.ClickException(str(exc)) from None
+    if cfg.g3 is not None and cfg.g3.path == str(DEFAULT_DATA_DIR / "g3"):
+        g3 = dataclasses.replace(cfg.g3, path=str(SERVE_G3_PATH.resolve()))
+        cfg = dataclasses.replace(cfg, g3=g3)
+    if print_config:
+        _print_serve_config(cfg)
+        return
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        asyncio.run(_serve(cfg))
+    except KVStoreError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _print_serve_config(cfg: StoreConfig) -> None:
+    table = Table(title="kvstore serve configuration")
+    table.add_column("section")
+    table.add_column("setting")
+    table.add_column("value", overflow="fold")
+    sections: list[tuple[str, Any]] = [
+        *cfg.tiers(),
+        ("placement", cfg.placement),
+        ("engine", cfg.engine),
+        ("server", cfg.server),
+    ]
+    for name, section in sections:
+        for field in dataclasses.fields(section):
+            value = getattr(section, field.name)
+            if field.name == "secret" and value:
+                value = "****"
+            table.add_row(name, field.name, str(value))
+    for i, tenant in enumerate(cfg.tenants):
+        for field in dataclasses.fields(tenant):
+            value = getattr(tenant, field.name)
+            if field.name in ("token", "salt") and value:
+                value = "****"
+            table.add_row(f"tenants[{i}]", field.name, str(value))
+    console.print(table)
+
+
+async def _serve(cfg: StoreConfig) -> None:
+    server = KVStoreServer(cfg)
+    with Progress(
+        TextColumn("rebuilding the index from G3"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("rebuild", total=None)
+
+        def report(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        port = await server.start(progress=report)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    host = cfg.server.listen.rpartition(":")[0]
+    tiers = " + ".join(name for name, _ in cfg.tiers())
+    # click.echo flushes: a supervisor (or a test) reading stdout learns the port at once.
+    click.echo(f"kvstore serving on {host}:{port} ({tiers}, {len(server.engine.index)} blocks)")
+    try:
+        await stop.wait()
+    finally:
+        click.echo("kvstore stopping", err=True)
+        await server.stop()
 
 
 if __name__ == "__main__":

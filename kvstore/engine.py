@@ -41,10 +41,12 @@ import torch
 from kvstore.block_format import (
     HEADER_BYTES,
     NO_PARENT,
+    Codec,
     check_block_tensor,
     decode_block,
     encode_block_into,
     read_header,
+    transcode_block,
     verify_block,
 )
 from kvstore.errors import (
@@ -197,6 +199,8 @@ class Engine:
         self._room_locks = {n: asyncio.Lock() for n in names}
         self._queue_room = asyncio.Condition()
         self._tasks: list[asyncio.Task[None]] = []
+        # Blocks removed from every tier while a background copy of them was in flight.
+        self._dropped_in_flight: set[BlockHash] = set()
         self._closed = False
         for tier in tiers.values():
             tier.on_corrupt = self._on_corrupt
@@ -464,7 +468,7 @@ class Engine:
     async def _admit(
         self,
         spec: ModelSpec,
-        items: list[tuple[BlockHash, BlockHash | None, _Source]],
+        items: Sequence[tuple[BlockHash, BlockHash | None, _Source]],
         durable: bool,
         owner: str,
     ) -> PutResult:
@@ -479,6 +483,7 @@ class Engine:
             if key in seen or self.index.in_tier(key, top):
                 continue
             seen.add(key)
+            self._dropped_in_flight.discard(key)  # stored again: in-flight copies may land
             new.append((key, parent, data))
         through = self.placement.write_through()
         if new and through:
@@ -617,6 +622,9 @@ class Engine:
             self._on_corrupt(src, key, str(exc))
             return False
         parent = _parent_or_none(header.parent_hash)
+        if dst in ("G1", "G2") and header.codec is not Codec.RAW:
+            # Memory tiers hold raw blocks: same-host readers and GPU consumers use them in place.
+            data = transcode_block(data, Codec.RAW)
         async with self._room_locks[dst]:
             try:
                 await self._make_room(dst, namespace, self.index.charge(dst, len(data)))
@@ -637,6 +645,12 @@ class Engine:
         except BaseException:
             self.index.abort_write(key, dst)
             raise
+        if key in self._dropped_in_flight:
+            # Removed from every tier (evict/flush) while this copy ran: do not bring it back.
+            self._dropped_in_flight.discard(key)
+            await self.tier(dst, namespace).delete([key])
+            self.index.abort_write(key, dst)
+            return False
         self.index.commit_write(key, dst)
         self.events.append("moved", key, dst, namespace, parent, from_tier=src)
         return True
@@ -776,6 +790,8 @@ class Engine:
                 await self.tier(name, entry.namespace).delete([key])
                 self.index.remove(key, name)
                 self.events.append("removed", key, name, entry.namespace, entry.parent)
+            if entry.writing:
+                self._dropped_in_flight.add(key)
             removed += 1
         self.counters.add("evicted_by_request", removed)
         return removed

@@ -1,14 +1,111 @@
-"""The gRPC service (being written; see issue 4). For now: its configuration."""
+"""The gRPC service: wire messages in, engine calls, wire messages out.
+
+Operations, in the order a deployment uses them:
+
+1. ``KVStoreServer(config)`` — tenants from ``config.tenants`` + ``server.secret`` +
+   ``server.shared_models``; metrics in a registry of its own.
+2. ``await server.start(progress=None)`` — open the engine (``Engine.open``: the index is rebuilt
+   from G3), bind ``server.listen`` (``host:0`` picks a free port; TLS when ``server.tls_cert`` is
+   set), mark the standard health service SERVING, export ``/metrics`` when
+   ``server.metrics_listen`` is set. Returns the port.
+3. RPCs: Lookup, Reserve/Release, Put (client stream), Fetch (server stream), Pin/Unpin/Evict,
+   Stats for every tenant; ListBlocks, Inspect, Watch and Flush for admin tenants; Repair answers
+   UNIMPLEMENTED until the model worker lands.
+4. ``await server.stop(grace_s)`` — health NOT_SERVING, refuse new RPCs, let running ones finish
+   within the grace period, cancel the rest, close the engine.
+
+Layout, as in the gRPC examples: ``_Servicer`` only turns messages into plain engine calls and
+results back into messages. Everything that every RPC shares — authentication, the request id,
+the log line, metrics, and the one mapping from exceptions to status codes (``_STATUS_OF``) —
+lives in two wrappers (``_unary`` and ``_stream``), so no handler picks a status code itself.
+
+Validation happens before anything is stored: a request with a malformed field is refused with
+INVALID_ARGUMENT and a message that names the field, what was expected and what came. Put
+streams store blocks in batches as they complete; a stream that fails or breaks off keeps the
+batches already stored (whole, verified blocks of the chain) and drops the rest, never a partial
+block.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import contextlib
+import heapq
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from multiprocessing import resource_tracker, shared_memory
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from kvstore.errors import ConfigError
+import grpc
+import numpy as np
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 
-__all__ = ["ServerConfig"]
+from kvstore.auth import Tenant, Tenants
+from kvstore.block_format import HEADER_BYTES, Codec, read_header, torch_dtype, transcode_block
+from kvstore.engine import Engine, ProgressCallback
+from kvstore.errors import (
+    BlockTooLargeError,
+    ConfigError,
+    CorruptBlockError,
+    InvalidArgumentError,
+    KVStoreError,
+    OverloadedError,
+    TierFullError,
+    TierUnavailableError,
+)
+from kvstore.events import Event
+from kvstore.index import BlockEntry
+from kvstore.keys import DIGEST_BYTES, BlockHash, ExtraKey, ModelSpec, root_hash
+from kvstore.metrics import ServerMetrics
+from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from kvstore.config import StoreConfig
+
+__all__ = [
+    "REPAIR_UNIMPLEMENTED",
+    "SERVICE_NAME",
+    "KVStoreServer",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "QuotaExceededError",
+    "ServerConfig",
+    "UnauthenticatedError",
+    "UnimplementedError",
+]
+
+log = logging.getLogger(__name__)
 
 MiB = 1 << 20
+SERVICE_NAME = "kvstore.v1.KVStore"
+REPAIR_UNIMPLEMENTED = (
+    "hole repair needs a model worker; it arrives with `kvstore worker` (next release)"
+)
+# Put streams hand complete blocks to the engine in batches of about this many bytes: large
+# enough that a batch is one tier write, small enough that a stream holds little memory.
+_PUT_BATCH_BYTES = 16 * MiB
+_LIST_DEFAULT = 1000
+_LIST_MAX = 10000
+# Watch streams look at the server's stop flag this often while no event arrives.
+_WATCH_POLL_S = 0.25
+_MAX_REQUEST_ID = 128
+
+_TIER_ENUM = {"G1": pb.TIER_G1, "G2": pb.TIER_G2, "G3": pb.TIER_G3, "G4": pb.TIER_G4}
+_TIER_NAME = {value: name for name, value in _TIER_ENUM.items()}
+_EVENT_ENUM = {
+    "stored": pb.EVENT_KIND_STORED,
+    "removed": pb.EVENT_KIND_REMOVED,
+    "moved": pb.EVENT_KIND_MOVED,
+    "corrupt": pb.EVENT_KIND_CORRUPT,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,3 +133,1082 @@ class ServerConfig:
             raise ConfigError("server.max_prompt_tokens must be >= 1")
         if ":" not in self.listen:
             raise ConfigError(f"server.listen must be host:port, got {self.listen!r}")
+
+
+# -- errors -> status codes ---------------------------------------------------------------------
+# The service's own refusals, beside the tree of kvstore/errors.py (all are KVStoreErrors).
+
+
+class UnauthenticatedError(KVStoreError):
+    """No token, a malformed ``authorization`` header, or a token no tenant has."""
+
+
+class PermissionDeniedError(KVStoreError):
+    """The tenant is known but may not call this method."""
+
+
+class NotFoundError(KVStoreError):
+    """An unknown lease or block."""
+
+
+class QuotaExceededError(KVStoreError):
+    """Storing the blocks would put the tenant over its byte quota."""
+
+
+class UnimplementedError(KVStoreError):
+    """The method exists on the wire but not in this release."""
+
+
+# The only place where exceptions become status codes; the first matching row wins. Anything
+# not listed is a bug on our side: INTERNAL, with the request id and a logged traceback.
+_STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
+    (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (UnimplementedError, grpc.StatusCode.UNIMPLEMENTED),
+    # InvalidTokenError, SpecMismatchError and BlockTooLargeError are InvalidArgumentErrors.
+    (InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ConfigError, grpc.StatusCode.INVALID_ARGUMENT),  # a namespace that is no valid ModelSpec
+    (QuotaExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (TierFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (TierUnavailableError, grpc.StatusCode.UNAVAILABLE),
+)
+
+
+def _status_of(exc: BaseException) -> grpc.StatusCode | None:
+    for kind, code in _STATUS_OF:
+        if isinstance(exc, kind):
+            return code
+    return None
+
+
+# -- per-call context ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Call:
+    method: str
+    request_id: str
+    tenant: Tenant | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def who(self) -> Tenant:
+        assert self.tenant is not None  # set before any handler runs
+        return self.tenant
+
+
+def _request_id(metadata: Any) -> str:
+    for key, value in metadata or ():
+        if (
+            key == "x-request-id"
+            and isinstance(value, str)
+            and 0 < len(value) <= _MAX_REQUEST_ID
+            and value.isascii()
+            and value.isprintable()
+            and " " not in value
+        ):
+            return value
+    return uuid.uuid4().hex
+
+
+def _bearer(metadata: Any) -> str | None:
+    """The token of ``authorization: Bearer <token>``; "" when the header is malformed."""
+    for key, value in metadata or ():
+        if key == "authorization":
+            if not isinstance(value, str):
+                return ""
+            scheme, _, token = value.strip().partition(" ")
+            return token.strip() if scheme.lower() == "bearer" else ""
+    return None
+
+
+Handler = Callable[[Any, Any, _Call], Awaitable[Any]]
+StreamHandler = Callable[[Any, Any, _Call], AsyncGenerator[Any, None]]
+
+
+def _unary(method: str, *, admin: bool = False) -> Callable[[Handler], Any]:
+    """Wrap a unary-response handler (unary or client-streaming request)."""
+
+    def wrap(fn: Handler) -> Any:
+        async def handler(self: _Servicer, request: Any, context: Any) -> Any:
+            call = self._begin(method, context)
+            code = "OK"
+            try:
+                call.tenant = self._authorize(context, call, admin)
+                return await fn(self, request, call)
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except Exception as exc:
+                status, message = self._status(exc, call)
+                code = str(status.name)
+                await context.abort(
+                    status, message, trailing_metadata=(("x-request-id", call.request_id),)
+                )
+            finally:
+                self._end(call, code)
+
+        handler.__name__ = handler.__qualname__ = method
+        return handler
+
+    return wrap
+
+
+def _stream(method: str, *, admin: bool = False) -> Callable[[StreamHandler], Any]:
+    """Wrap a server-streaming handler (an async generator)."""
+
+    def wrap(fn: StreamHandler) -> Any:
+        async def handler(self: _Servicer, request: Any, context: Any) -> AsyncIterator[Any]:
+            call = self._begin(method, context)
+            code = "OK"
+            try:
+                call.tenant = self._authorize(context, call, admin)
+                async with contextlib.aclosing(fn(self, request, call)) as messages:
+                    async for message in messages:
+                        yield message
+            except (asyncio.CancelledError, GeneratorExit):
+                code = "CANCELLED"
+                raise
+            except Exception as exc:
+                status, message = self._status(exc, call)
+                code = str(status.name)
+                await context.abort(
+                    status, message, trailing_metadata=(("x-request-id", call.request_id),)
+                )
+            finally:
+                self._end(call, code)
+
+        handler.__name__ = handler.__qualname__ = method
+        return handler
+
+    return wrap
+
+
+# -- request parsing ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Prompt:
+    spec: ModelSpec
+    salt: bytes
+    hashes: list[BlockHash]
+
+
+def _spec_of(namespace: Any, where: str) -> ModelSpec:
+    try:
+        return ModelSpec(
+            model_id=namespace.model_id,
+            num_layers=namespace.num_layers,
+            num_kv_heads=namespace.num_kv_heads,
+            head_dim=namespace.head_dim,
+            dtype=namespace.dtype,
+            block_tokens=namespace.block_tokens,
+            revision=namespace.revision,
+            tokenizer_id=namespace.tokenizer_id,
+        )
+    except ConfigError as exc:
+        raise InvalidArgumentError(f"{where}: {exc}") from None
+
+
+def _extra_key(key: Any, where: str) -> ExtraKey:
+    kind = key.WhichOneof("value")
+    if kind == "bytes_value":
+        return bytes(key.bytes_value)
+    if kind == "string_value":
+        return str(key.string_value)
+    if kind == "int_value":
+        return int(key.int_value)
+    raise InvalidArgumentError(f"{where} has no value: set bytes_value, string_value or int_value")
+
+
+def _check_hash(value: bytes, where: str) -> BlockHash:
+    if len(value) != DIGEST_BYTES:
+        raise InvalidArgumentError(
+            f"{where} is {len(value)} bytes; block hashes are {DIGEST_BYTES} bytes"
+        )
+    return BlockHash(bytes(value))
+
+
+def _seconds(value: float, where: str, zero_means: str) -> float | None:
+    """A TTL field: None for 0, else a positive finite number of seconds."""
+    if not math.isfinite(value) or value < 0:
+        raise InvalidArgumentError(
+            f"{where} must be a finite number of seconds >= 0 (0: {zero_means}), got {value}"
+        )
+    return None if value == 0 else float(value)
+
+
+def _tier_of(value: int, where: str) -> str | None:
+    if value == pb.TIER_UNSPECIFIED:
+        return None
+    name = _TIER_NAME.get(value)
+    if name is None:
+        raise InvalidArgumentError(
+            f"{where} is {value}, not a tier (TIER_G1..TIER_G4, or TIER_UNSPECIFIED for all)"
+        )
+    return name
+
+
+def _raw_block(data: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview:
+    """The block with a raw payload (G4 may hand back compressed blocks)."""
+    if read_header(data).codec is Codec.RAW:
+        return data
+    return transcode_block(data, Codec.RAW)
+
+
+def _block_info(entry: BlockEntry) -> Any:
+    return pb.BlockInfo(
+        block_hash=entry.key,
+        parent_hash=entry.parent or b"",
+        namespace_fingerprint=entry.namespace,
+        tiers=[_TIER_ENUM[t] for t in entry.tiers()],
+        nbytes=entry.nbytes,
+        hits=entry.hits,
+        pinned=entry.pins > 0,
+        leases=entry.leases,
+    )
+
+
+def _event_message(event: Event) -> Any:
+    return pb.WatchEvent(
+        seq=event.seq,
+        kind=_EVENT_ENUM[event.kind],
+        block_hash=event.key,
+        tier=_TIER_ENUM.get(event.tier, pb.TIER_UNSPECIFIED),
+        from_tier=_TIER_ENUM.get(event.from_tier or "", pb.TIER_UNSPECIFIED),
+        parent_hash=event.parent or b"",
+        namespace_fingerprint=event.namespace,
+        time_s=event.time_s,
+    )
+
+
+class _ClientSegment:
+    """The client's shared-memory segment of a same-host Put, mapped for the stream's length."""
+
+    def __init__(self, name: str, forbidden_prefix: str) -> None:
+        bare = name.lstrip("/")
+        if not bare or "/" in bare or len(bare) > 250:
+            raise InvalidArgumentError(
+                f"header.shm_segment {name!r} is not a shared-memory segment name"
+            )
+        if bare.startswith(forbidden_prefix):
+            # The server's own G2 segment holds every tenant's blocks; copying out of it would
+            # let one tenant read another's.
+            raise InvalidArgumentError(
+                f"header.shm_segment {name!r} is the server's own segment; name the segment "
+                "your client created"
+            )
+        try:
+            shm = shared_memory.SharedMemory(name=bare)
+        except FileNotFoundError:
+            raise InvalidArgumentError(
+                f"header.shm_segment {name!r} does not exist on the server's host; same-host "
+                "puts need the client on this host (otherwise send BlockChunk messages)"
+            ) from None
+        except (OSError, ValueError) as exc:
+            raise InvalidArgumentError(f"cannot map header.shm_segment {name!r}: {exc}") from None
+        # Python 3.11 registers every attached segment with the resource tracker, which would
+        # unlink the client's segment when this process exits: it is not ours to remove.
+        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+        self.name = name
+        self._shm = shm
+
+    @property
+    def size(self) -> int:
+        return self._shm.size
+
+    def view(self, offset: int, length: int) -> memoryview:
+        buf = self._shm.buf
+        assert buf is not None
+        return buf[offset : offset + length]
+
+    def close(self) -> bool:
+        """Unmap; False while a tensor over the mapping is still referenced (the traceback of
+        an exception can hold one for a while): call again later."""
+        try:
+            self._shm.close()
+        except BufferError:
+            return False
+        return True
+
+
+class _PutAssembler:
+    """Turns a Put stream's BlockChunk / SlotRef messages into whole block tensors, in order."""
+
+    def __init__(self, spec: ModelSpec, num_blocks: int, segment: _ClientSegment | None) -> None:
+        self.spec = spec
+        self.num_blocks = num_blocks
+        self.segment = segment
+        self.next_block = 0
+        self.nbytes = spec.block_nbytes
+        self._dtype = torch_dtype(spec.dtype)
+        self._buf: bytearray | None = None
+        self._filled = 0
+
+    def _expect_block(self, index: int, what: str) -> int:
+        i = self.next_block
+        if i >= self.num_blocks:
+            raise InvalidArgumentError(
+                f"{what} of block {index} after all {self.num_blocks} blocks the header "
+                "announced (header.num_blocks, 0: every full block of the prompt)"
+            )
+        return i
+
+    def _tensor(self, buffer: bytearray | memoryview) -> torch.Tensor:
+        return torch.frombuffer(buffer, dtype=self._dtype).view(self.spec.block_shape)
+
+    def chunk(self, chunk: Any) -> torch.Tensor | None:
+        if self.segment is not None:
+            raise InvalidArgumentError(
+                "this stream named header.shm_segment, so blocks come as SlotRef messages, "
+                "not BlockChunk"
+            )
+        i = self._expect_block(chunk.block_index, "a chunk")
+        if chunk.block_index != i or chunk.offset != self._filled:
+            raise InvalidArgumentError(
+                f"expected a chunk of block {i} at offset {self._filled}, got block "
+                f"{chunk.block_index} at offset {chunk.offset}: blocks come in order, each as "
+                "chunks with contiguous offsets from 0"
+            )
+        size = len(chunk.data)
+        if size == 0:
+            raise InvalidArgumentError(f"chunk of block {i} at offset {chunk.offset} has no data")
+        end = self._filled + size
+        if end > self.nbytes:
+            raise InvalidArgumentError(
+                f"chunk of block {i} at offset {chunk.offset} with {size} bytes ends at {end}, "
+                f"past the block payload of {self.nbytes} bytes ({self.spec.dtype} "
+                f"{list(self.spec.block_shape)} of namespace {self.spec.name})"
+            )
+        if self._buf is None:
+            self._buf = bytearray(self.nbytes)
+        self._buf[self._filled : end] = chunk.data
+        self._filled = end
+        if end < self.nbytes:
+            return None
+        tensor = self._tensor(self._buf)
+        self._buf, self._filled = None, 0
+        self.next_block += 1
+        return tensor
+
+    def slot(self, slot: Any) -> torch.Tensor:
+        if self.segment is None:
+            raise InvalidArgumentError(
+                "SlotRef messages need header.shm_segment (the client's shared-memory segment); "
+                "without it, send BlockChunk messages"
+            )
+        i = self._expect_block(slot.block_index, "a SlotRef")
+        if slot.block_index != i:
+            raise InvalidArgumentError(
+                f"expected the SlotRef of block {i}, got block {slot.block_index}: blocks come "
+                "in order"
+            )
+        if slot.length != self.nbytes:
+            raise InvalidArgumentError(
+                f"SlotRef of block {i} has length {slot.length}; a block payload of namespace "
+                f"{self.spec.name} is {self.nbytes} bytes"
+            )
+        if slot.offset + slot.length > self.segment.size:
+            raise InvalidArgumentError(
+                f"SlotRef of block {i} covers [{slot.offset}, {slot.offset + slot.length}), "
+                f"outside the {self.segment.size}-byte segment {self.segment.name!r}"
+            )
+        self.next_block += 1
+        return self._tensor(self.segment.view(slot.offset, slot.length))
+
+    def finish(self) -> None:
+        if self._filled:
+            raise InvalidArgumentError(
+                f"the stream ended inside block {self.next_block} ({self._filled} of "
+                f"{self.nbytes} bytes); that block is not stored"
+            )
+        if self.next_block < self.num_blocks:
+            raise InvalidArgumentError(
+                f"the stream ended after {self.next_block} of the {self.num_blocks} blocks "
+                "the header announced"
+            )
+
+
+# -- the servicer ----------------------------------------------------------------------------------
+
+
+class _Servicer(pb_grpc.KVStoreServicer):  # type: ignore[misc]  # generated: Any to mypy
+    def __init__(
+        self, engine: Engine, config: StoreConfig, tenants: Tenants, metrics: ServerMetrics
+    ) -> None:
+        self.engine = engine
+        self.config = config
+        self.server_config: ServerConfig = config.server
+        self.tenants = tenants
+        self.metrics = metrics
+        self.stopping = False
+        self._lease_owner: dict[int, str] = {}
+        self._unclosed: list[_ClientSegment] = []
+        slots = [config.g2.slot_bytes] + ([config.g1.slot_bytes] if config.g1 else [])
+        self._max_block_bytes = min(slots)
+
+    # -- shared by every RPC (see _unary / _stream) --------------------------------------------
+
+    def _begin(self, method: str, context: Any) -> _Call:
+        call = _Call(method, _request_id(context.invocation_metadata()))
+        context.set_trailing_metadata((("x-request-id", call.request_id),))
+        self.metrics.rpc_started(method)
+        return call
+
+    def _authorize(self, context: Any, call: _Call, admin: bool) -> Tenant:
+        if not self.tenants.enabled:
+            tenant = self.tenants.authenticate(None)
+            assert tenant is not None
+            return tenant
+        token = _bearer(context.invocation_metadata())
+        if token is None:
+            raise UnauthenticatedError(
+                "missing `authorization: Bearer <token>` metadata; this server has tenants"
+            )
+        if not token:
+            raise UnauthenticatedError("the authorization metadata must read `Bearer <token>`")
+        tenant = self.tenants.authenticate(token)
+        if tenant is None:
+            raise UnauthenticatedError("the bearer token belongs to no tenant of this server")
+        if admin and not tenant.admin:
+            raise PermissionDeniedError(
+                f"{call.method} needs an admin tenant; tenant {tenant.name!r} is not one"
+            )
+        return tenant
+
+    def _status(self, exc: Exception, call: _Call) -> tuple[grpc.StatusCode, str]:
+        code = _status_of(exc)
+        if code is not None:
+            return code, str(exc)
+        log.error("rpc method=%s request_id=%s failed", call.method, call.request_id, exc_info=exc)
+        return grpc.StatusCode.INTERNAL, (
+            f"internal error ({type(exc).__name__}); the server log has the traceback under "
+            f"request id {call.request_id}"
+        )
+
+    def _end(self, call: _Call, code: str) -> None:
+        seconds = time.perf_counter() - call.started
+        self.metrics.rpc_finished(call.method, code, seconds)
+        log.info(
+            "rpc method=%s status=%s tenant=%s request_id=%s duration_ms=%.2f",
+            call.method,
+            code,
+            call.tenant.name if call.tenant is not None else "-",
+            call.request_id,
+            seconds * 1000,
+        )
+
+    # -- parsing -------------------------------------------------------------------------------
+
+    def _prompt(self, prompt: Any, tenant: Tenant, where: str) -> _Prompt:
+        if not prompt.HasField("namespace"):
+            raise InvalidArgumentError(f"{where}.namespace is missing")
+        spec = _spec_of(prompt.namespace, f"{where}.namespace")
+        raw = prompt.tokens_u32le
+        if not raw:
+            raise InvalidArgumentError(
+                f"{where}.tokens_u32le is empty: send the token ids as u32 little-endian bytes"
+            )
+        if len(raw) % 4:
+            raise InvalidArgumentError(
+                f"{where}.tokens_u32le is {len(raw)} bytes, not a multiple of 4 (one u32 "
+                "little-endian per token)"
+            )
+        num_tokens = len(raw) // 4
+        if num_tokens > self.server_config.max_prompt_tokens:
+            raise InvalidArgumentError(
+                f"{where} has {num_tokens} tokens, more than server.max_prompt_tokens "
+                f"({self.server_config.max_prompt_tokens})"
+            )
+        num_full = num_tokens // spec.block_tokens
+        extra: list[list[ExtraKey]] | None = None
+        if prompt.extra_keys:
+            if len(prompt.extra_keys) != num_full:
+                raise InvalidArgumentError(
+                    f"{where}.extra_keys has {len(prompt.extra_keys)} entries; send none, or one "
+                    f"per full block ({num_full} blocks of {spec.block_tokens} tokens)"
+                )
+            extra = [
+                [_extra_key(k, f"{where}.extra_keys[{i}].keys[{j}]") for j, k in enumerate(b.keys)]
+                for i, b in enumerate(prompt.extra_keys)
+            ]
+        salt = self.tenants.salt_for(tenant, spec)
+        tokens = np.frombuffer(raw, dtype="<u4")
+        return _Prompt(spec, salt, self.engine.hashes(spec, tokens, salt=salt, extra_keys=extra))
+
+    @staticmethod
+    def _num_blocks(value: int, prompt: _Prompt, where: str) -> int:
+        full = len(prompt.hashes)
+        if value > full:
+            raise InvalidArgumentError(
+                f"{where} is {value}, but the prompt has {full} full blocks of "
+                f"{prompt.spec.block_tokens} tokens (0: all of them)"
+            )
+        return value or full
+
+    def _chunk_bytes(self, value: int) -> int:
+        if value == 0:
+            return self.server_config.max_chunk_bytes
+        top = self.server_config.max_message_bytes // 2
+        if not 4096 <= value <= top:
+            raise InvalidArgumentError(
+                f"max_chunk_bytes is {value}; use 0 (server default, "
+                f"{self.server_config.max_chunk_bytes}) or a value in [4096, {top}]"
+            )
+        return value
+
+    def _check_block_fits(self, spec: ModelSpec) -> None:
+        total = HEADER_BYTES + spec.block_nbytes
+        if total > self._max_block_bytes:
+            raise BlockTooLargeError(
+                f"a block of namespace {spec.name} ({spec.dtype} {list(spec.block_shape)}) is "
+                f"{total} bytes with its header, more than the {self._max_block_bytes}-byte "
+                "slots of this server (g2.slot_bytes): use fewer tokens per block"
+            )
+
+    def _check_quota(self, tenant: Tenant, spec: ModelSpec, hashes: list[BlockHash]) -> None:
+        if not tenant.quota_bytes:
+            return
+        new = sum(1 for h in dict.fromkeys(hashes) if h not in self.engine.index)
+        incoming = new * (HEADER_BYTES + spec.block_nbytes)
+        used = self.engine.usage_of(tenant.name)
+        if used + incoming > tenant.quota_bytes:
+            raise QuotaExceededError(
+                f"tenant {tenant.name!r} holds {used} bytes; {new} new blocks ({incoming} bytes) "
+                f"would pass its quota of {tenant.quota_bytes} bytes"
+            )
+
+    def _own_blocks(self, request: Any, tenant: Tenant) -> list[BlockHash]:
+        """The requested blocks this tenant may act on: of the namespace if one is given; for
+        tenants that are not admins, only blocks they stored."""
+        fingerprint = (
+            _spec_of(request.namespace, "namespace").fingerprint
+            if request.HasField("namespace")
+            else None
+        )
+        keys = [_check_hash(h, f"block_hashes[{i}]") for i, h in enumerate(request.block_hashes)]
+        out = []
+        for key in keys:
+            entry = self.engine.index.get(key)
+            if entry is None:
+                continue
+            if fingerprint is not None and entry.namespace != fingerprint:
+                continue
+            if not tenant.admin and entry.owner != tenant.name:
+                continue
+            out.append(key)
+        return out
+
+    def close_segments(self) -> None:
+        """Unmap the client segments that could not be unmapped when their stream ended."""
+        self._unclosed = [s for s in self._unclosed if not s.close()]
+
+    def _own_lease(self, lease_id: int, tenant: Tenant) -> None:
+        self._lease_owner[lease_id] = tenant.name
+        if len(self._lease_owner) > 2 * self.engine.index.num_leases + 1024:
+            # Expired leases vanish from the engine without a Release: forget them here too.
+            index = self.engine.index
+            self._lease_owner = {
+                i: owner for i, owner in self._lease_owner.items() if index.lease(i) is not None
+            }
+
+    # -- lookup, leases ------------------------------------------------------------------------
+
+    @_unary("Lookup")
+    async def Lookup(self, request: Any, call: _Call) -> Any:
+        p = self._prompt(request.prompt, call.who, "prompt")
+        found = await self.engine.lookup_hashes(p.spec, p.hashes)
+        hit = found.hit_blocks
+        self.metrics.lookup([t for t in found.tiers[:hit] if t], p.spec.block_tokens)
+        return pb.LookupResponse(
+            block_hashes=found.hashes,
+            tiers=[_TIER_ENUM[t] if t else pb.TIER_UNSPECIFIED for t in found.tiers],
+            hit_blocks=hit,
+            hit_tokens=found.hit_tokens,
+            holes=found.holes,
+            block_tokens=p.spec.block_tokens,
+        )
+
+    @_unary("Reserve")
+    async def Reserve(self, request: Any, call: _Call) -> Any:
+        p = self._prompt(request.prompt, call.who, "prompt")
+        n = self._num_blocks(request.num_blocks, p, "num_blocks")
+        ttl = _seconds(request.ttl_s, "ttl_s", "the server default")
+        found = await self.engine.lookup_hashes(p.spec, p.hashes[:n])
+        present = [h for h, t in zip(found.hashes, found.tiers, strict=True) if t is not None]
+        lease = self.engine.reserve(present, ttl)
+        self._own_lease(lease.lease_id, call.who)
+        return pb.ReserveResponse(
+            lease_id=lease.lease_id,
+            block_hashes=list(lease.keys),
+            ttl_s=self.engine.engine_config.default_lease_ttl_s if ttl is None else ttl,
+        )
+
+    @_unary("Release")
+    async def Release(self, request: Any, call: _Call) -> Any:
+        lease_id = request.lease_id
+        if self._lease_owner.get(lease_id) != call.who.name:
+            raise NotFoundError(
+                f"lease {lease_id} is not held: it was released, it expired, or this tenant "
+                "never took it"
+            )
+        del self._lease_owner[lease_id]
+        if not self.engine.release(lease_id):
+            raise NotFoundError(f"lease {lease_id} is not held: it expired")
+        return pb.ReleaseResponse(released=True)
+
+    # -- put -----------------------------------------------------------------------------------
+
+    @_unary("Put")
+    async def Put(self, requests: AsyncIterator[Any], call: _Call) -> Any:
+        stream = aiter(requests)
+        first = await anext(stream, None)
+        kind = None if first is None else first.WhichOneof("msg")
+        if kind != "header":
+            got = (
+                "an empty stream"
+                if first is None
+                else "an empty message"
+                if kind is None
+                else f"a {kind} message"
+            )
+            raise InvalidArgumentError(f"a Put stream starts with a PutHeader; got {got}")
+        assert first is not None
+        header = first.header
+        tenant = call.who
+        p = self._prompt(header.prompt, tenant, "header.prompt")
+        n = self._num_blocks(header.num_blocks, p, "header.num_blocks")
+        spec = p.spec
+        self._check_block_fits(spec)
+        torch_dtype(spec.dtype)  # a dtype this torch build lacks is refused before any data
+        hashes = p.hashes[:n]
+        parents: list[bytes] = [root_hash(spec, p.salt), *hashes[:-1]]
+        self._check_quota(tenant, spec, hashes)
+        segment = None
+        if header.shm_segment:
+            self.close_segments()
+            segment = _ClientSegment(header.shm_segment, self.config.g2.segment_prefix)
+        path = "stream" if segment is None else "shm"
+        assembler = _PutAssembler(spec, n, segment)
+        batch: list[tuple[BlockHash, bytes | None, torch.Tensor]] = []
+        stored = already = 0
+
+        async def store() -> None:
+            nonlocal stored, already
+            if not batch:
+                return
+            self._check_quota(tenant, spec, [h for h, _, _ in batch])
+            result = await self.engine.put_blocks(
+                spec, batch, durable=header.durable, owner=tenant.name
+            )
+            self.metrics.bytes_in(path, len(batch) * spec.block_nbytes)
+            stored += result.stored
+            already += result.already
+            batch.clear()
+
+        try:
+            async for message in stream:
+                kind = message.WhichOneof("msg")
+                if kind == "chunk":
+                    tensor = assembler.chunk(message.chunk)
+                elif kind == "slot":
+                    tensor = assembler.slot(message.slot)
+                else:
+                    raise InvalidArgumentError(
+                        f"after the header a Put stream carries chunk or slot messages; got "
+                        f"{kind or 'an empty message'}"
+                    )
+                if tensor is None:
+                    continue
+                i = assembler.next_block - 1
+                batch.append((hashes[i], parents[i], tensor))
+                if len(batch) * spec.block_nbytes >= _PUT_BATCH_BYTES:
+                    await store()
+            assembler.finish()
+            await store()
+        finally:
+            # Tensors over the client's segment must be gone before it is unmapped.
+            batch.clear()
+            tensor = None
+            if segment is not None and not segment.close():
+                self._unclosed.append(segment)
+        return pb.PutResponse(block_hashes=hashes, stored=stored, already=already)
+
+    # -- fetch ---------------------------------------------------------------------------------
+
+    @_stream("Fetch")
+    async def Fetch(self, request: Any, call: _Call) -> AsyncGenerator[Any, None]:
+        p = self._prompt(request.prompt, call.who, "prompt")
+        if request.repair_holes:
+            raise UnimplementedError(REPAIR_UNIMPLEMENTED)
+        chunk_bytes = self._chunk_bytes(request.max_chunk_bytes)
+        spec = p.spec
+        found = await self.engine.lookup_hashes(spec, p.hashes)
+        hit = found.hit_blocks
+        if request.max_blocks:
+            hit = min(hit, request.max_blocks)
+        self.metrics.lookup([t for t in found.tiers[:hit] if t], spec.block_tokens)
+        hashes = p.hashes[:hit]
+        if request.same_host:
+            async for message in self._fetch_same_host(spec, hashes, call.who):
+                yield message
+            return
+        # Read first, then send: the header lists exactly the blocks that follow, so a block
+        # that vanished between lookup and read ends the hit there.
+        blocks: list[bytes | bytearray | memoryview] = []
+        for data in await self.engine.read(spec, hashes) if hashes else []:
+            if data is None:
+                break
+            raw = _raw_block(data)
+            if len(raw) != HEADER_BYTES + spec.block_nbytes:
+                log.warning("block %s has an unexpected size; hit ends there", hashes[len(blocks)])
+                break
+            blocks.append(raw)
+        yield pb.FetchResponse(
+            header=pb.FetchHeader(
+                block_hashes=hashes[: len(blocks)],
+                block_tokens=spec.block_tokens,
+                block_bytes=spec.block_nbytes,
+            )
+        )
+        for i, block in enumerate(blocks):
+            payload = memoryview(block)[HEADER_BYTES:]
+            for offset in range(0, len(payload), chunk_bytes):
+                # Slices of a memoryview: each chunk is copied once, into the bytes protobuf
+                # insists on (it takes no memoryview); the block as a whole is never copied.
+                yield pb.FetchResponse(
+                    chunk=pb.BlockChunk(
+                        block_index=i,
+                        offset=offset,
+                        data=bytes(payload[offset : offset + chunk_bytes]),
+                    )
+                )
+            self.metrics.bytes_out("stream", len(payload))
+
+    async def _fetch_same_host(
+        self, spec: ModelSpec, hashes: list[BlockHash], tenant: Tenant
+    ) -> AsyncIterator[Any]:
+        staged = await self.engine.stage(spec, hashes) if hashes else []
+        k = staged.index(False) if False in staged else len(staged)
+        # No await from here until the lease is taken and the slots are read: no other request
+        # can evict a staged block in between.
+        lease = self.engine.reserve(hashes[:k])
+        slots: list[tuple[int, int]] = []
+        for key in hashes[:k]:
+            where = self.engine.payload_slot(key)
+            if where is None or where[1] != spec.block_nbytes:
+                break  # gone from G2, or held there compressed (a copy from a G4 codec)
+            slots.append(where)
+        if len(slots) < k:
+            self.engine.release(lease.lease_id)
+            lease = self.engine.reserve(hashes[: len(slots)])
+        self._own_lease(lease.lease_id, tenant)
+        messages = [
+            pb.FetchResponse(
+                header=pb.FetchHeader(
+                    block_hashes=hashes[: len(slots)],
+                    block_tokens=spec.block_tokens,
+                    block_bytes=spec.block_nbytes,
+                    shm_segment=self.engine.segment_name(),
+                    lease_id=lease.lease_id,
+                )
+            ),
+            *(
+                pb.FetchResponse(slot=pb.SlotRef(block_index=i, offset=off, length=length))
+                for i, (off, length) in enumerate(slots)
+            ),
+        ]
+        self.metrics.bytes_out("shm", len(slots) * spec.block_nbytes)
+        for message in messages:
+            yield message
+
+    @_unary("Repair")
+    async def Repair(self, request: Any, call: _Call) -> Any:
+        raise UnimplementedError(REPAIR_UNIMPLEMENTED)
+
+    # -- pins, eviction ------------------------------------------------------------------------
+
+    @_unary("Pin")
+    async def Pin(self, request: Any, call: _Call) -> Any:
+        ttl = _seconds(request.ttl_s, "ttl_s", "pinned until Unpin")
+        keys = self._own_blocks(request, call.who)
+        return pb.CountResponse(count=self.engine.pin(keys, ttl))
+
+    @_unary("Unpin")
+    async def Unpin(self, request: Any, call: _Call) -> Any:
+        keys = self._own_blocks(request, call.who)
+        return pb.CountResponse(count=self.engine.unpin(keys))
+
+    @_unary("Evict")
+    async def Evict(self, request: Any, call: _Call) -> Any:
+        tier = _tier_of(request.tier, "tier")
+        keys = self._own_blocks(request, call.who)
+        return pb.CountResponse(count=await self.engine.evict(keys, tier))
+
+    @_unary("Flush", admin=True)
+    async def Flush(self, request: Any, call: _Call) -> Any:
+        tier = _tier_of(request.tier, "tier")
+        return pb.CountResponse(count=await self.engine.flush(tier))
+
+    # -- inspection ----------------------------------------------------------------------------
+
+    @_unary("Stats")
+    async def Stats(self, request: Any, call: _Call) -> Any:
+        tenant = call.who
+        if not tenant.admin:
+            # Server-wide numbers are for admins; a tenant sees its own.
+            mine = [e for e in self.engine.index.entries() if e.owner == tenant.name]
+            leases = [i for i, who in self._lease_owner.items() if who == tenant.name]
+            return pb.StatsResponse(
+                num_blocks=len(mine),
+                num_leases=sum(self.engine.index.lease(i) is not None for i in leases),
+                counters={
+                    "usage_bytes": self.engine.usage_of(tenant.name),
+                    "quota_bytes": tenant.quota_bytes,
+                },
+            )
+        stats = await self.engine.stats()
+        return pb.StatsResponse(
+            tiers=[
+                pb.TierStats(
+                    tier=_TIER_ENUM.get(name.split("/")[0], pb.TIER_UNSPECIFIED),
+                    name=name,
+                    capacity_bytes=t.capacity_bytes,
+                    used_bytes=t.used_bytes,
+                    num_blocks=t.num_blocks,
+                    num_hits=t.num_hits,
+                    num_misses=t.num_misses,
+                    num_corrupt=t.num_corrupt,
+                )
+                for name, t in stats.tiers.items()
+            ],
+            num_blocks=stats.num_blocks,
+            num_leases=stats.num_leases,
+            queue_depth=stats.queue_depth,
+            counters={k: v for k, v in stats.counters.items() if v >= 0},
+        )
+
+    @_unary("ListBlocks", admin=True)
+    async def ListBlocks(self, request: Any, call: _Call) -> Any:
+        tier = _tier_of(request.tier, "tier")
+        if tier is not None and tier not in self.engine.tier_names:
+            raise InvalidArgumentError(
+                f"tier {tier} is not configured on this server ({self.engine.tier_names})"
+            )
+        after = _check_hash(request.after, "after") if request.after else None
+        limit = min(request.limit or _LIST_DEFAULT, _LIST_MAX)
+        candidates = (
+            e
+            for e in self.engine.index.entries()
+            if e.resident
+            and (after is None or e.key > after)
+            and (tier is None or tier in e.tiers())
+        )
+        # One more than the page: whether another page follows, without sorting everything.
+        page = heapq.nsmallest(limit + 1, candidates, key=lambda e: e.key)
+        more = len(page) > limit
+        page = page[:limit]
+        return pb.ListBlocksResponse(
+            blocks=[_block_info(e) for e in page],
+            next_after=page[-1].key if more else b"",
+        )
+
+    @_unary("Inspect", admin=True)
+    async def Inspect(self, request: Any, call: _Call) -> Any:
+        key = _check_hash(request.block_hash, "block_hash")
+        entry = self.engine.index.get(key)
+        for tier in entry.tiers() if entry is not None else []:
+            assert entry is not None
+            try:
+                (data,) = await self.engine.tier(tier, entry.namespace).get([key])
+                header = read_header(data) if data is not None else None
+            except (CorruptBlockError, TierUnavailableError) as exc:
+                log.warning("inspect %s: %s unreadable: %s", key.hex(), tier, exc)
+                continue
+            if header is None:
+                continue
+            return pb.InspectResponse(
+                block=_block_info(entry),
+                dtype=header.dtype,
+                shape=list(header.shape),
+                codec=header.codec.name,
+                raw_xxh3=header.raw_xxh3,
+                payload_xxh3=header.payload_xxh3,
+            )
+        raise NotFoundError(f"block {key.hex()} is not stored on this node")
+
+    @_stream("Watch", admin=True)
+    async def Watch(self, request: Any, call: _Call) -> AsyncGenerator[Any, None]:
+        events = self.engine.events
+        cursor = request.after_seq
+        # A seq from the future (a client of an earlier run of this server: seqs restart at 1)
+        # is as unknown as one that fell off the ring: start from a snapshot.
+        pending = None if cursor == 0 or cursor > events.last_seq else events.since(cursor)
+        while True:
+            if pending is None:
+                cursor = events.last_seq
+                for message in self._snapshot(cursor):
+                    yield message
+                pending = []
+            for event in pending:
+                yield _event_message(event)
+                cursor = event.seq
+            if self.stopping:
+                return
+            await events.wait(cursor, _WATCH_POLL_S)
+            pending = events.since(cursor)
+
+    def _snapshot(self, seq: int) -> Iterator[Any]:
+        now = time.time()
+        for entry in self.engine.index.entries():
+            for tier in entry.tiers():
+                yield pb.WatchEvent(
+                    seq=seq,
+                    kind=pb.EVENT_KIND_STORED,
+                    block_hash=entry.key,
+                    tier=_TIER_ENUM[tier],
+                    parent_hash=entry.parent or b"",
+                    namespace_fingerprint=entry.namespace,
+                    time_s=now,
+                    snapshot=True,
+                )
+
+
+# -- the server ----------------------------------------------------------------------------------
+
+
+def _read_pem(path: str, setting: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{setting}: cannot read {path}: {exc.strerror}") from None
+
+
+def _host_port(value: str, setting: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    try:
+        return host.strip("[]") or "0.0.0.0", int(port)
+    except ValueError:
+        raise ConfigError(f"{setting} must be host:port, got {value!r}") from None
+
+
+class KVStoreServer:
+    """The kvstore gRPC service over one engine; ``start`` opens both, ``stop`` closes both."""
+
+    def __init__(self, config: StoreConfig) -> None:
+        self.config = config
+        self.metrics = ServerMetrics()
+        self.tenants = Tenants(
+            config.tenants,
+            secret=config.server.secret,
+            shared_models=config.server.shared_models,
+        )
+        self.metrics_port: int | None = None
+        self._engine: Engine | None = None
+        self._server: Any = None
+        self._servicer: _Servicer | None = None
+        self._health: Any = None
+        self._port: int | None = None
+        self._stopped = False
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("the server is not started")
+        return self._port
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise RuntimeError("the server is not started")
+        return self._engine
+
+    async def start(self, *, progress: ProgressCallback | None = None) -> int:
+        """Open the engine, bind ``server.listen`` and serve; returns the bound port."""
+        if self._server is not None:
+            raise RuntimeError("the server is already started")
+        cfg = self.config.server
+        credentials = None
+        if cfg.tls_cert:
+            ca = _read_pem(cfg.tls_client_ca, "server.tls_client_ca") if cfg.tls_client_ca else None
+            key = _read_pem(cfg.tls_key, "server.tls_key")
+            credentials = grpc.ssl_server_credentials(
+                [(key, _read_pem(cfg.tls_cert, "server.tls_cert"))],
+                root_certificates=ca,
+                require_client_auth=ca is not None,
+            )
+        engine = await Engine.open(self.config, progress=progress)
+        try:
+            server = grpc.aio.server(
+                options=[
+                    ("grpc.max_send_message_length", cfg.max_message_bytes),
+                    ("grpc.max_receive_message_length", cfg.max_message_bytes),
+                    # Two servers must not share a port silently.
+                    ("grpc.so_reuseport", 0),
+                ]
+            )
+            servicer = _Servicer(engine, self.config, self.tenants, self.metrics)
+            pb_grpc.add_KVStoreServicer_to_server(servicer, server)
+            health = health_aio.HealthServicer()
+            health_pb2_grpc.add_HealthServicer_to_server(health, server)
+            try:
+                if credentials is None:
+                    port = server.add_insecure_port(cfg.listen)
+                else:
+                    port = server.add_secure_port(cfg.listen, credentials)
+            except RuntimeError as exc:
+                raise ConfigError(f"server.listen: cannot bind {cfg.listen}: {exc}") from None
+            if not port:
+                raise ConfigError(f"server.listen: cannot bind {cfg.listen}")
+            await server.start()
+            for service in ("", SERVICE_NAME):
+                await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+            self.metrics.watch_engine(engine, asyncio.get_running_loop())
+            if cfg.metrics_listen:
+                host, metrics_port = _host_port(cfg.metrics_listen, "server.metrics_listen")
+                try:
+                    self.metrics_port = self.metrics.serve_http(host, metrics_port)
+                except OSError as exc:
+                    await server.stop(None)
+                    raise ConfigError(
+                        f"server.metrics_listen: cannot bind {cfg.metrics_listen}: {exc.strerror}"
+                    ) from None
+        except BaseException:
+            await engine.close()
+            raise
+        self._engine, self._server, self._servicer, self._health = engine, server, servicer, health
+        self._port = int(port)
+        log.info("kvstore serving on %s (port %d)", cfg.listen, self._port)
+        return self._port
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Refuse new RPCs, give running ones ``grace_s`` (default ``server.shutdown_grace_s``)
+        to finish, cancel the rest, close the engine. Idempotent."""
+        if self._server is None or self._stopped:
+            return
+        self._stopped = True
+        grace = self.config.server.shutdown_grace_s if grace_s is None else grace_s
+        assert self._servicer is not None
+        self._servicer.stopping = True
+        with contextlib.suppress(Exception):
+            await self._health.enter_graceful_shutdown()
+        try:
+            await self._server.stop(grace)
+        finally:
+            self._servicer.close_segments()
+            self.metrics.close()
+            await self.engine.close()
+
+    async def wait_for_termination(self) -> None:
+        if self._server is None:
+            raise RuntimeError("the server is not started")
+        await self._server.wait_for_termination()
+
+    async def __aenter__(self) -> KVStoreServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

@@ -616,3 +616,52 @@ async def test_flush_stage_and_slots(tmp_path: Path) -> None:
         assert e.usage_of("team-a") == 0
     finally:
         await e.close()
+
+
+async def test_a_block_evicted_everywhere_mid_copy_does_not_come_back(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    e = await Engine.open(config(tmp_path, g3_blocks=None, g4=redis_server))
+    try:
+        tokens = chains(1, 2, seed=26)[0]
+        hashes = block_hashes(SPEC, tokens)
+        redis_server.pause()  # the write-through copies to G4 hang in flight
+        try:
+            await e.put(SPEC, tokens, prompt_kv(tokens))
+            await asyncio.sleep(0.1)
+            assert await e.evict(hashes) == 2
+        finally:
+            redis_server.resume()
+        await e.drain()
+        assert await resident(e, "G4", hashes) == [False, False]
+        assert (await e.lookup(SPEC, tokens)).present_blocks == 0
+    finally:
+        await e.close()
+
+
+async def test_compressed_g4_blocks_are_promoted_raw(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    from kvstore.block_format import Codec, read_header
+
+    cfg = config(tmp_path, g3_blocks=None, g4=redis_server)
+    assert cfg.g4 is not None
+    e = await Engine.open(replace(cfg, g4=replace(cfg.g4, codec=Codec.ZSTD_PLANES)))
+    try:
+        tokens = chains(1, 2, seed=27)[0]
+        hashes = block_hashes(SPEC, tokens)
+        await e.put(SPEC, tokens, prompt_kv(tokens), durable=True)
+        (stored,) = await e.tier("G4", SPEC.fingerprint).get(hashes[:1])
+        assert stored is not None
+        assert read_header(stored).codec is Codec.ZSTD_PLANES
+        await e.evict(hashes, "G2")
+        got = await e.get(SPEC, hashes)
+        assert all(t is not None and torch.equal(t, content(h))
+                   for h, t in zip(hashes, got, strict=True))
+        await e.drain()
+        values = await e.tier("G2", SPEC.fingerprint).get(hashes)
+        for value in values:
+            assert value is not None
+            assert read_header(value).codec is Codec.RAW
+    finally:
+        await e.close()
