@@ -4,9 +4,9 @@
 install:
 	bash scripts/install.sh
 
-# The main job with embedded defaults (G2 shared memory + G3 LMDB under ~/.local/share/kvstore).
+# The service with embedded defaults: G2 shared memory + G3 LMDB in ./kvstore-data, no Redis.
 run: install
-	.venv/bin/kvstore selfcheck
+	.venv/bin/kvstore serve
 
 # Every install step, then the whole suite. .ci/run calls exactly this.
 test: install
