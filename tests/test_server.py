@@ -612,13 +612,17 @@ async def test_watch_snapshot_then_live_then_resume(tmp_path: Path) -> None:
         stored, moved = await _next_events(stream, 2)
         new_hash = block_hashes(SPEC, more)[2]
         assert (stored.kind, stored.block_hash, stored.tier) == (
-            pb.EVENT_KIND_STORED, new_hash, pb.TIER_G2,
+            pb.EVENT_KIND_STORED,
+            new_hash,
+            pb.TIER_G2,
         )
         assert stored.parent_hash == hashes[1]
         assert not stored.snapshot
         assert stored.seq > snapshot_seq
         assert (moved.kind, moved.tier, moved.from_tier) == (
-            pb.EVENT_KIND_MOVED, pb.TIER_G3, pb.TIER_G2,
+            pb.EVENT_KIND_MOVED,
+            pb.TIER_G3,
+            pb.TIER_G2,
         )
         assert moved.seq == stored.seq + 1
         stream.cancel()
@@ -677,9 +681,7 @@ async def test_request_id_comes_back_in_trailing_metadata(
 
 async def test_metrics_over_http(tmp_path: Path) -> None:
     config = store_config(tmp_path)
-    config = replace(
-        config, server=replace(config.server, metrics_listen="127.0.0.1:0")
-    )
+    config = replace(config, server=replace(config.server, metrics_listen="127.0.0.1:0"))
     async with running(config) as (server, stub, _):
         tokens = tokens_of(3 * 4, seed=15)
         await put(stub, prompt(tokens), payloads(3, seed=15))
@@ -743,7 +745,11 @@ ERROR_CASES: list[tuple[str, Any, grpc.StatusCode, str]] = [
         _lookup(
             pb.Prompt(
                 namespace=pb.Namespace(
-                    model_id="m", num_layers=1, num_kv_heads=1, head_dim=1, dtype="int4",
+                    model_id="m",
+                    num_layers=1,
+                    num_kv_heads=1,
+                    head_dim=1,
+                    dtype="int4",
                     block_tokens=4,
                 ),
                 tokens_u32le=b"\0" * 16,
@@ -825,8 +831,13 @@ ERROR_CASES: list[tuple[str, Any, grpc.StatusCode, str]] = [
     ("put without header", _put([_chunk(0, 0, BLOCK)]), INVALID, "got a chunk message"),
     (
         "block larger than a slot",
-        _put([pb.PutRequest(header=pb.PutHeader(prompt=prompt(tokens_of(64, 1), replace(
-            BIG, num_layers=8))))]),
+        _put(
+            [
+                pb.PutRequest(
+                    header=pb.PutHeader(prompt=prompt(tokens_of(64, 1), replace(BIG, num_layers=8)))
+                )
+            ]
+        ),
         INVALID,
         "more than the 65536-byte slots",
     ),
@@ -869,11 +880,13 @@ ERROR_CASES: list[tuple[str, Any, grpc.StatusCode, str]] = [
     ),
     (
         "block past num_blocks",
-        _put([
-            pb.PutRequest(header=pb.PutHeader(prompt=GOOD, num_blocks=1)),
-            _chunk(0, 0, BLOCK),
-            _chunk(1, 0, BLOCK),
-        ]),
+        _put(
+            [
+                pb.PutRequest(header=pb.PutHeader(prompt=GOOD, num_blocks=1)),
+                _chunk(0, 0, BLOCK),
+                _chunk(1, 0, BLOCK),
+            ]
+        ),
         INVALID,
         "after all 1 blocks the header announced",
     ),
@@ -1225,17 +1238,52 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("certs")
     (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
     _openssl(
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=kvstore-ca",
-        "-keyout", "ca.key", "-out", "ca.pem", cwd=d,
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=kvstore-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        cwd=d,
     )
     for name in ("server", "client"):
         _openssl(
-            "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
-            "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=d,
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            f"/CN={name}",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            cwd=d,
         )
         _openssl(
-            "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-days", "1", "-extfile", "san.ext", "-out", f"{name}.pem", cwd=d,
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "san.ext",
+            "-out",
+            f"{name}.pem",
+            cwd=d,
         )
     return d
 
@@ -1298,13 +1346,20 @@ def test_kvstore_serve_as_a_subprocess(tmp_path: Path) -> None:
     log = tmp_path / "serve.log"
     proc = subprocess.Popen(
         [
-            *_kvstore(), "serve",
-            "--set", f"g3.path={tmp_path / 'g3'}",
-            "--set", "g3.capacity_bytes=16MiB",
-            "--set", "g2.capacity_bytes=4MiB",
-            "--set", "g2.slot_bytes=64KiB",
-            "--set", "g2.pin=never",
-            "--listen", "127.0.0.1:0",
+            *_kvstore(),
+            "serve",
+            "--set",
+            f"g3.path={tmp_path / 'g3'}",
+            "--set",
+            "g3.capacity_bytes=16MiB",
+            "--set",
+            "g2.capacity_bytes=4MiB",
+            "--set",
+            "g2.slot_bytes=64KiB",
+            "--set",
+            "g2.pin=never",
+            "--listen",
+            "127.0.0.1:0",
         ],
         stdout=subprocess.PIPE,
         stderr=log.open("w"),
@@ -1351,9 +1406,22 @@ def test_kvstore_serve_print_config_masks_secrets(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
     env["COLUMNS"] = "200"
     out = subprocess.run(
-        [*_kvstore(), "serve", "--config", str(config), "--print-config", "--g4-url",
-         "redis://127.0.0.1:1/0", "--listen", "0.0.0.0:7000"],
-        capture_output=True, text=True, cwd=tmp_path, env=env, check=True,
+        [
+            *_kvstore(),
+            "serve",
+            "--config",
+            str(config),
+            "--print-config",
+            "--g4-url",
+            "redis://127.0.0.1:1/0",
+            "--listen",
+            "0.0.0.0:7000",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        check=True,
     ).stdout
     assert "token-of-tenant-a" not in out
     assert "a-server-secret" not in out
@@ -1361,3 +1429,19 @@ def test_kvstore_serve_print_config_masks_secrets(tmp_path: Path) -> None:
     assert "0.0.0.0:7000" in out
     assert "redis://127.0.0.1:1/0" in out
     assert str(tmp_path / "kvstore-data" / "g3") in out
+
+
+@pytest.mark.parametrize(
+    ("block_index", "offset", "size"),
+    [(0, 0, 0), (1, 127, 1), (128, 16384, 300), (70000, 2**33, 2**20)],
+)
+def test_hand_encoded_fetch_chunks_decode_with_the_generated_classes(
+    block_index: int, offset: int, size: int
+) -> None:
+    from kvstore.server import _chunk_message
+
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    decoded = pb.FetchResponse.FromString(_chunk_message(block_index, offset, memoryview(data)))
+    assert decoded.WhichOneof("msg") == "chunk"
+    assert (decoded.chunk.block_index, decoded.chunk.offset) == (block_index, offset)
+    assert decoded.chunk.data == data

@@ -166,6 +166,15 @@ class PinnedMemoryTier(Tier):
                 out.append(bytes(self._buf[slot * step : slot * step + n]))
         return out
 
+    def view_of(self, key: bytes) -> memoryview | None:
+        """The stored block itself (no copy), valid until it is deleted: callers hold a lease."""
+        where = self._slots.lookup(BlockHash(bytes(key)))
+        if where is None:
+            return None
+        slot, n = where
+        start = slot * self._slots.slot_bytes
+        return self._buf[start : start + n]
+
     async def _get_into(self, keys: list[BlockHash], views: list[memoryview]) -> list[Read | None]:
         out: list[Read | None] = []
         step = self._slots.slot_bytes
