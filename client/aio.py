@@ -1,0 +1,682 @@
+"""``AsyncClient``: the kvstore service from asyncio, with torch tensors in and out.
+
+Operations, in the order an inference engine uses them::
+
+    async with AsyncClient("127.0.0.1:50051", token=TOKEN) as store:
+        found = await store.lookup(spec, tokens)          # where each block is; holds nothing
+        past, n = await store.get_prefix(spec, tokens)    # the leading hit: [layers, 2, n, ...]
+        ...                                               # prefill tokens[n:] only
+        await store.put(spec, tokens, kv)                 # store the prompt's full blocks
+        async with store.reserve(spec, tokens) as lease:  # hold blocks while loading them
+            ...
+
+and, for operators: ``pin`` / ``unpin`` / ``evict`` / ``flush``, ``stats``, ``list_blocks``,
+``inspect``, ``watch`` (a resumable stream of store events) and ``health``.
+
+How bytes move. Across hosts, block payloads stream as chunks of at most ``max_chunk_bytes``.
+On the same host (``same_host="auto"``: the target is localhost, 127.x, [::1] or a unix socket)
+nothing bulky goes through gRPC: a fetch maps the server's G2 shared-memory segment read-only
+and copies the leased slots straight into the result, then releases the lease; a put writes the
+blocks into a shared-memory segment this client owns (reused, grown when a put needs more, and
+unlinked on close) and sends only slot references. If the segment cannot be mapped (another
+container, another user) the client falls back to bytes for good.
+
+Failures. UNAVAILABLE is retried ``retries`` times with exponential backoff and jitter
+(``backoff_s``, ``2 * backoff_s``, ...), for every call: each is safe to repeat. Lookups, fetches,
+stats and listings change nothing; puts are content-addressed, so a repeated put stores nothing
+twice; release, pin, unpin, evict and flush converge to the same state; a repeated Reserve can
+leave one extra lease, which holds its blocks only until its TTL runs out. Every other status
+is raised at once as the typed exception of ``client.errors``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import mmap
+import os
+import random
+import secrets
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Generator,
+    Iterator,
+)
+from multiprocessing import resource_tracker, shared_memory
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, TypeVar
+
+import grpc
+import grpc.aio
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from client.convert import (
+    BlockSink,
+    BlockSource,
+    ExtraKeys,
+    Tokens,
+    block_info_of,
+    check_out,
+    event_of,
+    lookup_of,
+    namespace_of,
+    prompt_of,
+    put_result_of,
+    stats_of,
+    tier_value,
+)
+from client.errors import NotFoundError, error_from_rpc
+from client.results import BlockInfo, Event, Lease, Lookup, PutResult, Stats
+from kvstore.errors import ConfigError, CorruptBlockError, InvalidArgumentError, KVStoreError
+from kvstore.keys import BlockHash, ModelSpec
+from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+
+__all__ = ["AsyncClient"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Pem = str | os.PathLike[str] | bytes  # a PEM file's path, or its contents
+MiB = 1 << 20
+_SHM_DIR = Path("/dev/shm")
+# The server refuses chunks above its own max_message_bytes / 2 (64 MiB by default).
+_MAX_CHUNK_BYTES = 32 * MiB
+
+
+class _SegmentUnusable(Exception):
+    """Shared memory cannot be used with this server (mapping or handing over failed)."""
+
+
+class AsyncClient:
+    """One channel to a kvstore server; see the module docstring. Use as ``async with``.
+
+    ``target`` is ``host:port`` or ``unix:/path``. ``token`` is sent as ``authorization: Bearer
+    <token>``. ``tls_ca`` (a PEM file path, or the PEM bytes) turns on TLS, verifying the server
+    against that CA; ``tls_cert`` and ``tls_key`` (the same forms) add a client certificate, for
+    servers that require one (``server.tls_client_ca``). ``timeout_s`` bounds each attempt of
+    each call (``watch`` excepted).
+    ``same_host`` is ``"auto"``, True (try shared memory whatever the target) or False.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        tls_ca: Pem | None = None,
+        tls_cert: Pem | None = None,
+        tls_key: Pem | None = None,
+        timeout_s: float = 30.0,
+        retries: int = 3,
+        backoff_s: float = 0.1,
+        same_host: bool | Literal["auto"] = "auto",
+        max_chunk_bytes: int = 1 * MiB,
+    ) -> None:
+        if not target:
+            raise ConfigError("AsyncClient needs a target (host:port or unix:/path)")
+        if not timeout_s > 0:
+            raise ConfigError(f"timeout_s must be positive, got {timeout_s}")
+        if retries < 0 or backoff_s < 0:
+            raise ConfigError("retries and backoff_s must be >= 0")
+        if not 4096 <= max_chunk_bytes <= _MAX_CHUNK_BYTES:
+            raise ConfigError(f"max_chunk_bytes must be in [4096, {_MAX_CHUNK_BYTES}]")
+        if same_host not in (True, False, "auto"):
+            raise ConfigError(f"same_host must be True, False or 'auto', got {same_host!r}")
+        self.target = target
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.max_chunk_bytes = max_chunk_bytes
+        local = _is_local(target) if same_host == "auto" else bool(same_host)
+        self._shm_fetch = local
+        self._shm_put = local
+        self._metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {token}"),) if token else ()
+        )
+        if (tls_cert is None) != (tls_key is None) or (tls_cert is not None and tls_ca is None):
+            raise ConfigError("tls_cert and tls_key go together, and need tls_ca")
+        self._credentials: Any = None
+        if tls_ca is not None:
+            self._credentials = grpc.ssl_channel_credentials(
+                root_certificates=_pem(tls_ca, "tls_ca"),
+                private_key=None if tls_key is None else _pem(tls_key, "tls_key"),
+                certificate_chain=None if tls_cert is None else _pem(tls_cert, "tls_cert"),
+            )
+        self._channel: Any = None
+        self._stub: Any = None
+        self._segments = _PutSegments()
+        self._server_segment: tuple[str, mmap.mmap] | None = None
+        self._closed = False
+
+    # -- life cycle ------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the channel, unlink this client's shared memory and unmap the server's."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._channel is not None:
+            await self._channel.close()
+        self._segments.close()
+        self._unmap_server_segment()
+
+    def _connect(self) -> Any:
+        # Made on first use, inside the event loop that will run it: a grpc.aio channel belongs
+        # to the loop it was created in (the sync Client builds us in one thread and runs us in
+        # another).
+        if self._closed:
+            raise RuntimeError("this client is closed")
+        if self._stub is None:
+            # Keep gRPC's own reconnect backoff (1 s at first, up to 120 s, by default) near ours:
+            # while it waits, every call fails fast with UNAVAILABLE, so a server that comes up
+            # 0.2 s later would otherwise stay unreachable for all of our retries.
+            reconnect_ms = max(20, int(self.backoff_s * 1000))
+            options = [
+                ("grpc.max_receive_message_length", 2 * self.max_chunk_bytes + MiB),
+                ("grpc.max_send_message_length", 2 * self.max_chunk_bytes + MiB),
+                ("grpc.initial_reconnect_backoff_ms", reconnect_ms),
+                ("grpc.min_reconnect_backoff_ms", reconnect_ms),
+                (
+                    "grpc.max_reconnect_backoff_ms",
+                    min(120_000, max(1000, reconnect_ms << self.retries)),
+                ),
+            ]
+            if self._credentials is None:
+                self._channel = grpc.aio.insecure_channel(self.target, options=options)
+            else:
+                self._channel = grpc.aio.secure_channel(
+                    self.target, self._credentials, options=options
+                )
+            self._stub = pb_grpc.KVStoreStub(self._channel)
+        return self._stub
+
+    # -- calls -----------------------------------------------------------------------------------
+
+    async def lookup(
+        self, spec: ModelSpec, tokens: Tokens, *, extra_keys: ExtraKeys = None
+    ) -> Lookup:
+        """Where every full block of ``tokens`` is (``"G1"``..``"G4"`` or None), the leading hit
+        and the holes. Holds nothing: take a lease (``reserve``) to load safely."""
+        request = pb.LookupRequest(prompt=prompt_of(spec, tokens, extra_keys))
+        return lookup_of(await self._unary("Lookup", request))
+
+    async def put(
+        self,
+        spec: ModelSpec,
+        tokens: Tokens,
+        kv: torch.Tensor,
+        *,
+        durable: bool = False,
+        extra_keys: ExtraKeys = None,
+    ) -> PutResult:
+        """Store the full blocks of a prompt's K/V ``[layers, 2, tokens, kv_heads, head_dim]``.
+
+        ``kv`` must have the namespace's dtype and shape (``SpecMismatchError`` otherwise) and
+        may cover fewer tokens than ``tokens`` (then only its full blocks are stored), never
+        more. ``durable=True`` returns only once the server's write-through copies (G3, G4)
+        exist. A trailing partial block is not stored.
+        """
+        source = BlockSource(spec, kv)
+        prompt = prompt_of(spec, tokens, extra_keys)
+        num_tokens = len(prompt.tokens_u32le) // 4
+        if kv.shape[2] > num_tokens:
+            raise InvalidArgumentError(
+                f"K/V has {kv.shape[2]} tokens but the prompt only {num_tokens}: pass the tokens "
+                "the K/V was computed from"
+            )
+        num_blocks = source.num_blocks
+        if num_blocks == 0:
+            return PutResult([], 0, 0)
+        header = pb.PutHeader(prompt=prompt, durable=durable, num_blocks=num_blocks)
+        if self._shm_put:
+            try:
+                return await self._put_shared(header, source)
+            except _SegmentUnusable as exc:
+                log.info("%s: same-host put unavailable, sending bytes: %s", self.target, exc)
+                self._shm_put = False
+
+        def requests() -> Iterator[pb.PutRequest]:
+            yield pb.PutRequest(header=header)
+            for chunk in source.chunks(num_blocks, self.max_chunk_bytes):
+                yield pb.PutRequest(chunk=chunk)
+
+        stub = self._connect()
+        reply = await self._retrying(
+            lambda: stub.Put(requests(), timeout=self.timeout_s, metadata=self._metadata)
+        )
+        return put_result_of(reply)
+
+    async def _put_shared(self, header: pb.PutHeader, source: BlockSource) -> PutResult:
+        n, size = header.num_blocks, source.block_nbytes
+        try:
+            segment = self._segments.acquire(n * size)
+        except OSError as exc:
+            raise _SegmentUnusable(f"cannot create shared memory: {exc}") from None
+        try:
+            assert segment.buf is not None
+            source.copy_into(n, segment.buf)
+            shared = pb.PutHeader()
+            shared.CopyFrom(header)
+            shared.shm_segment = segment.name
+
+            def requests() -> Iterator[pb.PutRequest]:
+                yield pb.PutRequest(header=shared)
+                for i in range(n):
+                    yield pb.PutRequest(
+                        slot=pb.SlotRef(block_index=i, offset=i * size, length=size)
+                    )
+
+            stub = self._connect()
+            try:
+                reply = await self._retrying(
+                    lambda: stub.Put(requests(), timeout=self.timeout_s, metadata=self._metadata),
+                    raw=True,
+                )
+            except grpc.aio.AioRpcError as exc:
+                if _segment_refused(exc):
+                    raise _SegmentUnusable(exc.details()) from None
+                raise error_from_rpc(exc, self.target) from None
+            return put_result_of(reply)
+        finally:
+            self._segments.release(segment)
+
+    async def get_prefix(
+        self,
+        spec: ModelSpec,
+        tokens: Tokens,
+        *,
+        max_blocks: int = 0,
+        out: torch.Tensor | None = None,
+        extra_keys: ExtraKeys = None,
+    ) -> tuple[torch.Tensor, int]:
+        """The K/V of the leading hit of ``tokens`` and its number of tokens.
+
+        The tensor is ``[layers, 2, hit_tokens, kv_heads, head_dim]``; with no hit, ``hit_tokens``
+        is 0 and the tensor is empty. ``max_blocks`` caps the blocks fetched (0: all of the hit).
+        ``out`` (namespace dtype, ``[layers, 2, >= tokens, kv_heads, head_dim]``) receives the
+        blocks in its leading tokens, and also caps how many are fetched; the result is then a
+        view of it. Blocks after a hole are not returned: ``lookup`` shows them.
+        """
+        if max_blocks < 0:
+            raise InvalidArgumentError(f"max_blocks must be >= 0, got {max_blocks}")
+        if out is not None:
+            room = check_out(spec, out)
+            max_blocks = room if max_blocks == 0 else min(max_blocks, room)
+            if max_blocks == 0:
+                return out[:, :, :0], 0
+        request = pb.FetchRequest(
+            prompt=prompt_of(spec, tokens, extra_keys),
+            max_blocks=max_blocks,
+            max_chunk_bytes=self.max_chunk_bytes,
+            same_host=self._shm_fetch,
+        )
+        try:
+            kv = await self._retrying(lambda: self._fetch(spec, request, out))
+        except _SegmentUnusable as exc:
+            log.info("%s: same-host fetch unavailable, receiving bytes: %s", self.target, exc)
+            self._shm_fetch = False
+            request.same_host = False
+            kv = await self._retrying(lambda: self._fetch(spec, request, out))
+        return kv, kv.shape[2]
+
+    async def _fetch(
+        self, spec: ModelSpec, request: pb.FetchRequest, out: torch.Tensor | None
+    ) -> torch.Tensor:
+        """One attempt of a Fetch stream: every reply message written into its place."""
+        call = self._connect().Fetch(request, timeout=self.timeout_s, metadata=self._metadata)
+        sink: BlockSink | None = None
+        segment: mmap.mmap | None = None
+        lease_id = 0
+        try:
+            async for reply in call:
+                kind = reply.WhichOneof("msg")
+                if kind == "header":
+                    header = reply.header
+                    lease_id = header.lease_id
+                    if header.block_bytes and header.block_bytes != spec.block_nbytes:
+                        raise CorruptBlockError(
+                            f"the server sends blocks of {header.block_bytes} bytes, namespace "
+                            f"{spec.name} has {spec.block_nbytes}"
+                        )
+                    sink = BlockSink(spec, len(header.block_hashes), out)
+                    if header.shm_segment:
+                        segment = self._map_server_segment(header.shm_segment)
+                elif sink is None:
+                    raise CorruptBlockError("the server's reply did not start with a header")
+                elif kind == "chunk":
+                    sink.write(reply.chunk.block_index, reply.chunk.offset, reply.chunk.data)
+                elif kind == "slot":
+                    slot = reply.slot
+                    if segment is None or slot.offset + slot.length > len(segment):
+                        raise CorruptBlockError(
+                            f"slot [{slot.offset}, +{slot.length}) is outside the shared segment"
+                        )
+                    end = slot.offset + slot.length
+                    with memoryview(segment) as view:
+                        sink.write(slot.block_index, 0, view[slot.offset : end])
+            if sink is None:
+                raise CorruptBlockError("the server's reply had no header")
+            return sink.result()
+        finally:
+            call.cancel()  # a no-op once the stream is done; else stops the server sending
+            if lease_id:
+                # The copies are done (or abandoned): the slots may be evicted again. A failed
+                # release costs nothing but the lease's TTL.
+                with contextlib.suppress(KVStoreError):
+                    await self.release(lease_id)
+
+    def _map_server_segment(self, name: str) -> mmap.mmap:
+        """The server's G2 segment, mapped read-only once per segment name.
+
+        Opened as a file under /dev/shm rather than through ``SharedMemory``: Python 3.11's
+        ``SharedMemory`` maps read-write, registers every segment it opens with the resource
+        tracker (which unlinks it when this process exits, taking the server's G2 with it), and
+        unlinks the segment itself when mapping fails. Unregistering afterwards is not enough
+        when client and server share a process: that would cancel the server's own registration.
+        A read-only mapping also means no client bug can write into the server's blocks.
+        """
+        if self._server_segment is not None and self._server_segment[0] == name:
+            return self._server_segment[1]
+        if "/" in name.strip("/"):
+            raise CorruptBlockError(f"the server named an odd shared-memory segment {name!r}")
+        try:
+            fd = os.open(_SHM_DIR / name.strip("/"), os.O_RDONLY)
+            try:
+                mapping = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+            finally:
+                os.close(fd)
+        except (OSError, ValueError) as exc:
+            raise _SegmentUnusable(f"cannot map {name}: {exc}") from None
+        self._unmap_server_segment()
+        self._server_segment = (name, mapping)
+        return mapping
+
+    def _unmap_server_segment(self) -> None:
+        if self._server_segment is not None:
+            _, mapping = self._server_segment
+            self._server_segment = None
+            with contextlib.suppress(BufferError):  # a copy still running elsewhere
+                mapping.close()
+
+    def reserve(
+        self,
+        spec: ModelSpec,
+        tokens: Tokens,
+        *,
+        num_blocks: int = 0,
+        ttl_s: float = 0.0,
+        extra_keys: ExtraKeys = None,
+    ) -> _Reservation:
+        """Hold the first ``num_blocks`` full blocks of ``tokens`` (0: all) that the server has,
+        for ``ttl_s`` seconds (0: the server's default).
+
+        ``async with client.reserve(...) as lease:`` releases on exit; ``lease = await
+        client.reserve(...)`` leaves releasing to you (``release(lease.lease_id)``, or ``async
+        with lease``) or to the TTL.
+        """
+        request = pb.ReserveRequest(
+            prompt=prompt_of(spec, tokens, extra_keys), num_blocks=num_blocks, ttl_s=ttl_s
+        )
+
+        async def make() -> Lease:
+            reply = await self._unary("Reserve", request)
+            return Lease(
+                reply.lease_id,
+                [BlockHash(h) for h in reply.block_hashes],
+                reply.ttl_s,
+                _release_async=self.release,
+            )
+
+        return _Reservation(make)
+
+    async def release(self, lease_id: int) -> bool:
+        """Let a lease's blocks go; False if it was released or had expired already."""
+        try:
+            reply = await self._unary("Release", pb.ReleaseRequest(lease_id=lease_id))
+        except NotFoundError:
+            return False
+        return bool(reply.released)
+
+    async def pin(self, spec: ModelSpec, hashes: list[BlockHash], *, ttl_s: float = 0.0) -> int:
+        """Keep blocks in their tiers (``ttl_s=0``: until unpinned); returns blocks pinned."""
+        request = pb.BlocksRequest(namespace=namespace_of(spec), block_hashes=hashes, ttl_s=ttl_s)
+        return int((await self._unary("Pin", request)).count)
+
+    async def unpin(self, spec: ModelSpec, hashes: list[BlockHash]) -> int:
+        request = pb.BlocksRequest(namespace=namespace_of(spec), block_hashes=hashes)
+        return int((await self._unary("Unpin", request)).count)
+
+    async def evict(
+        self, spec: ModelSpec, hashes: list[BlockHash], *, tier: str | None = None
+    ) -> int:
+        """Remove blocks from one tier (demoting them as placement says) or, with ``tier=None``,
+        from every tier; leased and pinned blocks stay. Returns blocks removed."""
+        request = pb.BlocksRequest(
+            namespace=namespace_of(spec), block_hashes=hashes, tier=tier_value(tier)
+        )
+        return int((await self._unary("Evict", request)).count)
+
+    async def flush(self, tier: str | None = None) -> int:
+        """Remove every block that is not leased or pinned, from one tier or all of them."""
+        return int((await self._unary("Flush", pb.FlushRequest(tier=tier_value(tier)))).count)
+
+    async def stats(self) -> Stats:
+        return stats_of(await self._unary("Stats", pb.StatsRequest()))
+
+    async def list_blocks(
+        self, tier: str | None = None, *, page_size: int = 0
+    ) -> AsyncIterator[BlockInfo]:
+        """Every block the server knows (in one tier, or all), fetched a page at a time."""
+        after = b""
+        while True:
+            request = pb.ListBlocksRequest(tier=tier_value(tier), limit=page_size, after=after)
+            reply = await self._unary("ListBlocks", request)
+            for info in reply.blocks:
+                yield block_info_of(info)
+            if not reply.next_after:
+                return
+            after = reply.next_after
+
+    async def inspect(self, block_hash: bytes) -> BlockInfo | None:
+        """One block's residency and header; None if the server does not know it."""
+        try:
+            reply = await self._unary("Inspect", pb.InspectRequest(block_hash=bytes(block_hash)))
+        except NotFoundError:
+            return None
+        return block_info_of(reply.block, reply)
+
+    async def watch(self, after_seq: int = 0) -> AsyncIterator[Event]:
+        """Store events as they happen; ``after_seq=0`` starts with a snapshot of what is
+        stored (events with ``snapshot=True``). A dropped stream is resumed after the last
+        event seen (UNAVAILABLE is retried as for every call); the stream has no deadline."""
+        last = after_seq
+        failures = 0
+        while True:
+            call = self._connect().Watch(pb.WatchRequest(after_seq=last), metadata=self._metadata)
+            try:
+                async for reply in call:
+                    failures = 0
+                    last = max(last, reply.seq)
+                    yield event_of(reply)
+                return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or failures >= self.retries:
+                    raise error_from_rpc(exc, self.target) from None
+                await asyncio.sleep(self._backoff(failures))
+                failures += 1
+            finally:
+                call.cancel()
+
+    async def health(self, service: str = "") -> str:
+        """The standard gRPC health status: ``"SERVING"``, ``"NOT_SERVING"``, ..."""
+        self._connect()
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        request = health_pb2.HealthCheckRequest(service=service)
+        reply = await self._retrying(
+            lambda: stub.Check(request, timeout=self.timeout_s, metadata=self._metadata)
+        )
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+    # -- retries ---------------------------------------------------------------------------------
+
+    async def _unary(self, method: str, request: Any) -> Any:
+        call = getattr(self._connect(), method)
+        return await self._retrying(
+            lambda: call(request, timeout=self.timeout_s, metadata=self._metadata)
+        )
+
+    async def _retrying(self, attempt: Callable[[], Awaitable[T]], *, raw: bool = False) -> T:
+        """Run ``attempt`` until it succeeds, retrying UNAVAILABLE; other errors are typed
+        (``raw=True``: left as ``AioRpcError`` for the caller to look at)."""
+        failures = 0
+        while True:
+            try:
+                return await attempt()
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or failures >= self.retries:
+                    if raw:
+                        raise
+                    raise error_from_rpc(exc, self.target) from None
+                delay = self._backoff(failures)
+                log.debug("%s unavailable, retry %d in %.2f s", self.target, failures + 1, delay)
+                await asyncio.sleep(delay)
+                failures += 1
+
+    def _backoff(self, failures: int) -> float:
+        # Jitter in [0.5, 1] of the exponential step: clients that failed together do not come
+        # back together.
+        return self.backoff_s * (1 << failures) * (0.5 + random.random() / 2)
+
+
+class _Reservation:
+    """What ``AsyncClient.reserve`` returns: await it for a ``Lease``, or ``async with`` it."""
+
+    def __init__(self, make: Callable[[], Coroutine[Any, Any, Lease]]) -> None:
+        self._make = make
+        self._lease: Lease | None = None
+
+    def __await__(self) -> Generator[Any, None, Lease]:
+        return self._make().__await__()
+
+    async def __aenter__(self) -> Lease:
+        self._lease = await self._make()
+        return self._lease
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._lease is not None:
+            await self._lease.__aexit__(exc_type, exc, tb)
+
+
+class _PutSegments:
+    """The shared-memory segments same-host puts write into, reused from one put to the next.
+
+    One segment per put in flight (so concurrent puts do not share bytes); a free segment too
+    small for a put is replaced by one twice as large. Segments are created by ``SharedMemory``
+    on purpose: the resource tracker then unlinks them if this process dies; ``close`` unlinks
+    them otherwise.
+    """
+
+    def __init__(self) -> None:
+        self._free: list[shared_memory.SharedMemory] = []
+        self._closed = False
+
+    def acquire(self, nbytes: int) -> shared_memory.SharedMemory:
+        for i, segment in enumerate(self._free):
+            if segment.size >= nbytes:
+                return self._free.pop(i)
+        size = 1 * MiB
+        if self._free:
+            biggest = max(self._free, key=lambda s: s.size)
+            self._free.remove(biggest)
+            size = 2 * biggest.size
+            _drop(biggest)
+        while size < nbytes:
+            size *= 2
+        name = f"kvstore-put-{os.getpid()}-{secrets.token_hex(4)}"
+        return shared_memory.SharedMemory(name=name, create=True, size=size)
+
+    def release(self, segment: shared_memory.SharedMemory) -> None:
+        # A server in this same process (tests, an embedded server) unregisters the segment from
+        # the one resource tracker they share when it unmaps it; register it again, so that it is
+        # still cleaned up after a crash and unlink() finds it registered. Idempotent otherwise.
+        resource_tracker.register(segment._name, "shared_memory")  # type: ignore[attr-defined]
+        if self._closed:
+            _drop(segment)
+        else:
+            self._free.append(segment)
+
+    def close(self) -> None:
+        self._closed = True
+        for segment in self._free:
+            _drop(segment)
+        self._free.clear()
+
+
+def _drop(segment: shared_memory.SharedMemory) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        segment.unlink()
+    with contextlib.suppress(BufferError):
+        segment.close()
+
+
+def _pem(value: Pem, setting: str) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    try:
+        return Path(value).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{setting}: cannot read {value}: {exc.strerror}") from None
+
+
+def _segment_refused(exc: grpc.aio.AioRpcError) -> bool:
+    """Whether a same-host Put failed because the server cannot use our segment (it runs on
+    another host or in another container, or as a user who may not open it)."""
+    # The server reports this as INVALID_ARGUMENT naming the header field; a status of its own
+    # (FAILED_PRECONDITION) would be cleaner than reading the message.
+    return exc.code() in (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.FAILED_PRECONDITION,
+    ) and "shm_segment" in (exc.details() or "")
+
+
+def _is_local(target: str) -> bool:
+    """Whether a gRPC target is this host: localhost, a loopback address or a unix socket."""
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
+        if target.startswith(scheme):
+            target = target[len(scheme) :]
+            break
+    if target.startswith("["):
+        host = target[1 : target.find("]")]
+    else:
+        host = target.rsplit(":", 1)[0] if target.count(":") == 1 else target
+    if host.lower() in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,150 @@
+"""What the client calls return: small frozen dataclasses, free of generated protobuf types.
+
+Tiers are named ``"G1"`` .. ``"G4"``; a missing block is ``None``. Hashes are the 16-byte
+``BlockHash`` values the server computed with the tenant's secret salt: use them with ``pin``,
+``unpin``, ``evict`` and ``inspect``, never to guess another tenant's blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+
+from kvstore.errors import KVStoreError
+from kvstore.keys import BlockHash
+
+__all__ = ["BlockInfo", "Event", "Lease", "Lookup", "PutResult", "Stats", "TierUsage"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """Where each full block of a prompt is; nothing is held (take a lease to load safely)."""
+
+    hashes: list[BlockHash]
+    tiers: list[str | None]  # per full block: "G1".."G4", or None when missing
+    hit_blocks: int  # the leading run of present blocks: the usable prefix
+    hit_tokens: int
+    holes: list[int]  # missing blocks with a present block after them
+    block_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class PutResult:
+    hashes: list[BlockHash]  # of the blocks sent, in prompt order
+    stored: int  # newly stored
+    already: int  # were stored before (puts are idempotent: blocks are content-addressed)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Lease:
+    """Blocks held against eviction and demotion until released or ``ttl_s`` has passed.
+
+    A context manager that releases on exit: ``async with`` for the ``AsyncClient`` (whose
+    ``reserve`` also works directly as ``async with client.reserve(...) as lease``), ``with`` for
+    the ``Client``. Releasing twice is harmless; a release that fails on exit is logged, not
+    raised (the lease lapses at its TTL).
+    """
+
+    lease_id: int
+    hashes: list[BlockHash]  # the blocks actually held: present on the server when reserved
+    ttl_s: float
+    _release_async: Callable[[int], Awaitable[bool]] | None = field(default=None, repr=False)
+    _release_sync: Callable[[int], bool] | None = field(default=None, repr=False)
+
+    async def __aenter__(self) -> Lease:
+        if self._release_async is None:
+            raise TypeError("this lease belongs to a sync Client: use `with`, not `async with`")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._release_async is not None
+        try:
+            await self._release_async(self.lease_id)
+        except KVStoreError as error:
+            _not_released(self.lease_id, error)
+
+    def __enter__(self) -> Lease:
+        if self._release_sync is None:
+            raise TypeError("this lease belongs to an AsyncClient: use `async with`")
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._release_sync is not None
+        try:
+            self._release_sync(self.lease_id)
+        except KVStoreError as error:
+            _not_released(self.lease_id, error)
+
+
+def _not_released(lease_id: int, error: KVStoreError) -> None:
+    # Not worth an exception out of a ``with`` block (it could hide the block's own): the lease
+    # lapses at its TTL anyway, and the next call meets the same trouble.
+    log.warning("lease %d was not released (it lapses at its TTL): %s", lease_id, error)
+
+
+@dataclass(frozen=True, slots=True)
+class TierUsage:
+    tier: str  # "G1".."G4"
+    name: str  # the server's name for it ("G2", "G4/<namespace>", ...)
+    capacity_bytes: int
+    used_bytes: int
+    num_blocks: int
+    num_hits: int
+    num_misses: int
+    num_corrupt: int
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    tiers: list[TierUsage]
+    num_blocks: int
+    num_leases: int
+    queue_depth: int  # background copies waiting
+    counters: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class BlockInfo:
+    block_hash: BlockHash
+    parent_hash: BlockHash | None  # None: the first block of a chain, or not recorded
+    namespace_fingerprint: bytes
+    tiers: list[str]
+    nbytes: int
+    hits: int
+    pinned: bool
+    leases: int
+    # Filled by ``inspect`` only (read from the block's header):
+    dtype: str = ""
+    shape: tuple[int, ...] = ()
+    codec: str = ""
+    raw_xxh3: int = 0
+    payload_xxh3: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One change in the store, from ``watch``; resume a watch with ``after_seq=event.seq``."""
+
+    seq: int
+    kind: str  # "stored", "removed", "moved", "corrupt"
+    block_hash: BlockHash
+    tier: str | None
+    from_tier: str | None  # moves only
+    parent_hash: BlockHash | None
+    namespace_fingerprint: bytes
+    time_s: float
+    snapshot: bool  # part of the snapshot of what is stored, sent first; not a change
