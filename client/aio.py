@@ -359,19 +359,14 @@ class AsyncClient:
                     sink = BlockSink(spec, len(header.block_hashes), out)
                     if header.shm_segment:
                         segment = self._map_server_segment(header.shm_segment)
+                    for slot in header.slots:
+                        _copy_slot(sink, segment, slot)
                 elif sink is None:
                     raise CorruptBlockError("the server's reply did not start with a header")
                 elif kind == "chunk":
                     sink.write(reply.chunk.block_index, reply.chunk.offset, reply.chunk.data)
                 elif kind == "slot":
-                    slot = reply.slot
-                    if segment is None or slot.offset + slot.length > len(segment):
-                        raise CorruptBlockError(
-                            f"slot [{slot.offset}, +{slot.length}) is outside the shared segment"
-                        )
-                    end = slot.offset + slot.length
-                    with memoryview(segment) as view:
-                        sink.write(slot.block_index, 0, view[slot.offset : end])
+                    _copy_slot(sink, segment, reply.slot)
             if sink is None:
                 raise CorruptBlockError("the server's reply had no header")
             return sink.result()
@@ -660,6 +655,16 @@ def _segment_refused(exc: grpc.aio.AioRpcError) -> bool:
         grpc.StatusCode.INVALID_ARGUMENT,
         grpc.StatusCode.FAILED_PRECONDITION,
     ) and "shm_segment" in (exc.details() or "")
+
+
+def _copy_slot(sink: BlockSink, segment: mmap.mmap | None, slot: Any) -> None:
+    """Copy one block out of the server's mapped segment into its place in the result."""
+    if segment is None or slot.offset + slot.length > len(segment):
+        raise CorruptBlockError(
+            f"slot [{slot.offset}, +{slot.length}) is outside the shared segment"
+        )
+    with memoryview(segment) as view:
+        sink.write(slot.block_index, 0, view[slot.offset : slot.offset + slot.length])
 
 
 def _is_local(target: str) -> bool:

@@ -910,24 +910,19 @@ class _Servicer(pb_grpc.KVStoreServicer):  # type: ignore[misc]  # generated: An
             self.engine.release(lease.lease_id)
             lease = self.engine.reserve(hashes[: len(slots)])
         self._own_lease(lease.lease_id, tenant)
-        messages = [
-            pb.FetchResponse(
-                header=pb.FetchHeader(
-                    block_hashes=hashes[: len(slots)],
-                    block_tokens=spec.block_tokens,
-                    block_bytes=spec.block_nbytes,
-                    shm_segment=self.engine.segment_name(),
-                    lease_id=lease.lease_id,
-                )
-            ),
-            *(
-                pb.FetchResponse(slot=pb.SlotRef(block_index=i, offset=off, length=length))
+        header = pb.FetchHeader(
+            block_hashes=hashes[: len(slots)],
+            block_tokens=spec.block_tokens,
+            block_bytes=spec.block_nbytes,
+            shm_segment=self.engine.segment_name(),
+            lease_id=lease.lease_id,
+            slots=[
+                pb.SlotRef(block_index=i, offset=off, length=length)
                 for i, (off, length) in enumerate(slots)
-            ),
-        ]
+            ],
+        )
         self.metrics.bytes_out("shm", len(slots) * spec.block_nbytes)
-        for message in messages:
-            yield message
+        yield pb.FetchResponse(header=header)
 
     @_unary("Repair")
     async def Repair(self, request: Any, call: _Call) -> Any:

@@ -329,7 +329,8 @@ async def test_fetch_same_host_hands_out_slots_of_the_g2_segment(
     assert header.shm_segment.startswith(SEGMENT_PREFIX)
     assert header.lease_id > 0
     assert list(header.block_hashes) == block_hashes(SPEC, tokens)
-    slots = [m.slot for m in messages[1:]]
+    assert len(messages) == 1  # the slots travel in the header: one message per reply
+    slots = list(header.slots)
     assert [s.block_index for s in slots] == [0, 1, 2]
     segment = attach(header.shm_segment)
     try:
@@ -371,7 +372,7 @@ async def test_fetch_same_host_stages_blocks_from_g3(tmp_path: Path) -> None:
         try:
             buf = segment.buf
             assert buf is not None
-            got = [bytes(buf[m.slot.offset : m.slot.offset + m.slot.length]) for m in messages[1:]]
+            got = [bytes(buf[s.offset : s.offset + s.length]) for s in header.slots]
             del buf
         finally:
             segment.close()

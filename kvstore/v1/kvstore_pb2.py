@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kvstore/v1/kvstore.proto\x12\nkvstore.v1\"\xa6\x01\n\tNamespace\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\x14\n\x0ctokenizer_id\x18\x03 \x01(\t\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x05 \x01(\r\x12\x10\n\x08head_dim\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x14\n\x0c\x62lock_tokens\x18\x08 \x01(\r\"W\n\x08\x45xtraKey\x12\x15\n\x0b\x62ytes_value\x18\x01 \x01(\x0cH\x00\x12\x16\n\x0cstring_value\x18\x02 \x01(\tH\x00\x12\x13\n\tint_value\x18\x03 \x01(\x03H\x00\x42\x07\n\x05value\"4\n\x0e\x42lockExtraKeys\x12\"\n\x04keys\x18\x01 \x03(\x0b\x32\x14.kvstore.v1.ExtraKey\"x\n\x06Prompt\x12(\n\tnamespace\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.Namespace\x12\x14\n\x0ctokens_u32le\x18\x02 \x01(\x0c\x12.\n\nextra_keys\x18\x03 \x03(\x0b\x32\x1a.kvstore.v1.BlockExtraKeys\"3\n\rLookupRequest\x12\"\n\x06prompt\x18\x01 \x01(\x0b\x32\x12.kvstore.v1.Prompt\"\x94\x01\n\x0eLookupResponse\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x0c\x12\x1f\n\x05tiers\x18\x02 \x03(\x0e\x32\x10.kvstore.v1.Tier\x12\x12\n\nhit_blocks\x18\x03 \x01(\r\x12\x12\n\nhit_tokens\x18\x04 \x01(\r\x12\r\n\x05holes\x18\x05 \x03(\r\x12\x14\n\x0c\x62lock_tokens\x18\x06 \x01(\r\"W\n\x0eReserveRequest\x12\"\n\x06prompt\x18\x01 \x01(\x0b\x32\x12.kvstore.v1.Prompt\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\x12\r\n\x05ttl_s\x18\x03 \x01(\x01\"H\n\x0fReserveResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\x04\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x0c\x12\r\n\x05ttl_s\x18\x03 \x01(\x01\"\"\n\x0eReleaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\x04\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"i\n\tPutHeader\x12\"\n\x06prompt\x18\x01 \x01(\x0b\x32\x12.kvstore.v1.Prompt\x12\x0f\n\x07\x64urable\x18\x02 \x01(\x08\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\x12\x13\n\x0bshm_segment\x18\x04 \x01(\t\"?\n\nBlockChunk\x12\x13\n\x0b\x62lock_index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\">\n\x07SlotRef\x12\x13\n\x0b\x62lock_index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"\x8a\x01\n\nPutRequest\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.PutHeaderH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.kvstore.v1.BlockChunkH\x00\x12#\n\x04slot\x18\x03 \x01(\x0b\x32\x13.kvstore.v1.SlotRefH\x00\x42\x05\n\x03msg\"D\n\x0bPutResponse\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x0c\x12\x0e\n\x06stored\x18\x02 \x01(\r\x12\x0f\n\x07\x61lready\x18\x03 \x01(\r\"\x88\x01\n\x0c\x46\x65tchRequest\x12\"\n\x06prompt\x18\x01 \x01(\x0b\x32\x12.kvstore.v1.Prompt\x12\x12\n\nmax_blocks\x18\x02 \x01(\r\x12\x14\n\x0crepair_holes\x18\x03 \x01(\x08\x12\x11\n\tsame_host\x18\x04 \x01(\x08\x12\x17\n\x0fmax_chunk_bytes\x18\x05 \x01(\r\"u\n\x0b\x46\x65tchHeader\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x0c\x12\x14\n\x0c\x62lock_tokens\x18\x02 \x01(\r\x12\x13\n\x0b\x62lock_bytes\x18\x03 \x01(\x04\x12\x13\n\x0bshm_segment\x18\x04 \x01(\t\x12\x10\n\x08lease_id\x18\x05 \x01(\x04\"\x8f\x01\n\rFetchResponse\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.kvstore.v1.FetchHeaderH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.kvstore.v1.BlockChunkH\x00\x12#\n\x04slot\x18\x03 \x01(\x0b\x32\x13.kvstore.v1.SlotRefH\x00\x42\x05\n\x03msg\"B\n\rRepairRequest\x12\"\n\x06prompt\x18\x01 \x01(\x0b\x32\x12.kvstore.v1.Prompt\x12\r\n\x05\x65xact\x18\x02 \x01(\x08\"6\n\x0eRepairResponse\x12\x10\n\x08repaired\x18\x01 \x03(\r\x12\x12\n\nhit_blocks\x18\x02 \x01(\r\"~\n\rBlocksRequest\x12(\n\tnamespace\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.Namespace\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x0c\x12\r\n\x05ttl_s\x18\x03 \x01(\x01\x12\x1e\n\x04tier\x18\x04 \x01(\x0e\x32\x10.kvstore.v1.Tier\"\x1e\n\rCountResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\r\".\n\x0c\x46lushRequest\x12\x1e\n\x04tier\x18\x01 \x01(\x0e\x32\x10.kvstore.v1.Tier\"\x0e\n\x0cStatsRequest\"\xb4\x01\n\tTierStats\x12\x1e\n\x04tier\x18\x01 \x01(\x0e\x32\x10.kvstore.v1.Tier\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x03 \x01(\x04\x12\x12\n\nused_bytes\x18\x04 \x01(\x04\x12\x12\n\nnum_blocks\x18\x05 \x01(\x04\x12\x10\n\x08num_hits\x18\x06 \x01(\x04\x12\x12\n\nnum_misses\x18\x07 \x01(\x04\x12\x13\n\x0bnum_corrupt\x18\x08 \x01(\x04\"\xde\x01\n\rStatsResponse\x12$\n\x05tiers\x18\x01 \x03(\x0b\x32\x15.kvstore.v1.TierStats\x12\x12\n\nnum_blocks\x18\x02 \x01(\x04\x12\x12\n\nnum_leases\x18\x03 \x01(\r\x12\x13\n\x0bqueue_depth\x18\x04 \x01(\r\x12\x39\n\x08\x63ounters\x18\x05 \x03(\x0b\x32\'.kvstore.v1.StatsResponse.CountersEntry\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xb2\x01\n\tBlockInfo\x12\x12\n\nblock_hash\x18\x01 \x01(\x0c\x12\x13\n\x0bparent_hash\x18\x02 \x01(\x0c\x12\x1d\n\x15namespace_fingerprint\x18\x03 \x01(\x0c\x12\x1f\n\x05tiers\x18\x04 \x03(\x0e\x32\x10.kvstore.v1.Tier\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\x12\x0c\n\x04hits\x18\x06 \x01(\x04\x12\x0e\n\x06pinned\x18\x07 \x01(\x08\x12\x0e\n\x06leases\x18\x08 \x01(\r\"Q\n\x11ListBlocksRequest\x12\x1e\n\x04tier\x18\x01 \x01(\x0e\x32\x10.kvstore.v1.Tier\x12\r\n\x05limit\x18\x02 \x01(\r\x12\r\n\x05\x61\x66ter\x18\x03 \x01(\x0c\"O\n\x12ListBlocksResponse\x12%\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x15.kvstore.v1.BlockInfo\x12\x12\n\nnext_after\x18\x02 \x01(\x0c\"$\n\x0eInspectRequest\x12\x12\n\nblock_hash\x18\x01 \x01(\x0c\"\x8c\x01\n\x0fInspectResponse\x12$\n\x05\x62lock\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.BlockInfo\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\r\x12\r\n\x05\x63odec\x18\x04 \x01(\t\x12\x10\n\x08raw_xxh3\x18\x05 \x01(\x04\x12\x14\n\x0cpayload_xxh3\x18\x06 \x01(\x04\"!\n\x0cWatchRequest\x12\x11\n\tafter_seq\x18\x01 \x01(\x04\"\xed\x01\n\nWatchEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.kvstore.v1.EventKind\x12\x12\n\nblock_hash\x18\x03 \x01(\x0c\x12\x1e\n\x04tier\x18\x04 \x01(\x0e\x32\x10.kvstore.v1.Tier\x12#\n\tfrom_tier\x18\x05 \x01(\x0e\x32\x10.kvstore.v1.Tier\x12\x13\n\x0bparent_hash\x18\x06 \x01(\x0c\x12\x1d\n\x15namespace_fingerprint\x18\x07 \x01(\x0c\x12\x0e\n\x06time_s\x18\x08 \x01(\x01\x12\x10\n\x08snapshot\x18\t \x01(\x08*P\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0b\n\x07TIER_G1\x10\x01\x12\x0b\n\x07TIER_G2\x10\x02\x12\x0b\n\x07TIER_G3\x10\x03\x12\x0b\n\x07TIER_G4\x10\x04*\x84\x01\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11\x45VENT_KIND_STORED\x10\x01\x12\x16\n\x12\x45VENT_KIND_REMOVED\x10\x02\x12\x14\n\x10\x45VENT_KIND_MOVED\x10\x03\x12\x16\n\x12\x45VENT_KIND_CORRUPT\x10\x04\x32\x92\x07\n\x07KVStore\x12?\n\x06Lookup\x12\x19.kvstore.v1.LookupRequest\x1a\x1a.kvstore.v1.LookupResponse\x12\x42\n\x07Reserve\x12\x1a.kvstore.v1.ReserveRequest\x1a\x1b.kvstore.v1.ReserveResponse\x12\x42\n\x07Release\x12\x1a.kvstore.v1.ReleaseRequest\x1a\x1b.kvstore.v1.ReleaseResponse\x12\x38\n\x03Put\x12\x16.kvstore.v1.PutRequest\x1a\x17.kvstore.v1.PutResponse(\x01\x12>\n\x05\x46\x65tch\x12\x18.kvstore.v1.FetchRequest\x1a\x19.kvstore.v1.FetchResponse0\x01\x12?\n\x06Repair\x12\x19.kvstore.v1.RepairRequest\x1a\x1a.kvstore.v1.RepairResponse\x12;\n\x03Pin\x12\x19.kvstore.v1.BlocksRequest\x1a\x19.kvstore.v1.CountResponse\x12=\n\x05Unpin\x12\x19.kvstore.v1.BlocksRequest\x1a\x19.kvstore.v1.CountResponse\x12=\n\x05\x45vict\x12\x19.kvstore.v1.BlocksRequest\x1a\x19.kvstore.v1.CountResponse\x12<\n\x05\x46lush\x12\x18.kvstore.v1.FlushRequest\x1a\x19.kvstore.v1.CountResponse\x12<\n\x05Stats\x12\x18.kvstore.v1.StatsRequest\x1a\x19.kvstore.v1.StatsResponse\x12K\n\nListBlocks\x12\x1d.kvstore.v1.ListBlocksRequest\x1a\x1e.kvstore.v1.ListBlocksResponse\x12\x42\n\x07Inspect\x12\x1a.kvstore.v1.InspectRequest\x1a\x1b.kvstore.v1.InspectResponse\x12;\n\x05Watch\x12\x18.kvstore.v1.WatchRequest\x1a\x16.kvstore.v1.WatchEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kvstore/v1/kvstore.proto\x12\nkvstore.v1\"\xa6\x01\n\tNamespace\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\x14\n\x0ctokenizer_id\x18\x03 \x01(\t\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x05 \x01(\r\x12\x10\n\x08head_dim\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x14\n\x0c\x62lock_tokens\x18\x08 \x01(\r\"W\n\x08\x45xtraKey\x12\x15\n\x0b\x62ytes_value\x18\x01 \x01(\x0cH\x00\x12\x16\n\x0cstring_value\x18\x02 \x01(\tH\x00\x12\x13\n\tint_value\x18\x03 \x01(\x03H\x00\x42\x07\n\x05value\"4\n\x0e\x42lockExtraKeys\x12\"\n\x04keys\x18\x01 \x03(\x0b\x32\x14.kvstore.v1.ExtraKey\"x\n\x06Prompt\x12(\n\tnamespace\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.Namespace\x12\x14\n\x0ctokens_u32le\x18\x02 \x01(\x0c\x12.\n\nextra_keys\x18\x03 \x03(\x0b\x32\x1a.kvstore.v1.BlockExtraKeys\"3\n\rLookupRequest\x12\"\n\x06prompt\x18\x01 \x01(\x0b\x32\x12.kvstore.v1.Prompt\"\x94\x01\n\x0eLookupResponse\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x0c\x12\x1f\n\x05tiers\x18\x02 \x03(\x0e\x32\x10.kvstore.v1.Tier\x12\x12\n\nhit_blocks\x18\x03 \x01(\r\x12\x12\n\nhit_tokens\x18\x04 \x01(\r\x12\r\n\x05holes\x18\x05 \x03(\r\x12\x14\n\x0c\x62lock_tokens\x18\x06 \x01(\r\"W\n\x0eReserveRequest\x12\"\n\x06prompt\x18\x01 \x01(\x0b\x32\x12.kvstore.v1.Prompt\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\x12\r\n\x05ttl_s\x18\x03 \x01(\x01\"H\n\x0fReserveResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\x04\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x0c\x12\r\n\x05ttl_s\x18\x03 \x01(\x01\"\"\n\x0eReleaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\x04\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"i\n\tPutHeader\x12\"\n\x06prompt\x18\x01 \x01(\x0b\x32\x12.kvstore.v1.Prompt\x12\x0f\n\x07\x64urable\x18\x02 \x01(\x08\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\x12\x13\n\x0bshm_segment\x18\x04 \x01(\t\"?\n\nBlockChunk\x12\x13\n\x0b\x62lock_index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\">\n\x07SlotRef\x12\x13\n\x0b\x62lock_index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"\x8a\x01\n\nPutRequest\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.PutHeaderH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.kvstore.v1.BlockChunkH\x00\x12#\n\x04slot\x18\x03 \x01(\x0b\x32\x13.kvstore.v1.SlotRefH\x00\x42\x05\n\x03msg\"D\n\x0bPutResponse\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x0c\x12\x0e\n\x06stored\x18\x02 \x01(\r\x12\x0f\n\x07\x61lready\x18\x03 \x01(\r\"\x88\x01\n\x0c\x46\x65tchRequest\x12\"\n\x06prompt\x18\x01 \x01(\x0b\x32\x12.kvstore.v1.Prompt\x12\x12\n\nmax_blocks\x18\x02 \x01(\r\x12\x14\n\x0crepair_holes\x18\x03 \x01(\x08\x12\x11\n\tsame_host\x18\x04 \x01(\x08\x12\x17\n\x0fmax_chunk_bytes\x18\x05 \x01(\r\"\x99\x01\n\x0b\x46\x65tchHeader\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x0c\x12\x14\n\x0c\x62lock_tokens\x18\x02 \x01(\r\x12\x13\n\x0b\x62lock_bytes\x18\x03 \x01(\x04\x12\x13\n\x0bshm_segment\x18\x04 \x01(\t\x12\x10\n\x08lease_id\x18\x05 \x01(\x04\x12\"\n\x05slots\x18\x06 \x03(\x0b\x32\x13.kvstore.v1.SlotRef\"\x8f\x01\n\rFetchResponse\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.kvstore.v1.FetchHeaderH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.kvstore.v1.BlockChunkH\x00\x12#\n\x04slot\x18\x03 \x01(\x0b\x32\x13.kvstore.v1.SlotRefH\x00\x42\x05\n\x03msg\"B\n\rRepairRequest\x12\"\n\x06prompt\x18\x01 \x01(\x0b\x32\x12.kvstore.v1.Prompt\x12\r\n\x05\x65xact\x18\x02 \x01(\x08\"6\n\x0eRepairResponse\x12\x10\n\x08repaired\x18\x01 \x03(\r\x12\x12\n\nhit_blocks\x18\x02 \x01(\r\"~\n\rBlocksRequest\x12(\n\tnamespace\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.Namespace\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x0c\x12\r\n\x05ttl_s\x18\x03 \x01(\x01\x12\x1e\n\x04tier\x18\x04 \x01(\x0e\x32\x10.kvstore.v1.Tier\"\x1e\n\rCountResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\r\".\n\x0c\x46lushRequest\x12\x1e\n\x04tier\x18\x01 \x01(\x0e\x32\x10.kvstore.v1.Tier\"\x0e\n\x0cStatsRequest\"\xb4\x01\n\tTierStats\x12\x1e\n\x04tier\x18\x01 \x01(\x0e\x32\x10.kvstore.v1.Tier\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x03 \x01(\x04\x12\x12\n\nused_bytes\x18\x04 \x01(\x04\x12\x12\n\nnum_blocks\x18\x05 \x01(\x04\x12\x10\n\x08num_hits\x18\x06 \x01(\x04\x12\x12\n\nnum_misses\x18\x07 \x01(\x04\x12\x13\n\x0bnum_corrupt\x18\x08 \x01(\x04\"\xde\x01\n\rStatsResponse\x12$\n\x05tiers\x18\x01 \x03(\x0b\x32\x15.kvstore.v1.TierStats\x12\x12\n\nnum_blocks\x18\x02 \x01(\x04\x12\x12\n\nnum_leases\x18\x03 \x01(\r\x12\x13\n\x0bqueue_depth\x18\x04 \x01(\r\x12\x39\n\x08\x63ounters\x18\x05 \x03(\x0b\x32\'.kvstore.v1.StatsResponse.CountersEntry\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xb2\x01\n\tBlockInfo\x12\x12\n\nblock_hash\x18\x01 \x01(\x0c\x12\x13\n\x0bparent_hash\x18\x02 \x01(\x0c\x12\x1d\n\x15namespace_fingerprint\x18\x03 \x01(\x0c\x12\x1f\n\x05tiers\x18\x04 \x03(\x0e\x32\x10.kvstore.v1.Tier\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\x12\x0c\n\x04hits\x18\x06 \x01(\x04\x12\x0e\n\x06pinned\x18\x07 \x01(\x08\x12\x0e\n\x06leases\x18\x08 \x01(\r\"Q\n\x11ListBlocksRequest\x12\x1e\n\x04tier\x18\x01 \x01(\x0e\x32\x10.kvstore.v1.Tier\x12\r\n\x05limit\x18\x02 \x01(\r\x12\r\n\x05\x61\x66ter\x18\x03 \x01(\x0c\"O\n\x12ListBlocksResponse\x12%\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x15.kvstore.v1.BlockInfo\x12\x12\n\nnext_after\x18\x02 \x01(\x0c\"$\n\x0eInspectRequest\x12\x12\n\nblock_hash\x18\x01 \x01(\x0c\"\x8c\x01\n\x0fInspectResponse\x12$\n\x05\x62lock\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.BlockInfo\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\r\x12\r\n\x05\x63odec\x18\x04 \x01(\t\x12\x10\n\x08raw_xxh3\x18\x05 \x01(\x04\x12\x14\n\x0cpayload_xxh3\x18\x06 \x01(\x04\"!\n\x0cWatchRequest\x12\x11\n\tafter_seq\x18\x01 \x01(\x04\"\xed\x01\n\nWatchEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.kvstore.v1.EventKind\x12\x12\n\nblock_hash\x18\x03 \x01(\x0c\x12\x1e\n\x04tier\x18\x04 \x01(\x0e\x32\x10.kvstore.v1.Tier\x12#\n\tfrom_tier\x18\x05 \x01(\x0e\x32\x10.kvstore.v1.Tier\x12\x13\n\x0bparent_hash\x18\x06 \x01(\x0c\x12\x1d\n\x15namespace_fingerprint\x18\x07 \x01(\x0c\x12\x0e\n\x06time_s\x18\x08 \x01(\x01\x12\x10\n\x08snapshot\x18\t \x01(\x08*P\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0b\n\x07TIER_G1\x10\x01\x12\x0b\n\x07TIER_G2\x10\x02\x12\x0b\n\x07TIER_G3\x10\x03\x12\x0b\n\x07TIER_G4\x10\x04*\x84\x01\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11\x45VENT_KIND_STORED\x10\x01\x12\x16\n\x12\x45VENT_KIND_REMOVED\x10\x02\x12\x14\n\x10\x45VENT_KIND_MOVED\x10\x03\x12\x16\n\x12\x45VENT_KIND_CORRUPT\x10\x04\x32\x92\x07\n\x07KVStore\x12?\n\x06Lookup\x12\x19.kvstore.v1.LookupRequest\x1a\x1a.kvstore.v1.LookupResponse\x12\x42\n\x07Reserve\x12\x1a.kvstore.v1.ReserveRequest\x1a\x1b.kvstore.v1.ReserveResponse\x12\x42\n\x07Release\x12\x1a.kvstore.v1.ReleaseRequest\x1a\x1b.kvstore.v1.ReleaseResponse\x12\x38\n\x03Put\x12\x16.kvstore.v1.PutRequest\x1a\x17.kvstore.v1.PutResponse(\x01\x12>\n\x05\x46\x65tch\x12\x18.kvstore.v1.FetchRequest\x1a\x19.kvstore.v1.FetchResponse0\x01\x12?\n\x06Repair\x12\x19.kvstore.v1.RepairRequest\x1a\x1a.kvstore.v1.RepairResponse\x12;\n\x03Pin\x12\x19.kvstore.v1.BlocksRequest\x1a\x19.kvstore.v1.CountResponse\x12=\n\x05Unpin\x12\x19.kvstore.v1.BlocksRequest\x1a\x19.kvstore.v1.CountResponse\x12=\n\x05\x45vict\x12\x19.kvstore.v1.BlocksRequest\x1a\x19.kvstore.v1.CountResponse\x12<\n\x05\x46lush\x12\x18.kvstore.v1.FlushRequest\x1a\x19.kvstore.v1.CountResponse\x12<\n\x05Stats\x12\x18.kvstore.v1.StatsRequest\x1a\x19.kvstore.v1.StatsResponse\x12K\n\nListBlocks\x12\x1d.kvstore.v1.ListBlocksRequest\x1a\x1e.kvstore.v1.ListBlocksResponse\x12\x42\n\x07Inspect\x12\x1a.kvstore.v1.InspectRequest\x1a\x1b.kvstore.v1.InspectResponse\x12;\n\x05Watch\x12\x18.kvstore.v1.WatchRequest\x1a\x16.kvstore.v1.WatchEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STATSRESPONSE_COUNTERSENTRY']._loaded_options = None
   _globals['_STATSRESPONSE_COUNTERSENTRY']._serialized_options = b'8\001'
-  _globals['_TIER']._serialized_start=3322
-  _globals['_TIER']._serialized_end=3402
-  _globals['_EVENTKIND']._serialized_start=3405
-  _globals['_EVENTKIND']._serialized_end=3537
+  _globals['_TIER']._serialized_start=3359
+  _globals['_TIER']._serialized_end=3439
+  _globals['_EVENTKIND']._serialized_start=3442
+  _globals['_EVENTKIND']._serialized_end=3574
   _globals['_NAMESPACE']._serialized_start=41
   _globals['_NAMESPACE']._serialized_end=207
   _globals['_EXTRAKEY']._serialized_start=209
@@ -69,42 +69,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUTRESPONSE']._serialized_end=1359
   _globals['_FETCHREQUEST']._serialized_start=1362
   _globals['_FETCHREQUEST']._serialized_end=1498
-  _globals['_FETCHHEADER']._serialized_start=1500
-  _globals['_FETCHHEADER']._serialized_end=1617
-  _globals['_FETCHRESPONSE']._serialized_start=1620
-  _globals['_FETCHRESPONSE']._serialized_end=1763
-  _globals['_REPAIRREQUEST']._serialized_start=1765
-  _globals['_REPAIRREQUEST']._serialized_end=1831
-  _globals['_REPAIRRESPONSE']._serialized_start=1833
-  _globals['_REPAIRRESPONSE']._serialized_end=1887
-  _globals['_BLOCKSREQUEST']._serialized_start=1889
-  _globals['_BLOCKSREQUEST']._serialized_end=2015
-  _globals['_COUNTRESPONSE']._serialized_start=2017
-  _globals['_COUNTRESPONSE']._serialized_end=2047
-  _globals['_FLUSHREQUEST']._serialized_start=2049
-  _globals['_FLUSHREQUEST']._serialized_end=2095
-  _globals['_STATSREQUEST']._serialized_start=2097
-  _globals['_STATSREQUEST']._serialized_end=2111
-  _globals['_TIERSTATS']._serialized_start=2114
-  _globals['_TIERSTATS']._serialized_end=2294
-  _globals['_STATSRESPONSE']._serialized_start=2297
-  _globals['_STATSRESPONSE']._serialized_end=2519
-  _globals['_STATSRESPONSE_COUNTERSENTRY']._serialized_start=2472
-  _globals['_STATSRESPONSE_COUNTERSENTRY']._serialized_end=2519
-  _globals['_BLOCKINFO']._serialized_start=2522
-  _globals['_BLOCKINFO']._serialized_end=2700
-  _globals['_LISTBLOCKSREQUEST']._serialized_start=2702
-  _globals['_LISTBLOCKSREQUEST']._serialized_end=2783
-  _globals['_LISTBLOCKSRESPONSE']._serialized_start=2785
-  _globals['_LISTBLOCKSRESPONSE']._serialized_end=2864
-  _globals['_INSPECTREQUEST']._serialized_start=2866
-  _globals['_INSPECTREQUEST']._serialized_end=2902
-  _globals['_INSPECTRESPONSE']._serialized_start=2905
-  _globals['_INSPECTRESPONSE']._serialized_end=3045
-  _globals['_WATCHREQUEST']._serialized_start=3047
-  _globals['_WATCHREQUEST']._serialized_end=3080
-  _globals['_WATCHEVENT']._serialized_start=3083
-  _globals['_WATCHEVENT']._serialized_end=3320
-  _globals['_KVSTORE']._serialized_start=3540
-  _globals['_KVSTORE']._serialized_end=4454
+  _globals['_FETCHHEADER']._serialized_start=1501
+  _globals['_FETCHHEADER']._serialized_end=1654
+  _globals['_FETCHRESPONSE']._serialized_start=1657
+  _globals['_FETCHRESPONSE']._serialized_end=1800
+  _globals['_REPAIRREQUEST']._serialized_start=1802
+  _globals['_REPAIRREQUEST']._serialized_end=1868
+  _globals['_REPAIRRESPONSE']._serialized_start=1870
+  _globals['_REPAIRRESPONSE']._serialized_end=1924
+  _globals['_BLOCKSREQUEST']._serialized_start=1926
+  _globals['_BLOCKSREQUEST']._serialized_end=2052
+  _globals['_COUNTRESPONSE']._serialized_start=2054
+  _globals['_COUNTRESPONSE']._serialized_end=2084
+  _globals['_FLUSHREQUEST']._serialized_start=2086
+  _globals['_FLUSHREQUEST']._serialized_end=2132
+  _globals['_STATSREQUEST']._serialized_start=2134
+  _globals['_STATSREQUEST']._serialized_end=2148
+  _globals['_TIERSTATS']._serialized_start=2151
+  _globals['_TIERSTATS']._serialized_end=2331
+  _globals['_STATSRESPONSE']._serialized_start=2334
+  _globals['_STATSRESPONSE']._serialized_end=2556
+  _globals['_STATSRESPONSE_COUNTERSENTRY']._serialized_start=2509
+  _globals['_STATSRESPONSE_COUNTERSENTRY']._serialized_end=2556
+  _globals['_BLOCKINFO']._serialized_start=2559
+  _globals['_BLOCKINFO']._serialized_end=2737
+  _globals['_LISTBLOCKSREQUEST']._serialized_start=2739
+  _globals['_LISTBLOCKSREQUEST']._serialized_end=2820
+  _globals['_LISTBLOCKSRESPONSE']._serialized_start=2822
+  _globals['_LISTBLOCKSRESPONSE']._serialized_end=2901
+  _globals['_INSPECTREQUEST']._serialized_start=2903
+  _globals['_INSPECTREQUEST']._serialized_end=2939
+  _globals['_INSPECTRESPONSE']._serialized_start=2942
+  _globals['_INSPECTRESPONSE']._serialized_end=3082
+  _globals['_WATCHREQUEST']._serialized_start=3084
+  _globals['_WATCHREQUEST']._serialized_end=3117
+  _globals['_WATCHEVENT']._serialized_start=3120
+  _globals['_WATCHEVENT']._serialized_end=3357
+  _globals['_KVSTORE']._serialized_start=3577
+  _globals['_KVSTORE']._serialized_end=4491
 # @@protoc_insertion_point(module_scope)

@@ -200,18 +200,20 @@ class FetchRequest(_message.Message):
     def __init__(self, prompt: _Optional[_Union[Prompt, _Mapping]] = ..., max_blocks: _Optional[int] = ..., repair_holes: _Optional[bool] = ..., same_host: _Optional[bool] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class FetchHeader(_message.Message):
-    __slots__ = ("block_hashes", "block_tokens", "block_bytes", "shm_segment", "lease_id")
+    __slots__ = ("block_hashes", "block_tokens", "block_bytes", "shm_segment", "lease_id", "slots")
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     BLOCK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHM_SEGMENT_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
     block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
     block_tokens: int
     block_bytes: int
     shm_segment: str
     lease_id: int
-    def __init__(self, block_hashes: _Optional[_Iterable[bytes]] = ..., block_tokens: _Optional[int] = ..., block_bytes: _Optional[int] = ..., shm_segment: _Optional[str] = ..., lease_id: _Optional[int] = ...) -> None: ...
+    slots: _containers.RepeatedCompositeFieldContainer[SlotRef]
+    def __init__(self, block_hashes: _Optional[_Iterable[bytes]] = ..., block_tokens: _Optional[int] = ..., block_bytes: _Optional[int] = ..., shm_segment: _Optional[str] = ..., lease_id: _Optional[int] = ..., slots: _Optional[_Iterable[_Union[SlotRef, _Mapping]]] = ...) -> None: ...
 
 class FetchResponse(_message.Message):
     __slots__ = ("header", "chunk", "slot")
