@@ -376,5 +376,7 @@ async def _serve(cfg: StoreConfig) -> None:
         await server.stop()
 
 
+from kvstore import cli_client  # noqa: E402,F401  # registers the commands that talk to a server
+
 if __name__ == "__main__":
     main()
