@@ -24,7 +24,7 @@ import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Coroutine, Iterator
 from concurrent.futures import Future
 from types import TracebackType
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 
@@ -114,7 +114,7 @@ class Client:
                 and not self._closed
                 and threading.current_thread() is not self._thread
             ):
-                self._run(items.aclose())
+                self._run(_close_when_idle(items))
 
     def close(self) -> None:
         """Close the async client (channel, shared memory), then stop the loop thread."""
@@ -217,3 +217,13 @@ class Client:
 
     def health(self, service: str = "") -> str:
         return self._run(self._aio.health(service))
+
+
+async def _close_when_idle(items: AsyncGenerator[Any, None]) -> None:
+    """``aclose`` once a cancelled ``anext`` has finished unwinding: after Ctrl-C the cancelled
+    step may still be running on the loop, and closing it then raises "asynchronous generator
+    is already running"."""
+    # Yield to the loop until the step is done; there is no event to wait on for that.
+    while getattr(items, "ag_running", False):  # noqa: ASYNC110  # no completion event exists
+        await asyncio.sleep(0)
+    await items.aclose()

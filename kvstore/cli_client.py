@@ -894,13 +894,6 @@ def events_command(remote: Remote, after_seq: int, count: int, snapshot: bool) -
                     break
         except KeyboardInterrupt:
             pass  # Ctrl-C is how a tail without --count ends
-        except RuntimeError as exc:
-            # Ctrl-C can also surface like this: Client._iterate cancels the pending anext and,
-            # without waiting for it to unwind, closes the async generator, which then refuses
-            # ("aclose(): asynchronous generator is already running") with the
-            # KeyboardInterrupt as its context. The stream is cancelled either way.
-            if not isinstance(exc.__context__, KeyboardInterrupt):
-                raise
 
 
 # -- bench ---------------------------------------------------------------------------------------
