@@ -23,3 +23,4 @@ bench: install
 	.venv/bin/python -m benchmarks.codec
 	.venv/bin/python -m benchmarks.tiers
 	.venv/bin/python -m benchmarks.engine
+	.venv/bin/python -m benchmarks.service
