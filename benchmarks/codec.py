@@ -66,14 +66,22 @@ class CacheGeometry:
 
     def spec(self, dtype: str, block_tokens: int) -> ModelSpec:
         return ModelSpec(
-            model_id=self.model_id, num_layers=self.num_layers, num_kv_heads=self.num_kv_heads,
-            head_dim=self.head_dim, dtype=dtype, block_tokens=block_tokens,
+            model_id=self.model_id,
+            num_layers=self.num_layers,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            dtype=dtype,
+            block_tokens=block_tokens,
         )
 
     def real_blocks(self, block_tokens: int, num_tokens: int, dtype: str) -> torch.Tensor:
         return real_kv_blocks(
-            num_layers=self.num_layers, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-            block_tokens=block_tokens, num_tokens=num_tokens, dtype=torch_dtype(dtype),
+            num_layers=self.num_layers,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            block_tokens=block_tokens,
+            num_tokens=num_tokens,
+            dtype=torch_dtype(dtype),
         )
 
 
@@ -88,12 +96,27 @@ COMPRESSION_BLOCK_TOKENS = 256
 COMPRESSION_TOKENS = 1024
 
 THROUGHPUT_HEADERS = (
-    "block", "codec", "raw/stored", "encode GB/s", "encode ÷ memcpy", "decode GB/s",
-    "decode ÷ memcpy", "decode→out GB/s", "decode→out ÷ memcpy",
+    "block",
+    "codec",
+    "raw/stored",
+    "encode GB/s",
+    "encode ÷ memcpy",
+    "decode GB/s",
+    "decode ÷ memcpy",
+    "decode→out GB/s",
+    "decode→out ÷ memcpy",
 )
 COMPRESSION_HEADERS = (
-    "data", "dtype", "codec", "raw MiB", "stored MiB", "raw/stored", "encode GB/s",
-    "encode ÷ memcpy", "decode→out GB/s", "decode→out ÷ memcpy",
+    "data",
+    "dtype",
+    "codec",
+    "raw MiB",
+    "stored MiB",
+    "raw/stored",
+    "encode GB/s",
+    "encode ÷ memcpy",
+    "decode→out GB/s",
+    "decode→out ÷ memcpy",
 )
 TEXT_COLUMNS = frozenset({"block", "codec", "data", "dtype"})
 
@@ -186,25 +209,51 @@ def throughput(settings: Settings, samples: dict[int, torch.Tensor]) -> list[tup
 
         memcpy_s = times["memcpy"]
         memcpy_gbs = f"{nbytes / memcpy_s / GB:.1f}"
-        rows.append((block, "memcpy (dst.copy_), baseline", "—", memcpy_gbs, "1.00",
-                     memcpy_gbs, "1.00", memcpy_gbs, "1.00"))
+        rows.append(
+            (
+                block,
+                "memcpy (dst.copy_), baseline",
+                "—",
+                memcpy_gbs,
+                "1.00",
+                memcpy_gbs,
+                "1.00",
+                memcpy_gbs,
+                "1.00",
+            )
+        )
         for label, _, _ in CODECS:
             enc_s = times[f"{label} encode"]
             dec_s = times[f"{label} decode"]
             out_s = times[f"{label} decode out"]
-            rows.append((
-                block, label, f"{nbytes / len(encoded[label]):.3f}",
-                f"{nbytes / enc_s / GB:.2f}", _ratio(memcpy_s, enc_s),
-                f"{nbytes / dec_s / GB:.2f}", _ratio(memcpy_s, dec_s),
-                f"{nbytes / out_s / GB:.2f}", _ratio(memcpy_s, out_s),
-            ))
+            rows.append(
+                (
+                    block,
+                    label,
+                    f"{nbytes / len(encoded[label]):.3f}",
+                    f"{nbytes / enc_s / GB:.2f}",
+                    _ratio(memcpy_s, enc_s),
+                    f"{nbytes / dec_s / GB:.2f}",
+                    _ratio(memcpy_s, dec_s),
+                    f"{nbytes / out_s / GB:.2f}",
+                    _ratio(memcpy_s, out_s),
+                )
+            )
             if label == "raw":
                 into_s = times[f"{INTO_LABEL} encode"]
-                rows.append((
-                    block, INTO_LABEL, f"{nbytes / len(encoded[label]):.3f}",
-                    f"{nbytes / into_s / GB:.2f}", _ratio(memcpy_s, into_s),
-                    "—", "—", "—", "—",
-                ))
+                rows.append(
+                    (
+                        block,
+                        INTO_LABEL,
+                        f"{nbytes / len(encoded[label]):.3f}",
+                        f"{nbytes / into_s / GB:.2f}",
+                        _ratio(memcpy_s, into_s),
+                        "—",
+                        "—",
+                        "—",
+                        "—",
+                    )
+                )
     return rows
 
 
@@ -259,24 +308,53 @@ def compression(
 
         memcpy_s = times["memcpy"]
         memcpy_gbs = f"{raw_nbytes / memcpy_s / GB:.2f}"
-        rows.append((data_label, dtype_name, "memcpy (dst.copy_), baseline",
-                     f"{raw_nbytes / MiB:.2f}", "—", "—", memcpy_gbs, "1.00", memcpy_gbs, "1.00"))
+        rows.append(
+            (
+                data_label,
+                dtype_name,
+                "memcpy (dst.copy_), baseline",
+                f"{raw_nbytes / MiB:.2f}",
+                "—",
+                "—",
+                memcpy_gbs,
+                "1.00",
+                memcpy_gbs,
+                "1.00",
+            )
+        )
         for label, _, _ in CODECS:
             enc_s = times[f"{label} encode"]
             dec_s = times[f"{label} decode out"]
-            rows.append((
-                data_label, dtype_name, label, f"{raw_nbytes / MiB:.2f}",
-                f"{stored[label] / MiB:.2f}", f"{raw_nbytes / stored[label]:.3f}",
-                f"{raw_nbytes / enc_s / GB:.2f}", _ratio(memcpy_s, enc_s),
-                f"{raw_nbytes / dec_s / GB:.2f}", _ratio(memcpy_s, dec_s),
-            ))
+            rows.append(
+                (
+                    data_label,
+                    dtype_name,
+                    label,
+                    f"{raw_nbytes / MiB:.2f}",
+                    f"{stored[label] / MiB:.2f}",
+                    f"{raw_nbytes / stored[label]:.3f}",
+                    f"{raw_nbytes / enc_s / GB:.2f}",
+                    _ratio(memcpy_s, enc_s),
+                    f"{raw_nbytes / dec_s / GB:.2f}",
+                    _ratio(memcpy_s, dec_s),
+                )
+            )
             if label == "raw":
                 into_s = times[f"{INTO_LABEL} encode"]
-                rows.append((
-                    data_label, dtype_name, INTO_LABEL, f"{raw_nbytes / MiB:.2f}",
-                    f"{stored[label] / MiB:.2f}", f"{raw_nbytes / stored[label]:.3f}",
-                    f"{raw_nbytes / into_s / GB:.2f}", _ratio(memcpy_s, into_s), "—", "—",
-                ))
+                rows.append(
+                    (
+                        data_label,
+                        dtype_name,
+                        INTO_LABEL,
+                        f"{raw_nbytes / MiB:.2f}",
+                        f"{stored[label] / MiB:.2f}",
+                        f"{raw_nbytes / stored[label]:.3f}",
+                        f"{raw_nbytes / into_s / GB:.2f}",
+                        _ratio(memcpy_s, into_s),
+                        "—",
+                        "—",
+                    )
+                )
     return rows
 
 
@@ -291,8 +369,11 @@ def torch_threads(num_threads: int) -> Iterator[None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.codec", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.codec",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--quick", action="store_true", help="fewer repeats, for a smoke run")
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL

@@ -18,10 +18,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
-import statistics
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ import lmdb
 import numpy as np
 import torch
 
-from benchmarks.report import Table, print_tables
+from benchmarks.report import Table, amedians_s, print_tables
 from kvstore.block_format import HEADER_BYTES, encode_block
 from kvstore.config import StoreConfig
 from kvstore.engine import Engine, EngineConfig
@@ -43,22 +42,6 @@ from tiers.redis_store import RedisTierConfig
 HEADERS = ("what", "size", "engine", "baseline", "baseline value", "ratio", "target")
 TEXT = frozenset({"what", "size", "baseline", "target"})
 MiB = 1 << 20
-
-
-async def medians_s(
-    a: Callable[[], Awaitable[Any]], b: Callable[[], Awaitable[Any]], repeats: int
-) -> tuple[float, float]:
-    """Median seconds of ``a`` and of ``b``, sampled alternately (a, b, a, b, ...) after one
-    warm-up call each, so that load from other processes falls on both alike."""
-    await a()
-    await b()
-    samples: tuple[list[float], list[float]] = ([], [])
-    for _ in range(repeats):
-        for fn, out in ((a, samples[0]), (b, samples[1])):
-            t0 = time.perf_counter()
-            await fn()
-            out.append(time.perf_counter() - t0)
-    return statistics.median(samples[0]), statistics.median(samples[1])
 
 
 def store_config(
@@ -107,7 +90,7 @@ async def lookup_rows(repeats: int, workdir: Path) -> list[tuple[str, ...]]:
             async def hashing(p: np.ndarray[Any, Any] = prompt) -> None:
                 block_hashes(spec, p)
 
-            t, base = await medians_s(lookup, hashing, repeats * 5)
+            t, base = await amedians_s(lookup, hashing, repeats * 5)
             target = "—" if n != 131_072 else f"{'yes' if t <= 3e-3 else 'NO'} (≤ 3 ms)"
             rows.append(
                 (
@@ -188,7 +171,7 @@ async def tier_rows(
                 for i in range(0, len(keys), 8):
                     assert None not in await raw.get(keys[i : i + 8])
 
-            t, base = await medians_s(via_engine, via_tier, repeats)
+            t, base = await amedians_s(via_engine, via_tier, repeats)
             per_block_ms = t / num_blocks * 1e3
             rows.append(
                 (

@@ -63,8 +63,12 @@ def run(settings: Settings) -> list[tuple[str, ...]]:
     rows: list[tuple[str, ...]] = []
     for block_tokens in BLOCK_TOKENS:
         spec = ModelSpec(
-            model_id="bench/hashing", num_layers=28, num_kv_heads=4, head_dim=128,
-            dtype="bfloat16", block_tokens=block_tokens,
+            model_id="bench/hashing",
+            num_layers=28,
+            num_kv_heads=4,
+            head_dim=128,
+            dtype="bfloat16",
+            block_tokens=block_tokens,
         )
         root = root_hash(spec)
         # The benchmark is only meaningful if both sides compute the same chain.
@@ -86,8 +90,14 @@ def run(settings: Settings) -> list[tuple[str, ...]]:
             else:
                 met = "—"
             rows.append(
-                (str(block_tokens), label, f"{ms:.3f}", f"{baseline_ms:.3f}",
-                 f"{ms / baseline_ms:.2f}x", met)
+                (
+                    str(block_tokens),
+                    label,
+                    f"{ms:.3f}",
+                    f"{baseline_ms:.3f}",
+                    f"{ms / baseline_ms:.2f}x",
+                    met,
+                )
             )
     return rows
 

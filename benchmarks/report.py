@@ -15,7 +15,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
@@ -25,7 +25,16 @@ from rich.console import Console
 from rich.table import Table as RichTable
 from rich.text import Text
 
-__all__ = ["Case", "Settings", "Table", "environment", "markdown", "medians_s", "print_tables"]
+__all__ = [
+    "Case",
+    "Settings",
+    "Table",
+    "amedians_s",
+    "environment",
+    "markdown",
+    "medians_s",
+    "print_tables",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +91,22 @@ def medians_s(
                 fn()
             samples[name].append((time.perf_counter() - start) / number)
     return {name: statistics.median(times) for name, times in samples.items()}
+
+
+async def amedians_s(
+    a: Callable[[], Awaitable[object]], b: Callable[[], Awaitable[object]], repeats: int
+) -> tuple[float, float]:
+    """Median seconds of the coroutine functions ``a`` and ``b``, sampled alternately (a, b, a,
+    b, ...) after one warm-up call each, for the same reason as ``medians_s``."""
+    await a()
+    await b()
+    samples: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        for fn, out in ((a, samples[0]), (b, samples[1])):
+            start = time.perf_counter()
+            await fn()
+            out.append(time.perf_counter() - start)
+    return statistics.median(samples[0]), statistics.median(samples[1])
 
 
 def _call(case: Case) -> float:

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import tempfile
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,7 @@ import grpc
 import numpy as np
 import torch
 
-from benchmarks.report import Table, print_tables
+from benchmarks.report import Table, amedians_s, print_tables
 from client import AsyncClient
 from kvstore.config import StoreConfig
 from kvstore.keys import ModelSpec
@@ -41,20 +39,6 @@ MiB = 1 << 20
 CHUNK = 1 * MiB
 HEADERS = ("path", "payload", "kvstore GB/s", "baseline", "baseline GB/s", "ratio", "target")
 TEXT = frozenset({"path", "payload", "baseline", "target"})
-
-
-async def medians_s(
-    a: Callable[[], Awaitable[Any]], b: Callable[[], Awaitable[Any]], repeats: int
-) -> tuple[float, float]:
-    await a()
-    await b()
-    samples: tuple[list[float], list[float]] = ([], [])
-    for _ in range(repeats):
-        for fn, out in ((a, samples[0]), (b, samples[1])):
-            t0 = time.perf_counter()
-            await fn()
-            out.append(time.perf_counter() - t0)
-    return statistics.median(samples[0]), statistics.median(samples[1])
 
 
 class RawStream:
@@ -129,7 +113,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> list[tuple[str, ...]]:
             async def memcpy() -> None:
                 np.copyto(dst, src)
 
-            t, base = await medians_s(same_host, memcpy, args.repeats)
+            t, base = await amedians_s(same_host, memcpy, args.repeats)
             assert torch.equal(out, kv), "same-host fetch returned other bytes"
             ratio = base / t
             rows.append(
@@ -169,7 +153,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> list[tuple[str, ...]]:
                 assert pos == nbytes
 
             out.zero_()
-            t, base = await medians_s(bytes_fetch, raw_stream, args.repeats)
+            t, base = await amedians_s(bytes_fetch, raw_stream, args.repeats)
             assert torch.equal(out, kv), "bytes fetch returned other bytes"
             await channel.close()
             ratio = base / t

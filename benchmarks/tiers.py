@@ -251,13 +251,19 @@ class Bench:
     def report(self, times: dict[str, float]) -> None:
         for name in ("G1 (cpu)", "G2"):
             self.row(name, "put", times[f"{name} put"], "memcpy", times["memcpy"])
-            self.row(name, "get", times[f"{name} get"], "copy to new bytes",
-                     times["copy to new bytes"])
+            self.row(
+                name, "get", times[f"{name} get"], "copy to new bytes", times["copy to new bytes"]
+            )
             self.row(name, "get_into", times[f"{name} get_into"], "memcpy", times["memcpy"])
         self.row("G3", "put", times["G3 put"], "raw lmdb put", times["raw lmdb put"])
         self.row("G3", "get", times["G3 get"], "raw lmdb get", times["raw lmdb get"])
-        self.row("G3", "get_into", times["G3 get_into"], "raw lmdb view + copy",
-                 times["raw lmdb view + copy"])
+        self.row(
+            "G3",
+            "get_into",
+            times["G3 get_into"],
+            "raw lmdb view + copy",
+            times["raw lmdb view + copy"],
+        )
         # The faster of the two clients is the baseline, as a user would pick it.
         redis_set = min(times["redis-py sync SET"], times["redis-py async SET"])
         redis_get = min(times["redis-py sync GET"], times["redis-py async GET"])

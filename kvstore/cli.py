@@ -14,7 +14,7 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +128,9 @@ def stats(config_path: str | None, settings: tuple[str, ...]) -> None:
         raise click.ClickException(str(exc)) from None
 
 
-async def _stats(cfg: StoreConfig) -> None:
+@contextlib.contextmanager
+def _rebuild_progress() -> Iterator[Callable[[int, int], None]]:
+    """A progress bar for the index rebuild at start; yields the engine's progress callback."""
     with Progress(
         TextColumn("rebuilding the index from G3"),
         BarColumn(),
@@ -142,6 +144,11 @@ async def _stats(cfg: StoreConfig) -> None:
         def report(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
 
+        yield report
+
+
+async def _stats(cfg: StoreConfig) -> None:
+    with _rebuild_progress() as report:
         t0 = time.perf_counter()
         engine = await Engine.open(cfg, progress=report)
     elapsed = time.perf_counter() - t0
@@ -347,19 +354,7 @@ def _print_serve_config(cfg: StoreConfig) -> None:
 
 async def _serve(cfg: StoreConfig) -> None:
     server = KVStoreServer(cfg)
-    with Progress(
-        TextColumn("rebuilding the index from G3"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as progress:
-        task = progress.add_task("rebuild", total=None)
-
-        def report(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
-
+    with _rebuild_progress() as report:
         port = await server.start(progress=report)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
