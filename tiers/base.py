@@ -106,24 +106,9 @@ class Tier(ABC):
     async def get(self, keys: Sequence[bytes]) -> list[BlockBytes | None]:
         keys = _check_keys(keys)
         values = await self._get(keys) if keys else []
-        if self.verify_reads:
-            corrupt: list[BlockHash] = []
-            for i, (key, value) in enumerate(zip(keys, values, strict=True)):
-                if value is None:
-                    continue
-                try:
-                    verify_block(key, value)
-                except CorruptBlockError as exc:
-                    values[i] = None
-                    corrupt.append(key)
-                    self._report_corrupt(key, str(exc))
-            if corrupt:
-                await self._delete(corrupt)
-        hits = sum(v is not None for v in values)
-        self._num_gets += len(keys)
-        self._num_hits += hits
-        self._num_misses += len(keys) - hits
-        return values
+        found = [None if v is None else (v, None) for v in values]
+        ok = await self._verified(keys, found)
+        return [v if good else None for v, good in zip(values, ok, strict=True)]
 
     async def get_into(self, keys: Sequence[bytes], buffers: Sequence[Any]) -> list[int | None]:
         """Read each block into the writable buffer at the same position; ``None`` for a miss.
@@ -136,25 +121,40 @@ class Tier(ABC):
             raise InvalidArgumentError(f"{len(keys)} keys but {len(buffers)} buffers")
         views = [_writable(b) for b in buffers]
         reads = await self._get_into(keys, views) if keys else []
-        sizes: list[int | None] = [None if r is None else r.nbytes for r in reads]
+        found = [
+            None if r is None else (views[i][: r.nbytes], r.payload_xxh3)
+            for i, r in enumerate(reads)
+        ]
+        ok = await self._verified(keys, found)
+        return [
+            r.nbytes if r is not None and good else None for r, good in zip(reads, ok, strict=True)
+        ]
+
+    async def _verified(
+        self, keys: list[BlockHash], found: Sequence[tuple[Buffer, int | None] | None]
+    ) -> list[bool]:
+        """Which reads are hits that pass verification (where the tier asks for it), with the
+        counters kept; a corrupt block is reported and deleted. ``found`` holds, per key, the
+        bytes read and their payload checksum if the tier computed it while copying."""
+        ok = [f is not None for f in found]
         if self.verify_reads:
             corrupt: list[BlockHash] = []
-            for i, (key, read) in enumerate(zip(keys, reads, strict=True)):
-                if read is None:
+            for i, (key, item) in enumerate(zip(keys, found, strict=True)):
+                if item is None:
                     continue
                 try:
-                    verify_block(key, views[i][: read.nbytes], payload_xxh3=read.payload_xxh3)
+                    verify_block(key, item[0], payload_xxh3=item[1])
                 except CorruptBlockError as exc:
-                    sizes[i] = None
+                    ok[i] = False
                     corrupt.append(key)
                     self._report_corrupt(key, str(exc))
             if corrupt:
                 await self._delete(corrupt)
-        hits = sum(n is not None for n in sizes)
+        hits = sum(ok)
         self._num_gets += len(keys)
         self._num_hits += hits
         self._num_misses += len(keys) - hits
-        return sizes
+        return ok
 
     async def put(self, items: Sequence[tuple[bytes, Buffer]]) -> int:
         checked: list[tuple[BlockHash, Buffer]] = []
