@@ -554,9 +554,9 @@ class Engine:
         except TimeoutError:
             self.counters.add("overloaded")
             raise OverloadedError(
-                f"{self._queue.qsize()} background copies are pending and none finished room "
-                f"for {n} more within {timeout_s:g} s; the lower tiers are slower than the "
-                "puts: retry later or add capacity"
+                f"{self._queue.qsize()} background copies are pending and no room for {n} more "
+                f"came free within {timeout_s:g} s: the lower tiers are slower than the puts; "
+                "retry later or add capacity"
             ) from None
 
     # -- room and eviction ---------------------------------------------------------------------
