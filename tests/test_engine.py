@@ -465,7 +465,7 @@ async def test_a_burst_of_puts_meets_backpressure_not_unbounded_memory(
                 outcomes.append("ok")
             except OverloadedError as exc:
                 outcomes.append(str(exc))
-            assert (await e.stats()).queue_depth <= 8
+            assert e.queue_depth <= 8  # stats() would wait on the paused G4
         refused = [o for o in outcomes if o != "ok"]
         assert refused
         assert all("background copies are pending" in o for o in refused)
