@@ -37,11 +37,22 @@ from client.errors import (
     AuthError,
     NotFoundError,
     NotSupportedError,
+    NoWorkerError,
     ResourceExhaustedError,
     ServerError,
     ServiceUnavailableError,
 )
-from client.results import BlockInfo, Event, Lease, Lookup, PutResult, Stats, TierUsage
+from client.results import (
+    BlockInfo,
+    Event,
+    Lease,
+    Lookup,
+    PutResult,
+    Repair,
+    Stats,
+    TierUsage,
+    WorkerInfo,
+)
 from client.sync import Client
 from kvstore.errors import (
     CorruptBlockError,
@@ -63,15 +74,18 @@ __all__ = [
     "KVStoreError",
     "Lease",
     "Lookup",
+    "NoWorkerError",
     "NotFoundError",
     "NotSupportedError",
     "PutResult",
+    "Repair",
     "ResourceExhaustedError",
     "ServerError",
     "ServiceUnavailableError",
     "SpecMismatchError",
     "Stats",
     "TierUsage",
+    "WorkerInfo",
     "from_dynamic_cache",
     "to_dynamic_cache",
 ]

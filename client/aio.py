@@ -69,11 +69,12 @@ from client.convert import (
     namespace_of,
     prompt_of,
     put_result_of,
+    repair_of,
     stats_of,
     tier_value,
 )
 from client.errors import NotFoundError, error_from_rpc
-from client.results import BlockInfo, Event, Lease, Lookup, PutResult, Stats
+from client.results import BlockInfo, Event, Lease, Lookup, PutResult, Repair, Stats
 from kvstore.errors import ConfigError, CorruptBlockError, InvalidArgumentError, KVStoreError
 from kvstore.keys import BlockHash, ModelSpec
 from kvstore.v1 import kvstore_pb2 as pb
@@ -306,6 +307,7 @@ class AsyncClient:
         max_blocks: int = 0,
         out: torch.Tensor | None = None,
         extra_keys: ExtraKeys = None,
+        repair_holes: bool = False,
     ) -> tuple[torch.Tensor, int]:
         """The K/V of the leading hit of ``tokens`` and its number of tokens.
 
@@ -313,7 +315,10 @@ class AsyncClient:
         is 0 and the tensor is empty. ``max_blocks`` caps the blocks fetched (0: all of the hit).
         ``out`` (namespace dtype, ``[layers, 2, >= tokens, kv_heads, head_dim]``) receives the
         blocks in its leading tokens, and also caps how many are fetched; the result is then a
-        view of it. Blocks after a hole are not returned: ``lookup`` shows them.
+        view of it. Blocks after a hole are not returned: ``lookup`` shows them, and
+        ``repair_holes=True`` has the server's model worker recompute the holes first (as
+        ``repair``), so that the hit reaches past them; that call may take as long as the model
+        needs, and raises ``NoWorkerError`` when no worker of the namespace is attached.
         """
         if max_blocks < 0:
             raise InvalidArgumentError(f"max_blocks must be >= 0, got {max_blocks}")
@@ -327,6 +332,7 @@ class AsyncClient:
             max_blocks=max_blocks,
             max_chunk_bytes=self.max_chunk_bytes,
             same_host=self._shm_fetch,
+            repair_holes=repair_holes,
         )
         try:
             kv = await self._retrying(lambda: self._fetch(spec, request, out))
@@ -449,6 +455,32 @@ class AsyncClient:
         except NotFoundError:
             return False
         return bool(reply.released)
+
+    async def repair(
+        self,
+        spec: ModelSpec,
+        tokens: Tokens,
+        *,
+        exact: bool = False,
+        extra_keys: ExtraKeys = None,
+        timeout_s: float | None = None,
+    ) -> Repair:
+        """Have the server's model worker recompute the holes of ``tokens``' stored prefix
+        (missing blocks with a present block after them) and store them; the blocks after each
+        hole are reused. ``exact=True`` recomputes from the first hole to the last present block
+        instead (bit-identical to a prefill from scratch). A missing tail is left alone.
+
+        ``NoWorkerError`` when no worker of ``spec`` is attached; a worker lost mid-repair is
+        retried like any UNAVAILABLE answer (nothing of the failed attempt was stored).
+        ``timeout_s`` (default: the client's) bounds each attempt: the model's time counts.
+        """
+        request = pb.RepairRequest(prompt=prompt_of(spec, tokens, extra_keys), exact=exact)
+        call = self._connect().Repair
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        reply = await self._retrying(
+            lambda: call(request, timeout=timeout, metadata=self._metadata)
+        )
+        return repair_of(reply)
 
     async def pin(self, spec: ModelSpec, hashes: list[BlockHash], *, ttl_s: float = 0.0) -> int:
         """Keep blocks in their tiers (``ttl_s=0``: until unpinned); returns blocks pinned."""

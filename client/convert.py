@@ -34,7 +34,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from client.results import BlockInfo, Event, Lookup, PutResult, Stats, TierUsage
+from client.results import (
+    BlockInfo,
+    Event,
+    Lookup,
+    PutResult,
+    Repair,
+    Stats,
+    TierUsage,
+    WorkerInfo,
+)
 from kvstore.block_format import torch_dtype
 from kvstore.errors import CorruptBlockError, InvalidArgumentError, SpecMismatchError
 from kvstore.keys import BlockHash, ExtraKey, ModelSpec, tokens_to_u32
@@ -367,6 +376,28 @@ def stats_of(reply: pb.StatsResponse) -> Stats:
         num_leases=reply.num_leases,
         queue_depth=reply.queue_depth,
         counters=dict(reply.counters),
+        workers=[
+            WorkerInfo(
+                worker_id=w.worker_id,
+                name=w.name,
+                spec=spec_of(w.namespace),
+                address=w.address,
+                tasks_done=w.tasks_done,
+                blocks_computed=w.blocks_computed,
+                busy=w.busy,
+            )
+            for w in reply.workers
+        ],
+    )
+
+
+def repair_of(reply: pb.RepairResponse) -> Repair:
+    return Repair(
+        repaired=list(reply.repaired),
+        hit_blocks=reply.hit_blocks,
+        hit_blocks_before=reply.hit_blocks_before,
+        kept=list(reply.kept),
+        worker=reply.worker,
     )
 
 

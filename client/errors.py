@@ -14,6 +14,7 @@ raises them. Errors the server answers with arrive as gRPC status codes and beco
      ├── ResourceExhaustedError        RESOURCE_EXHAUSTED: tier full, quota, or overloaded
      ├── ServiceUnavailableError       UNAVAILABLE (retried first), DEADLINE_EXCEEDED
      ├── NotSupportedError             UNIMPLEMENTED (also a NotImplementedError)
+     ├── NoWorkerError                 FAILED_PRECONDITION: repair without a model worker
      └── ServerError                   any other code (INTERNAL, UNKNOWN, CANCELLED, ...)
 
 Every remote error carries the status name in ``code`` and the server's message as its text.
@@ -34,6 +35,7 @@ from kvstore.errors import CorruptBlockError, InvalidArgumentError, KVStoreError
 
 __all__ = [
     "AuthError",
+    "NoWorkerError",
     "NotFoundError",
     "NotSupportedError",
     "ResourceExhaustedError",
@@ -76,9 +78,16 @@ class ServiceUnavailableError(_RemoteError):
 
 
 class NotSupportedError(_RemoteError, NotImplementedError):
-    """The server does not implement this call (an older server, or no model worker)."""
+    """The server does not implement this call (an older server)."""
 
     code = "UNIMPLEMENTED"
+
+
+class NoWorkerError(_RemoteError):
+    """Repair was asked for, but no model worker of the prompt's namespace is attached to the
+    server (start one with ``kvstore worker``); the message lists the workers that are."""
+
+    code = "FAILED_PRECONDITION"
 
 
 class ServerError(_RemoteError):
@@ -95,6 +104,7 @@ _BY_CODE: Final[dict[grpc.StatusCode, type[_RemoteError]]] = {
     grpc.StatusCode.UNAVAILABLE: ServiceUnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: ServiceUnavailableError,
     grpc.StatusCode.UNIMPLEMENTED: NotSupportedError,
+    grpc.StatusCode.FAILED_PRECONDITION: NoWorkerError,
 }
 
 

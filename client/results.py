@@ -13,9 +13,19 @@ from dataclasses import dataclass, field
 from types import TracebackType
 
 from kvstore.errors import KVStoreError
-from kvstore.keys import BlockHash
+from kvstore.keys import BlockHash, ModelSpec
 
-__all__ = ["BlockInfo", "Event", "Lease", "Lookup", "PutResult", "Stats", "TierUsage"]
+__all__ = [
+    "BlockInfo",
+    "Event",
+    "Lease",
+    "Lookup",
+    "PutResult",
+    "Repair",
+    "Stats",
+    "TierUsage",
+    "WorkerInfo",
+]
 
 log = logging.getLogger(__name__)
 
@@ -109,12 +119,37 @@ class TierUsage:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """A model worker attached to the server (admins see them in ``stats``)."""
+
+    worker_id: int
+    name: str
+    spec: ModelSpec  # the namespace whose holes it repairs
+    address: str  # its peer address, or "in-process"
+    tasks_done: int
+    blocks_computed: int
+    busy: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Stats:
     tiers: list[TierUsage]
     num_blocks: int
     num_leases: int
     queue_depth: int  # background copies waiting
     counters: dict[str, int]
+    workers: list[WorkerInfo] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Repair:
+    """What ``repair`` did to a prompt's stored prefix."""
+
+    repaired: list[int]  # blocks computed and stored, in prompt order
+    hit_blocks: int  # the leading hit after the repair
+    hit_blocks_before: int
+    kept: list[int]  # exact=True: blocks leased or pinned by others, left as they were
+    worker: str  # the worker that computed them ("" when nothing needed computing)
 
 
 @dataclass(frozen=True, slots=True)

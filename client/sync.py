@@ -30,7 +30,7 @@ import torch
 
 from client.aio import AsyncClient, Pem
 from client.convert import ExtraKeys, Tokens
-from client.results import BlockInfo, Event, Lease, Lookup, PutResult, Stats
+from client.results import BlockInfo, Event, Lease, Lookup, PutResult, Repair, Stats
 from kvstore.keys import BlockHash, ModelSpec
 
 __all__ = ["Client"]
@@ -164,11 +164,30 @@ class Client:
         max_blocks: int = 0,
         out: torch.Tensor | None = None,
         extra_keys: ExtraKeys = None,
+        repair_holes: bool = False,
     ) -> tuple[torch.Tensor, int]:
         return self._run(
             self._aio.get_prefix(
-                spec, tokens, max_blocks=max_blocks, out=out, extra_keys=extra_keys
+                spec,
+                tokens,
+                max_blocks=max_blocks,
+                out=out,
+                extra_keys=extra_keys,
+                repair_holes=repair_holes,
             )
+        )
+
+    def repair(
+        self,
+        spec: ModelSpec,
+        tokens: Tokens,
+        *,
+        exact: bool = False,
+        extra_keys: ExtraKeys = None,
+        timeout_s: float | None = None,
+    ) -> Repair:
+        return self._run(
+            self._aio.repair(spec, tokens, exact=exact, extra_keys=extra_keys, timeout_s=timeout_s)
         )
 
     def reserve(

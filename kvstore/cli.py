@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import secrets
 import signal
@@ -369,6 +370,138 @@ async def _serve(cfg: StoreConfig) -> None:
     finally:
         click.echo("kvstore stopping", err=True)
         await server.stop()
+
+
+# -- the model worker --------------------------------------------------------------------------
+
+
+@main.command("worker")
+@click.option(
+    "--server",
+    default="127.0.0.1:50051",
+    show_default=True,
+    envvar="KVSTORE_SERVER",
+    show_envvar=True,
+    metavar="HOST:PORT",
+    help="The kvstore server to attach to (or unix:/path).",
+)
+@click.option(
+    "--token",
+    default=None,
+    envvar="KVSTORE_TOKEN",
+    show_envvar=True,
+    help="Bearer token of an admin tenant (servers with tenants).",
+)
+@click.option(
+    "--tls-ca",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    envvar="KVSTORE_TLS_CA",
+    show_envvar=True,
+    help="PEM file of the CA that signed the server's certificate: turns TLS on.",
+)
+@click.option(
+    "--model",
+    "model_dir",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    envvar="KVSTORE_WORKER_MODEL",
+    show_envvar=True,
+    metavar="DIR",
+    help="A local transformers causal LM (Llama, Qwen2, Mistral, GPT-2, ...). Default: the "
+    "small built-in model, built from a config with --seed.",
+)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16", "bfloat16"]),
+    default="float32",
+    show_default=True,
+    help="The model's compute dtype, and its blocks' dtype.",
+)
+@click.option(
+    "--block-tokens",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    envvar="KVSTORE_WORKER_BLOCK_TOKENS",
+    show_envvar=True,
+    help="Tokens per block of the namespace this worker serves.",
+)
+@click.option("--device", default="cpu", show_default=True, help="torch device of the model.")
+@click.option("--name", default="", help="Name in `kvstore tiers` and logs (default host:pid).")
+@click.option(
+    "--spec-out",
+    type=click.Path(dir_okay=False, writable=True),
+    default=None,
+    metavar="FILE",
+    help="Write the worker's namespace as JSON (for --model-spec of the other commands).",
+)
+def worker_command(
+    server: str,
+    token: str | None,
+    tls_ca: str | None,
+    model_dir: str | None,
+    seed: int,
+    dtype: str,
+    block_tokens: int,
+    device: str,
+    name: str,
+    spec_out: str | None,
+) -> None:
+    """Run a model worker: attach to a kvstore server and repair holes for it.
+
+    The server sends each repair of the worker's namespace (the model, its weights, dtype and
+    block size) to one of the workers attached for it; several may attach, and a worker that
+    goes away is replaced by the others. Runs until SIGINT or SIGTERM; reconnects when the
+    server restarts.
+    """
+    # Imported here: transformers takes seconds to import, and the other commands never need it.
+    from kvstore.worker import ModelWorker, WorkerConfig
+    from kvstore.worker_link import WorkerLink
+
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = WorkerConfig(
+            model_dir=model_dir or "",
+            seed=seed,
+            dtype=dtype,
+            block_tokens=block_tokens,
+            device=device,
+        )
+        with console.status("loading the model"):
+            worker = ModelWorker(config)
+        spec = worker.spec
+        if spec_out:
+            Path(spec_out).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
+        link = WorkerLink(worker, server, token=token, tls_ca=tls_ca, name=name)
+        click.echo(f"worker {link.name}: {spec.name} ({json.dumps(spec.to_dict())})")
+        asyncio.run(_run_worker(link))
+    except KVStoreError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+async def _run_worker(link: Any) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def announce() -> None:
+        await link.attached.wait()
+        # click.echo flushes: a supervisor (or a test) reading stdout learns it at once.
+        click.echo(f"worker attached to {link.target} as worker {link.worker_id}")
+
+    announcer = asyncio.create_task(announce())
+    try:
+        await link.run(stop)
+    finally:
+        announcer.cancel()
+        click.echo("worker stopping", err=True)
 
 
 from kvstore import cli_client  # noqa: E402,F401  # registers the commands that talk to a server

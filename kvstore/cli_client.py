@@ -3,7 +3,8 @@
 Commands, in the order an operator reaches for them: ``tiers`` (alias ``status``: usage and
 counters), ``ls`` (the blocks), ``inspect HASH`` (one block's header), ``lookup`` (a prompt's block
 map, holes marked), ``pin`` / ``unpin`` / ``evict`` / ``flush`` (operator actions), ``events``
-(tail the Watch stream) and ``bench`` (a load generator that checks every byte it gets back).
+(tail the Watch stream), ``repair`` (recompute a prompt's holes with the server's model worker)
+and ``bench`` (a load generator that checks every byte it gets back).
 
 Every command takes ``--server HOST:PORT``, ``--token``, ``--tls-ca``, ``--timeout`` (also from
 ``KVSTORE_SERVER``, ``KVSTORE_TOKEN``, ``KVSTORE_TLS_CA``, ``KVSTORE_TIMEOUT``) and ``--json`` (one
@@ -466,6 +467,18 @@ def _stats_doc(remote: Remote, stats: Stats) -> dict[str, Any]:
             for t in stats.tiers
         ],
         "counters": stats.counters,
+        "workers": [
+            {
+                "worker_id": w.worker_id,
+                "name": w.name,
+                "namespace": w.spec.to_dict(),
+                "address": w.address,
+                "tasks_done": w.tasks_done,
+                "blocks_computed": w.blocks_computed,
+                "busy": w.busy,
+            }
+            for w in stats.workers
+        ],
     }
 
 
@@ -511,6 +524,25 @@ def tiers_command(remote: Remote) -> None:
         counters.add_row(f"[dim]{name}", f"[dim]{stats.counters[name]}")
     _out.print(table)
     _out.print(counters)
+    if stats.tiers:  # admins: the attached model workers
+        workers = Table(title="model workers (hole repair)")
+        for col in ("id", "name", "namespace", "address"):
+            workers.add_column(col)
+        for col in ("tasks", "blocks", "busy"):
+            workers.add_column(col, justify="right")
+        for w in stats.workers:
+            workers.add_row(
+                str(w.worker_id),
+                w.name,
+                w.spec.name,
+                w.address,
+                str(w.tasks_done),
+                str(w.blocks_computed),
+                "yes" if w.busy else "",
+            )
+        if not stats.workers:
+            workers.caption = "none attached: holes cannot be repaired (start `kvstore worker`)"
+        _out.print(workers)
 
 
 main.add_command(
@@ -732,6 +764,81 @@ def lookup_command(
     if tail:
         summary += f"; the last {tail} tokens are no full block (never stored)"
     click.echo(summary)
+
+
+@main.command("repair")
+@click.option(
+    "--tokens-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    metavar="FILE",
+    help="Token ids: integers separated by whitespace or commas, or a .npy integer array.",
+)
+@click.option(
+    "--text-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    metavar="FILE",
+    help="A text file, each UTF-8 byte one token id (as for `kvstore lookup`).",
+)
+@click.option(
+    "--exact",
+    is_flag=True,
+    help="Recompute from the first hole to the last stored block, replacing the blocks after "
+    "the hole too (bit-identical to a prefill from scratch).",
+)
+@_namespace()
+@_remote
+def repair_command(
+    remote: Remote,
+    spec: ModelSpec,
+    tokens_file: Path | None,
+    text_file: Path | None,
+    exact: bool,
+) -> None:
+    """Recompute the holes of a prompt's stored prefix with a model worker of the server.
+
+    Only the missing blocks go through the model (with the blocks before them as past); the
+    blocks after each hole are reused. Needs `kvstore worker` attached for the namespace.
+    The model's time counts against --timeout.
+    """
+    tokens = _read_tokens(tokens_file, text_file)
+    with remote.client() as kv, _err.status("repairing (the model is running)", spinner="dots"):
+        started = time.perf_counter()
+        result = kv.repair(spec, tokens, exact=exact, timeout_s=remote.timeout_s)
+        seconds = time.perf_counter() - started
+    if remote.as_json:
+        remote.emit(
+            {
+                "namespace": spec.to_dict(),
+                "repaired": result.repaired,
+                "hit_blocks_before": result.hit_blocks_before,
+                "hit_blocks": result.hit_blocks,
+                "kept": result.kept,
+                "worker": result.worker,
+                "seconds": seconds,
+            }
+        )
+        return
+    if not result.repaired and not result.kept:
+        click.echo(f"no holes: the hit is {result.hit_blocks} blocks; nothing to repair")
+        return
+    bt = spec.block_tokens
+    table = Table(
+        title=f"repaired by {result.worker} in {seconds * 1000:.1f} ms", box=box.SIMPLE_HEAD
+    )
+    table.add_column("block", justify="right")
+    table.add_column("tokens", justify="right")
+    table.add_column("")
+    for i in result.repaired:
+        table.add_row(str(i), f"{i * bt}-{(i + 1) * bt - 1}", "[green]recomputed")
+    for i in result.kept:
+        table.add_row(str(i), f"{i * bt}-{(i + 1) * bt - 1}", "[yellow]kept (leased or pinned)")
+    _out.print(table)
+    click.echo(
+        f"hit {result.hit_blocks_before} -> {result.hit_blocks} blocks "
+        f"({result.hit_blocks_before * bt} -> {result.hit_blocks * bt} tokens)"
+    )
 
 
 # -- pin, unpin, evict, flush --------------------------------------------------------------------

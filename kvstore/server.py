@@ -9,8 +9,8 @@ Operations, in the order a deployment uses them:
    set), mark the standard health service SERVING, export ``/metrics`` when
    ``server.metrics_listen`` is set. Returns the port.
 3. RPCs: Lookup, Reserve/Release, Put (client stream), Fetch (server stream), Pin/Unpin/Evict,
-   Stats for every tenant; ListBlocks, Inspect, Watch and Flush for admin tenants; Repair answers
-   UNIMPLEMENTED until the model worker lands.
+   Repair (and Fetch with ``repair_holes``), Stats for every tenant; ListBlocks, Inspect, Watch,
+   Flush and Work (model workers attach there) for admin tenants.
 4. ``await server.stop(grace_s)`` — health NOT_SERVING, refuse new RPCs, let running ones finish
    within the grace period, cancel the rest, close the engine.
 
@@ -31,11 +31,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import itertools
 import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
@@ -64,6 +66,14 @@ from kvstore.events import Event
 from kvstore.index import BlockEntry
 from kvstore.keys import DIGEST_BYTES, BlockHash, ExtraKey, ModelSpec, root_hash
 from kvstore.metrics import ServerMetrics
+from kvstore.repair import (
+    HoleFiller,
+    NoWorkerError,
+    WorkerGoneError,
+    WorkerLostError,
+    WorkerPool,
+    repair_prompt,
+)
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
@@ -71,7 +81,6 @@ if TYPE_CHECKING:
     from kvstore.config import StoreConfig
 
 __all__ = [
-    "REPAIR_UNIMPLEMENTED",
     "SERVICE_NAME",
     "KVStoreServer",
     "NotFoundError",
@@ -86,9 +95,6 @@ log = logging.getLogger(__name__)
 
 MiB = 1 << 20
 SERVICE_NAME = "kvstore.v1.KVStore"
-REPAIR_UNIMPLEMENTED = (
-    "hole repair needs a model worker; it arrives with `kvstore worker` (next release)"
-)
 # Put streams hand complete blocks to the engine in batches of about this many bytes: large
 # enough that a batch is one tier write, small enough that a stream holds little memory.
 _PUT_BATCH_BYTES = 16 * MiB
@@ -159,6 +165,10 @@ class UnimplementedError(KVStoreError):
     """The method exists on the wire but not in this release."""
 
 
+class _WorkerFailedError(KVStoreError):
+    """A model worker could not compute a task for a reason of its own (it said why)."""
+
+
 # The only place where exceptions become status codes; the first matching row wins. Anything
 # not listed is a bug on our side: INTERNAL, with the request id and a logged traceback.
 _STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
@@ -173,6 +183,9 @@ _STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (TierFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (TierUnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (NoWorkerError, grpc.StatusCode.FAILED_PRECONDITION),
+    (WorkerLostError, grpc.StatusCode.UNAVAILABLE),
+    (_WorkerFailedError, grpc.StatusCode.INTERNAL),
 )
 
 
@@ -192,6 +205,7 @@ class _Call:
     request_id: str
     tenant: Tenant | None = None
     started: float = field(default_factory=time.perf_counter)
+    peer: str = ""
 
     @property
     def who(self) -> Tenant:
@@ -310,6 +324,19 @@ def _spec_of(namespace: Any, where: str) -> ModelSpec:
         )
     except ConfigError as exc:
         raise InvalidArgumentError(f"{where}: {exc}") from None
+
+
+def _namespace_message(spec: ModelSpec) -> Any:
+    return pb.Namespace(
+        model_id=spec.model_id,
+        revision=spec.revision,
+        tokenizer_id=spec.tokenizer_id,
+        num_layers=spec.num_layers,
+        num_kv_heads=spec.num_kv_heads,
+        head_dim=spec.head_dim,
+        dtype=spec.dtype,
+        block_tokens=spec.block_tokens,
+    )
 
 
 def _extra_key(key: Any, where: str) -> ExtraKey:
@@ -531,14 +558,162 @@ class _PutAssembler:
             )
 
 
+# -- model workers attached through the Work stream ------------------------------------------------
+
+
+class _WorkerProtocolError(Exception):
+    """A worker broke the Work stream's rules; its stream is closed with INVALID_ARGUMENT."""
+
+
+@dataclass(slots=True)
+class _Task:
+    task_id: int
+    assembler: _PutAssembler
+    future: asyncio.Future[list[torch.Tensor]]
+    blocks: list[torch.Tensor] = field(default_factory=list)
+    abandoned: bool = False  # the repair was cancelled: its answer is read and dropped
+
+
+class _RemoteWorker:
+    """The worker process at the other end of a Work stream, as a ``HoleFiller``.
+
+    Tasks go out in order through ``outbox`` (the Work handler sends them), and the worker
+    answers them in the same order, so the answer being read always belongs to the oldest task
+    not yet done (``_sent[0]``): chunks need no task id.
+    """
+
+    def __init__(self, spec: ModelSpec, name: str, chunk_bytes: int) -> None:
+        self._spec = spec
+        self._name = name
+        self.chunk_bytes = chunk_bytes
+        # An iterator of one task's messages, or None: end the stream.
+        self.outbox: asyncio.Queue[Iterator[Any] | None] = asyncio.Queue()
+        self._sent: deque[_Task] = deque()
+        self._task_ids = itertools.count(1)
+        self.gone: str | None = None
+        self.protocol_error: str | None = None
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self._spec
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    async def fill(
+        self, tokens: np.ndarray[Any, Any], blocks: Sequence[torch.Tensor | None]
+    ) -> list[torch.Tensor]:
+        if self.gone is not None:
+            raise WorkerGoneError(self.gone)
+        targets = [i for i, b in enumerate(blocks) if b is None]
+        task = _Task(
+            next(self._task_ids),
+            _PutAssembler(self._spec, len(targets), None),
+            asyncio.get_running_loop().create_future(),
+        )
+        self._sent.append(task)
+        self.outbox.put_nowait(self._messages(task.task_id, tokens, blocks, targets))
+        try:
+            return await task.future
+        finally:
+            task.abandoned = True
+
+    def _messages(
+        self,
+        task_id: int,
+        tokens: np.ndarray[Any, Any],
+        blocks: Sequence[torch.Tensor | None],
+        targets: list[int],
+    ) -> Iterator[Any]:
+        """The task and its given blocks, made as they are sent (not all held at once)."""
+        yield pb.WorkResponse(
+            task=pb.WorkTask(
+                task_id=task_id,
+                tokens_u32le=np.ascontiguousarray(tokens, dtype="<u4").tobytes(),
+                num_blocks=len(blocks),
+                targets=targets,
+                block_bytes=self._spec.block_nbytes,
+            )
+        )
+        for i, block in enumerate(blocks):
+            if block is None:
+                continue
+            payload = block.contiguous().reshape(-1).view(torch.uint8).numpy()
+            for offset in range(0, len(payload), self.chunk_bytes):
+                yield pb.WorkResponse(
+                    chunk=pb.BlockChunk(
+                        block_index=i,
+                        offset=offset,
+                        data=payload[offset : offset + self.chunk_bytes].tobytes(),
+                    )
+                )
+
+    def receive(self, message: Any) -> None:
+        """One message of the worker's answers; ``_WorkerProtocolError`` if it breaks the rules."""
+        kind = message.WhichOneof("msg")
+        if kind not in ("chunk", "done"):
+            raise _WorkerProtocolError(
+                f"after its hello a worker sends chunk and done messages; got {kind or 'nothing'}"
+            )
+        if not self._sent:
+            raise _WorkerProtocolError(f"the worker sent a {kind} message with no task given")
+        task = self._sent[0]
+        if kind == "chunk":
+            try:
+                tensor = task.assembler.chunk(message.chunk)
+            except InvalidArgumentError as exc:
+                raise _WorkerProtocolError(f"task {task.task_id}: {exc}") from None
+            if tensor is not None and not task.abandoned:
+                task.blocks.append(tensor)
+            return
+        done = message.done
+        if done.task_id != task.task_id:
+            raise _WorkerProtocolError(
+                f"the worker finished task {done.task_id}; task {task.task_id} was due first"
+            )
+        self._sent.popleft()
+        if task.abandoned or task.future.done():
+            return
+        if done.error:
+            text = f"model worker {self._name!r}: {done.error}"
+            if done.status_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]:
+                task.future.set_exception(InvalidArgumentError(text))
+            else:
+                task.future.set_exception(_WorkerFailedError(text))
+            return
+        try:
+            task.assembler.finish()
+        except InvalidArgumentError as exc:
+            raise _WorkerProtocolError(f"task {task.task_id}: {exc}") from None
+        task.future.set_result(task.blocks)
+
+    def lose(self, why: str) -> None:
+        """The stream is over: fail what is outstanding (the pool retries elsewhere)."""
+        if self.gone is None:
+            self.gone = why
+        for task in self._sent:
+            if not task.future.done():
+                task.future.set_exception(WorkerGoneError(why))
+        self._sent.clear()
+        self.outbox.put_nowait(None)
+
+
 # -- the servicer ----------------------------------------------------------------------------------
 
 
 class _Servicer(pb_grpc.KVStoreServicer):  # type: ignore[misc]  # generated: Any to mypy
     def __init__(
-        self, engine: Engine, config: StoreConfig, tenants: Tenants, metrics: ServerMetrics
+        self,
+        engine: Engine,
+        config: StoreConfig,
+        tenants: Tenants,
+        metrics: ServerMetrics,
+        pool: WorkerPool,
     ) -> None:
         self.engine = engine
+        self.pool = pool
+        self._remote_workers: dict[int, _RemoteWorker] = {}
         self.config = config
         self.server_config: ServerConfig = config.server
         self.tenants = tenants
@@ -552,7 +727,7 @@ class _Servicer(pb_grpc.KVStoreServicer):  # type: ignore[misc]  # generated: An
     # -- shared by every RPC (see _unary / _stream) --------------------------------------------
 
     def _begin(self, method: str, context: Any) -> _Call:
-        call = _Call(method, _request_id(context.invocation_metadata()))
+        call = _Call(method, _request_id(context.invocation_metadata()), peer=context.peer())
         context.set_trailing_metadata((("x-request-id", call.request_id),))
         self.metrics.rpc_started(method)
         return call
@@ -841,8 +1016,9 @@ class _Servicer(pb_grpc.KVStoreServicer):  # type: ignore[misc]  # generated: An
     @_stream("Fetch")
     async def Fetch(self, request: Any, call: _Call) -> AsyncGenerator[Any, None]:
         p = self._prompt(request.prompt, call.who, "prompt")
+        chunk_bytes = self._chunk_bytes(request.max_chunk_bytes)
         if request.repair_holes:
-            raise UnimplementedError(REPAIR_UNIMPLEMENTED)
+            await self._repair(request.prompt, p, call.who, exact=False)
         chunk_bytes = self._chunk_bytes(request.max_chunk_bytes)
         spec = p.spec
         found = await self.engine.lookup_hashes(spec, p.hashes)
@@ -924,9 +1100,91 @@ class _Servicer(pb_grpc.KVStoreServicer):  # type: ignore[misc]  # generated: An
         self.metrics.bytes_out("shm", len(slots) * spec.block_nbytes)
         yield pb.FetchResponse(header=header)
 
+    # -- repair, and the workers that do it -----------------------------------------------------
+
     @_unary("Repair")
     async def Repair(self, request: Any, call: _Call) -> Any:
-        raise UnimplementedError(REPAIR_UNIMPLEMENTED)
+        p = self._prompt(request.prompt, call.who, "prompt")
+        result = await self._repair(request.prompt, p, call.who, exact=request.exact)
+        return pb.RepairResponse(
+            repaired=result.repaired,
+            hit_blocks=result.hit_blocks_after,
+            hit_blocks_before=result.hit_blocks_before,
+            kept=result.kept,
+            worker=result.worker,
+        )
+
+    async def _repair(self, prompt: Any, p: _Prompt, tenant: Tenant, *, exact: bool) -> Any:
+        self._check_block_fits(p.spec)
+        tokens = np.frombuffer(prompt.tokens_u32le, dtype="<u4")
+        result = await repair_prompt(
+            self.engine,
+            self.pool.fill,
+            p.spec,
+            p.hashes,
+            tokens,
+            root=BlockHash(root_hash(p.spec, p.salt)),
+            exact=exact,
+            owner=tenant.name,
+        )
+        if result.repaired:
+            self.engine.counters.add("repairs")
+            self.engine.counters.add("repaired_blocks", len(result.repaired))
+        return result
+
+    @_stream("Work", admin=True)
+    async def Work(self, requests: AsyncIterator[Any], call: _Call) -> AsyncGenerator[Any, None]:
+        stream = aiter(requests)
+        first = await anext(stream, None)
+        kind = None if first is None else first.WhichOneof("msg")
+        if kind != "hello":
+            raise InvalidArgumentError(
+                f"a Work stream starts with a WorkerHello; got {kind or 'nothing'}"
+            )
+        assert first is not None
+        hello = first.hello
+        if not hello.HasField("namespace"):
+            raise InvalidArgumentError("hello.namespace is missing: the model the worker runs")
+        spec = _spec_of(hello.namespace, "hello.namespace")
+        self._check_block_fits(spec)
+        if self.stopping:
+            return  # the worker reconnects to the next server
+        worker = _RemoteWorker(spec, hello.name or call.peer, self.server_config.max_chunk_bytes)
+        worker_id = self.pool.attach(worker, call.peer)
+        self._remote_workers[worker_id] = worker
+        reader = asyncio.create_task(self._read_worker(stream, worker))
+        try:
+            yield pb.WorkResponse(welcome=pb.WorkerWelcome(worker_id=worker_id))
+            while (messages := await worker.outbox.get()) is not None:
+                for message in messages:
+                    yield message
+        finally:
+            self.pool.detach(worker_id)
+            self._remote_workers.pop(worker_id, None)
+            worker.lose("its Work stream ended")
+            reader.cancel()
+        if worker.protocol_error is not None:
+            raise InvalidArgumentError(worker.protocol_error)
+
+    @staticmethod
+    async def _read_worker(stream: AsyncIterator[Any], worker: _RemoteWorker) -> None:
+        why = "the worker closed its Work stream"
+        try:
+            async for message in stream:
+                worker.receive(message)
+        except _WorkerProtocolError as exc:
+            worker.protocol_error = why = f"the worker broke the Work protocol: {exc}"
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the stream broke: the worker died or the network went
+            why = f"its Work stream broke ({type(exc).__name__}: {exc})"
+        log.warning("model worker %s: %s", worker.name, why)
+        worker.lose(why)
+
+    def close_workers(self) -> None:
+        """End every Work stream (at shutdown): workers reconnect to the next server."""
+        for worker in list(self._remote_workers.values()):
+            worker.lose("the server is shutting down")
 
     # -- pins, eviction ------------------------------------------------------------------------
 
@@ -988,6 +1246,18 @@ class _Servicer(pb_grpc.KVStoreServicer):  # type: ignore[misc]  # generated: An
             num_leases=stats.num_leases,
             queue_depth=stats.queue_depth,
             counters={k: v for k, v in stats.counters.items() if v >= 0},
+            workers=[
+                pb.WorkerInfo(
+                    worker_id=w.worker_id,
+                    name=w.name,
+                    namespace=_namespace_message(w.spec),
+                    tasks_done=w.tasks_done,
+                    blocks_computed=w.blocks_computed,
+                    busy=w.busy,
+                    address=w.address,
+                )
+                for w in self.pool.workers()
+            ],
         )
 
     @_unary("ListBlocks", admin=True)
@@ -1149,8 +1419,13 @@ class _PreEncodedFetch:
 class KVStoreServer:
     """The kvstore gRPC service over one engine; ``start`` opens both, ``stop`` closes both."""
 
-    def __init__(self, config: StoreConfig) -> None:
+    def __init__(self, config: StoreConfig, *, workers: Sequence[HoleFiller] = ()) -> None:
+        """``workers``: model workers that run in this process (``ModelWorker``); worker
+        processes attach through the Work stream instead."""
         self.config = config
+        self.pool = WorkerPool()
+        for worker in workers:
+            self.pool.attach(worker)
         self.metrics = ServerMetrics()
         self.tenants = Tenants(
             config.tenants,
@@ -1201,7 +1476,7 @@ class KVStoreServer:
                     ("grpc.so_reuseport", 0),
                 ]
             )
-            servicer = _Servicer(engine, self.config, self.tenants, self.metrics)
+            servicer = _Servicer(engine, self.config, self.tenants, self.metrics, self.pool)
             pb_grpc.add_KVStoreServicer_to_server(servicer, _PreEncodedFetch(server))
             health = health_aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -1244,6 +1519,7 @@ class KVStoreServer:
         grace = self.config.server.shutdown_grace_s if grace_s is None else grace_s
         assert self._servicer is not None
         self._servicer.stopping = True
+        self._servicer.close_workers()
         with contextlib.suppress(Exception):
             await self._health.enter_graceful_shutdown()
         try:

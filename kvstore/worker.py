@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import inspect
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +43,8 @@ import xxhash
 
 from kvstore.block_format import torch_dtype
 from kvstore.errors import ConfigError, InvalidArgumentError, InvalidTokenError, SpecMismatchError
-from kvstore.keys import BlockHash, ExtraKey, ModelSpec, root_hash, tokens_to_u32
+from kvstore.keys import ExtraKey, ModelSpec, root_hash, tokens_to_u32
+from kvstore.repair import RepairResult, repair_prompt
 
 if TYPE_CHECKING:
     from kvstore.engine import Engine
@@ -92,18 +94,6 @@ class WorkerConfig:
             torch.device(self.device)
         except RuntimeError as exc:
             raise ConfigError(f"worker.device {self.device!r}: {exc}") from None
-
-
-@dataclass(frozen=True, slots=True)
-class RepairResult:
-    repaired: list[int]  # blocks computed and stored, in prompt order
-    # The usable prefix (leading run of present blocks) as the lookup before repair saw it: a
-    # block found corrupt while loading counted as present there.
-    hit_blocks_before: int
-    hit_blocks_after: int
-    # exact=True only: present blocks that could not be replaced because another client holds
-    # them (leased or pinned); they keep their stored K/V.
-    kept: list[int] = field(default_factory=list)
 
 
 def _transformers() -> Any:
@@ -172,6 +162,10 @@ class ModelWorker:
         model.eval()
         model.requires_grad_(False)
         self.model: Any = model
+        # transformers 5 renamed forward's past_key_values to cache (the old name warns, and goes
+        # in 5.40); older releases know only past_key_values.
+        forward = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in forward else "past_key_values"
         self._vocab_size = int(model.config.vocab_size)
         self._max_positions: int | None = getattr(model.config, "max_position_embeddings", None)
         self._spec = self._make_spec(model_id)
@@ -309,7 +303,7 @@ class ModelWorker:
             raise InvalidArgumentError("cannot prefill an empty prompt")
         self._check_positions(ids.numel())
         cache = _transformers().DynamicCache()
-        self.model(input_ids=ids.to(self.device)[None], past_key_values=cache, use_cache=True)
+        self.model(input_ids=ids.to(self.device)[None], use_cache=True, **{self._cache_arg: cache})
         return _kv_of(cache, None)
 
     @torch.no_grad()
@@ -382,15 +376,70 @@ class ModelWorker:
         positions = torch.arange(start, start + ids.numel(), device=self.device)
         output = self.model(
             input_ids=ids.to(self.device)[None],
-            past_key_values=cache,
             position_ids=positions[None],
             cache_position=positions,
             use_cache=True,
+            **{self._cache_arg: cache},
         )
         logits: torch.Tensor = output.logits[0]
         return logits
 
     # -- repair ----------------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """How the pool and logs call this worker: the model id."""
+        return self._spec.model_id
+
+    @torch.no_grad()
+    def fill_holes(
+        self, tokens: Tokens, blocks: Sequence[torch.Tensor | None]
+    ) -> list[torch.Tensor]:
+        """The K/V of the None entries of ``blocks``, in order, given the others as past.
+
+        ``tokens`` are the first ``len(blocks) * block_tokens`` tokens of the prompt (more are
+        ignored). Runs of missing blocks are computed in one forward each, over the K/V of
+        everything before them: the blocks given and the runs already computed.
+        """
+        spec = self._spec
+        bt = spec.block_tokens
+        end = len(blocks)
+        ids = self.token_ids(tokens)
+        if ids.numel() < end * bt:
+            raise InvalidArgumentError(
+                f"{end} blocks of {bt} tokens need {end * bt} tokens, got {ids.numel()}"
+            )
+        ids = ids[: end * bt]
+        # One buffer for the past: appending by torch.cat would copy the prefix once per hole.
+        past = torch.empty(
+            (spec.num_layers, 2, end * bt, spec.num_kv_heads, spec.head_dim), dtype=self.dtype
+        )
+        out: list[torch.Tensor] = []
+        pos = 0
+        while pos < end:
+            block = blocks[pos]
+            if block is not None:
+                if block.dtype != self.dtype or tuple(block.shape) != spec.block_shape:
+                    raise SpecMismatchError(
+                        f"block {pos} is {block.dtype} {list(block.shape)}, not {self.dtype} "
+                        f"{list(spec.block_shape)} of {spec.name}"
+                    )
+                past[:, :, pos * bt : (pos + 1) * bt] = block
+                pos += 1
+                continue
+            stop = next((i for i in range(pos, end) if blocks[i] is not None), end)
+            new = self.compute(ids, past[:, :, : pos * bt], pos * bt, stop * bt).to("cpu")
+            past[:, :, pos * bt : stop * bt] = new
+            out += [past[:, :, i * bt : (i + 1) * bt].clone() for i in range(pos, stop)]
+            pos = stop
+        return out
+
+    async def fill(
+        self, tokens: np.ndarray[Any, Any], blocks: Sequence[torch.Tensor | None]
+    ) -> list[torch.Tensor]:
+        """``fill_holes`` in a thread (``kvstore.repair.HoleFiller``): torch releases the GIL,
+        so the event loop keeps serving while the model runs."""
+        return await asyncio.to_thread(self.fill_holes, tokens, blocks)
 
     async def repair(
         self,
@@ -402,110 +451,28 @@ class ModelWorker:
         salt: bytes = b"",
         extra_keys: Sequence[Sequence[ExtraKey]] | None = None,
     ) -> RepairResult:
-        """Fill the holes of ``tokens``' stored prefix; blocks after the last present one (a
-        missing tail) are not holes and stay missing.
+        """Fill the holes of ``tokens``' stored prefix in ``engine`` with this worker (see
+        ``kvstore.repair.repair_prompt``); blocks after the last present one (a missing tail)
+        are not holes and stay missing.
 
         ``spec`` is the namespace the request named (``InvalidArgumentError`` unless it is this
-        worker's); ``salt`` and ``extra_keys`` name the blocks as ``Engine.lookup`` does. A
-        present block that fails to load (corrupt, or evicted since the lookup) is computed like
-        a hole.
+        worker's); ``salt`` and ``extra_keys`` name the blocks as ``Engine.lookup`` does.
         """
         if spec is not None:
             self.check_namespace(spec)
         spec = self._spec
-        ids = self.token_ids(tokens)
-        hashes = engine.hashes(spec, ids.numpy(), salt=salt, extra_keys=extra_keys)
-        found = await engine.lookup_hashes(spec, hashes)
-        before = found.hit_blocks
-        holes = found.holes
-        if not holes:
-            return RepairResult([], before, before)
-        last_present = max(i for i, t in enumerate(found.tiers) if t is not None)
-        if exact:
-            targets = set(range(holes[0], last_present + 1))
-            end = last_present + 1
-        else:
-            targets = set(holes)
-            end = holes[-1] + 1
-        loads = [hashes[i] for i in range(end) if i not in targets]
-        # The lease closes the race between this lookup and the loads below. It leaves out the
-        # blocks exact mode replaces: eviction skips leased blocks.
-        lease = engine.reserve(loads) if loads else None
-        try:
-            repaired, kept = await self._fill(engine, ids, hashes, targets, end, exact, salt)
-        finally:
-            if lease is not None:
-                engine.release(lease.lease_id)
-        after = (await engine.lookup_hashes(spec, hashes)).hit_blocks
-        return RepairResult(repaired, before, after, kept)
+        ids = np.frombuffer(tokens_to_u32(tokens), dtype="<u4")
+        self.token_ids(ids)  # refuse tokens outside the vocabulary before touching the engine
+        hashes = engine.hashes(spec, ids, salt=salt, extra_keys=extra_keys)
 
-    async def _fill(
-        self,
-        engine: Engine,
-        ids: torch.Tensor,
-        hashes: list[BlockHash],
-        targets: set[int],
-        end: int,
-        exact: bool,
-        salt: bytes,
-    ) -> tuple[list[int], list[int]]:
-        """Walk blocks ``0..end-1``: load runs of present blocks as past K/V, compute runs of
-        target blocks and store them. Returns (blocks stored, blocks exact mode had to keep)."""
-        spec = self._spec
-        bt = spec.block_tokens
-        # One buffer for the past: appending by torch.cat would copy the prefix once per hole.
-        past = torch.empty(
-            (spec.num_layers, 2, end * bt, spec.num_kv_heads, spec.head_dim), dtype=self.dtype
+        async def fill(
+            _: ModelSpec, toks: np.ndarray[Any, Any], blocks: Sequence[torch.Tensor | None]
+        ) -> tuple[list[torch.Tensor], str]:
+            return await self.fill(toks, blocks), self.name
+
+        return await repair_prompt(
+            engine, fill, spec, hashes, ids, root=root_hash(spec, salt), exact=exact
         )
-        repaired: list[int] = []
-        kept: list[int] = []
-        pos = 0  # ``past`` holds blocks 0..pos-1
-        while pos < end:
-            if pos not in targets:
-                stop = next((i for i in range(pos, end) if i in targets), end)
-                for block in await engine.get(spec, hashes[pos:stop]):
-                    if block is None:
-                        targets.add(pos)  # corrupt or gone since the lookup: compute it too
-                        break
-                    past[:, :, pos * bt : (pos + 1) * bt] = block
-                    pos += 1
-                continue
-            stop = next((i for i in range(pos, end) if i not in targets), end)
-            new = await asyncio.to_thread(
-                self.compute, ids, past[:, :, : pos * bt], pos * bt, stop * bt
-            )
-            past[:, :, pos * bt : stop * bt] = new.to("cpu")
-            run = list(range(pos, stop))
-            if exact:
-                kept += await _evict_for_replacement(engine, spec, hashes, run)
-            parents = [root_hash(spec, salt) if i == 0 else hashes[i - 1] for i in run]
-            await engine.put_blocks(
-                spec,
-                [
-                    (hashes[i], parents[k], past[:, :, i * bt : (i + 1) * bt])
-                    for k, i in enumerate(run)
-                ],
-            )
-            repaired += [i for i in run if i not in kept]
-            pos = stop
-        return repaired, kept
-
-
-async def _evict_for_replacement(
-    engine: Engine, spec: ModelSpec, hashes: list[BlockHash], run: list[int]
-) -> list[int]:
-    """Evict the present blocks of ``run`` so that the puts that follow replace them (puts skip
-    present blocks); returns those that stayed because another client leases or pins them."""
-    present = await engine.lookup_hashes(spec, [hashes[i] for i in run])
-    there = [i for i, t in zip(run, present.tiers, strict=True) if t is not None]
-    if not there:
-        return []
-    await engine.evict([hashes[i] for i in there])
-    still = await engine.lookup_hashes(spec, [hashes[i] for i in there])
-    kept = [i for i, t in zip(there, still.tiers, strict=True) if t is not None]
-    if kept:
-        log.warning("exact repair: blocks %s are leased or pinned and keep their K/V", kept)
-    return kept
 
 
 def _model_id_of(model_dir: Path) -> str:

@@ -46,7 +46,6 @@ from kvstore.errors import (
 )
 from kvstore.keys import ModelSpec, block_hashes, root_hash
 from kvstore.server import (
-    REPAIR_UNIMPLEMENTED,
     KVStoreServer,
     NotFoundError,
     QuotaExceededError,
@@ -904,22 +903,10 @@ ERROR_CASES: list[tuple[str, Any, grpc.StatusCode, str]] = [
         "SlotRef messages need header.shm_segment",
     ),
     (
-        "repair_holes",
-        lambda stub: stub.Fetch(pb.FetchRequest(prompt=GOOD, repair_holes=True)),
-        StatusCode.UNIMPLEMENTED,
-        REPAIR_UNIMPLEMENTED,
-    ),
-    (
         "tiny chunks",
         lambda stub: stub.Fetch(pb.FetchRequest(prompt=GOOD, max_chunk_bytes=100)),
         INVALID,
         "max_chunk_bytes is 100; use 0",
-    ),
-    (
-        "repair",
-        lambda stub: stub.Repair(pb.RepairRequest(prompt=GOOD)),
-        StatusCode.UNIMPLEMENTED,
-        "arrives with `kvstore worker`",
     ),
     (
         "short hash",

@@ -234,12 +234,94 @@ class RepairRequest(_message.Message):
     def __init__(self, prompt: _Optional[_Union[Prompt, _Mapping]] = ..., exact: _Optional[bool] = ...) -> None: ...
 
 class RepairResponse(_message.Message):
-    __slots__ = ("repaired", "hit_blocks")
+    __slots__ = ("repaired", "hit_blocks", "hit_blocks_before", "kept", "worker")
     REPAIRED_FIELD_NUMBER: _ClassVar[int]
     HIT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    HIT_BLOCKS_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    KEPT_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
     repaired: _containers.RepeatedScalarFieldContainer[int]
     hit_blocks: int
-    def __init__(self, repaired: _Optional[_Iterable[int]] = ..., hit_blocks: _Optional[int] = ...) -> None: ...
+    hit_blocks_before: int
+    kept: _containers.RepeatedScalarFieldContainer[int]
+    worker: str
+    def __init__(self, repaired: _Optional[_Iterable[int]] = ..., hit_blocks: _Optional[int] = ..., hit_blocks_before: _Optional[int] = ..., kept: _Optional[_Iterable[int]] = ..., worker: _Optional[str] = ...) -> None: ...
+
+class WorkerHello(_message.Message):
+    __slots__ = ("namespace", "name")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    namespace: Namespace
+    name: str
+    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., name: _Optional[str] = ...) -> None: ...
+
+class WorkerWelcome(_message.Message):
+    __slots__ = ("worker_id",)
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: int
+    def __init__(self, worker_id: _Optional[int] = ...) -> None: ...
+
+class WorkTask(_message.Message):
+    __slots__ = ("task_id", "tokens_u32le", "num_blocks", "targets", "block_bytes")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_U32LE_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    task_id: int
+    tokens_u32le: bytes
+    num_blocks: int
+    targets: _containers.RepeatedScalarFieldContainer[int]
+    block_bytes: int
+    def __init__(self, task_id: _Optional[int] = ..., tokens_u32le: _Optional[bytes] = ..., num_blocks: _Optional[int] = ..., targets: _Optional[_Iterable[int]] = ..., block_bytes: _Optional[int] = ...) -> None: ...
+
+class WorkDone(_message.Message):
+    __slots__ = ("task_id", "error", "status_code")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    STATUS_CODE_FIELD_NUMBER: _ClassVar[int]
+    task_id: int
+    error: str
+    status_code: int
+    def __init__(self, task_id: _Optional[int] = ..., error: _Optional[str] = ..., status_code: _Optional[int] = ...) -> None: ...
+
+class WorkRequest(_message.Message):
+    __slots__ = ("hello", "chunk", "done")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    hello: WorkerHello
+    chunk: BlockChunk
+    done: WorkDone
+    def __init__(self, hello: _Optional[_Union[WorkerHello, _Mapping]] = ..., chunk: _Optional[_Union[BlockChunk, _Mapping]] = ..., done: _Optional[_Union[WorkDone, _Mapping]] = ...) -> None: ...
+
+class WorkResponse(_message.Message):
+    __slots__ = ("welcome", "task", "chunk")
+    WELCOME_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    welcome: WorkerWelcome
+    task: WorkTask
+    chunk: BlockChunk
+    def __init__(self, welcome: _Optional[_Union[WorkerWelcome, _Mapping]] = ..., task: _Optional[_Union[WorkTask, _Mapping]] = ..., chunk: _Optional[_Union[BlockChunk, _Mapping]] = ...) -> None: ...
+
+class WorkerInfo(_message.Message):
+    __slots__ = ("worker_id", "name", "namespace", "tasks_done", "blocks_computed", "busy", "address")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    TASKS_DONE_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_COMPUTED_FIELD_NUMBER: _ClassVar[int]
+    BUSY_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: int
+    name: str
+    namespace: Namespace
+    tasks_done: int
+    blocks_computed: int
+    busy: bool
+    address: str
+    def __init__(self, worker_id: _Optional[int] = ..., name: _Optional[str] = ..., namespace: _Optional[_Union[Namespace, _Mapping]] = ..., tasks_done: _Optional[int] = ..., blocks_computed: _Optional[int] = ..., busy: _Optional[bool] = ..., address: _Optional[str] = ...) -> None: ...
 
 class BlocksRequest(_message.Message):
     __slots__ = ("namespace", "block_hashes", "ttl_s", "tier")
@@ -290,7 +372,7 @@ class TierStats(_message.Message):
     def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., name: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., num_blocks: _Optional[int] = ..., num_hits: _Optional[int] = ..., num_misses: _Optional[int] = ..., num_corrupt: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("tiers", "num_blocks", "num_leases", "queue_depth", "counters")
+    __slots__ = ("tiers", "num_blocks", "num_leases", "queue_depth", "counters", "workers")
     class CountersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -303,12 +385,14 @@ class StatsResponse(_message.Message):
     NUM_LEASES_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
     tiers: _containers.RepeatedCompositeFieldContainer[TierStats]
     num_blocks: int
     num_leases: int
     queue_depth: int
     counters: _containers.ScalarMap[str, int]
-    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., num_blocks: _Optional[int] = ..., num_leases: _Optional[int] = ..., queue_depth: _Optional[int] = ..., counters: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
+    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., num_blocks: _Optional[int] = ..., num_leases: _Optional[int] = ..., queue_depth: _Optional[int] = ..., counters: _Optional[_Mapping[str, int]] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ...) -> None: ...
 
 class BlockInfo(_message.Message):
     __slots__ = ("block_hash", "parent_hash", "namespace_fingerprint", "tiers", "nbytes", "hits", "pinned", "leases")

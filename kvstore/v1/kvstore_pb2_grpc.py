@@ -104,6 +104,11 @@ class KVStoreStub:
                 request_serializer=kvstore_dot_v1_dot_kvstore__pb2.WatchRequest.SerializeToString,
                 response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.WatchEvent.FromString,
                 _registered_method=True)
+        self.Work = channel.stream_stream(
+                '/kvstore.v1.KVStore/Work',
+                request_serializer=kvstore_dot_v1_dot_kvstore__pb2.WorkRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.WorkResponse.FromString,
+                _registered_method=True)
 
 
 class KVStoreServicer:
@@ -193,6 +198,13 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Work(self, request_iterator, context):
+        """model workers attach here
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -265,6 +277,11 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.WatchRequest.FromString,
                     response_serializer=kvstore_dot_v1_dot_kvstore__pb2.WatchEvent.SerializeToString,
+            ),
+            'Work': grpc.stream_stream_rpc_method_handler(
+                    servicer.Work,
+                    request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.WorkRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_kvstore__pb2.WorkResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -645,6 +662,33 @@ class KVStore:
             '/kvstore.v1.KVStore/Watch',
             kvstore_dot_v1_dot_kvstore__pb2.WatchRequest.SerializeToString,
             kvstore_dot_v1_dot_kvstore__pb2.WatchEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Work(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/kvstore.v1.KVStore/Work',
+            kvstore_dot_v1_dot_kvstore__pb2.WorkRequest.SerializeToString,
+            kvstore_dot_v1_dot_kvstore__pb2.WorkResponse.FromString,
             options,
             channel_credentials,
             insecure,
