@@ -166,6 +166,7 @@ class WorkerPool:
         the worker's name. ``NoWorkerError`` when none is attached, ``WorkerLostError`` when
         every one tried went away mid-task."""
         lost: list[str] = []
+        reasons: list[str] = []
         while True:
             candidates = [
                 e
@@ -175,9 +176,9 @@ class WorkerPool:
             if not candidates or len(lost) >= _MAX_ATTEMPTS:
                 if lost:
                     raise WorkerLostError(
-                        f"the model worker(s) {', '.join(lost)} of namespace {spec.name} went "
-                        "away during the repair; nothing of it was stored. Retry once a worker "
-                        "is attached again"
+                        f"the model worker(s) of namespace {spec.name} that took the repair "
+                        f"went away ({'; '.join(reasons) or ', '.join(lost)}); nothing of it "
+                        "was stored. Retry once a worker is attached again"
                     )
                 raise NoWorkerError(self._none_for(spec))
             # The least busy worker; among equals the one that did least so far.
@@ -197,6 +198,7 @@ class WorkerPool:
                 log.warning("model worker %s went away mid-repair: %s", _label(entry), exc)
                 self.detach(entry.status.worker_id)
                 lost.append(_label(entry))
+                reasons.append(f"{_label(entry)}: {exc}")
                 continue
             finally:
                 entry.waiting -= 1

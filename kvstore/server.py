@@ -127,6 +127,9 @@ class ServerConfig:
     max_message_bytes: int = 64 * MiB
     max_prompt_tokens: int = 1 << 21
     shutdown_grace_s: float = 5.0
+    # A model worker that has not answered a repair task by then is taken for hung: its stream
+    # is closed (it reconnects afresh) and the task goes to another worker.
+    worker_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -137,6 +140,8 @@ class ServerConfig:
             raise ConfigError("server.max_chunk_bytes must be in [4096, max_message_bytes / 2]")
         if self.max_prompt_tokens < 1:
             raise ConfigError("server.max_prompt_tokens must be >= 1")
+        if not self.worker_timeout_s > 0:
+            raise ConfigError("server.worker_timeout_s must be positive")
         if ":" not in self.listen:
             raise ConfigError(f"server.listen must be host:port, got {self.listen!r}")
 
@@ -582,10 +587,11 @@ class _RemoteWorker:
     not yet done (``_sent[0]``): chunks need no task id.
     """
 
-    def __init__(self, spec: ModelSpec, name: str, chunk_bytes: int) -> None:
+    def __init__(self, spec: ModelSpec, name: str, chunk_bytes: int, timeout_s: float) -> None:
         self._spec = spec
         self._name = name
         self.chunk_bytes = chunk_bytes
+        self.timeout_s = timeout_s
         # An iterator of one task's messages, or None: end the stream.
         self.outbox: asyncio.Queue[Iterator[Any] | None] = asyncio.Queue()
         self._sent: deque[_Task] = deque()
@@ -615,7 +621,11 @@ class _RemoteWorker:
         self._sent.append(task)
         self.outbox.put_nowait(self._messages(task.task_id, tokens, blocks, targets))
         try:
-            return await task.future
+            return await asyncio.wait_for(task.future, self.timeout_s)
+        except TimeoutError:
+            why = f"it did not answer task {task.task_id} within {self.timeout_s:g} s"
+            self.lose(why)
+            raise WorkerGoneError(why) from None
         finally:
             task.abandoned = True
 
@@ -1149,7 +1159,12 @@ class _Servicer(pb_grpc.KVStoreServicer):  # type: ignore[misc]  # generated: An
         self._check_block_fits(spec)
         if self.stopping:
             return  # the worker reconnects to the next server
-        worker = _RemoteWorker(spec, hello.name or call.peer, self.server_config.max_chunk_bytes)
+        worker = _RemoteWorker(
+            spec,
+            hello.name or call.peer,
+            self.server_config.max_chunk_bytes,
+            self.server_config.worker_timeout_s,
+        )
         worker_id = self.pool.attach(worker, call.peer)
         self._remote_workers[worker_id] = worker
         reader = asyncio.create_task(self._read_worker(stream, worker))

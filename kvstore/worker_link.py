@@ -152,14 +152,12 @@ class WorkerLink:
                 await asyncio.wait({session, stopped}, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 stopped.cancel()
-                if not session.done():
-                    session.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await session
+                session.cancel()  # a no-op once it is done
+                await asyncio.wait({session})  # (does not raise what the session raised)
                 self.attached.clear()
             if stop.is_set():
                 return
-            exc = session.exception()
+            exc = None if session.cancelled() else session.exception()
             if isinstance(exc, grpc.aio.AioRpcError) and exc.code() in _FATAL:
                 raise error_from_rpc(exc, self.target) from None
             if exc is not None and not isinstance(exc, grpc.aio.AioRpcError):

@@ -30,10 +30,12 @@ import torch
 from click.testing import CliRunner
 from test_server import store_config
 
-from client import AsyncClient, NoWorkerError
+from client import AsyncClient, AuthError, NoWorkerError
+from kvstore.auth import TenantConfig
 from kvstore.cli import main as cli
+from kvstore.config import StoreConfig
 from kvstore.keys import ModelSpec
-from kvstore.server import KVStoreServer
+from kvstore.server import KVStoreServer, ServerConfig
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 from kvstore.worker import ModelWorker, WorkerConfig
@@ -59,9 +61,9 @@ def prompt(num_blocks: int, seed: int, tail: int = 0) -> list[int]:
 
 @asynccontextmanager
 async def serving(
-    tmp_path: Path, workers: tuple[ModelWorker, ...] = ()
+    tmp_path: Path, workers: tuple[ModelWorker, ...] = (), config: StoreConfig | None = None
 ) -> AsyncIterator[tuple[KVStoreServer, str]]:
-    server = KVStoreServer(store_config(tmp_path), workers=workers)
+    server = KVStoreServer(config or store_config(tmp_path), workers=workers)
     port = await server.start()
     try:
         yield server, f"127.0.0.1:{port}"
@@ -286,6 +288,47 @@ async def test_a_linked_worker_reconnects_after_a_server_restart(
         await server.stop(0)
 
 
+async def test_workers_attach_with_an_admin_token_and_repair_every_tenants_holes(
+    tmp_path: Path, model: ModelWorker
+) -> None:
+    tenants = (
+        TenantConfig("ops", "tok-ops-0123456789abcd", admin=True),
+        TenantConfig("team-a", "tok-team-a-0123456789"),
+    )
+    config = store_config(
+        tmp_path,
+        tenants=tenants,
+        server=ServerConfig(listen="127.0.0.1:0", secret="s" * 32, max_prompt_tokens=4096),
+    )
+    server = KVStoreServer(config)
+    target = f"127.0.0.1:{await server.start()}"
+    try:
+        refused = WorkerLink(model, target, token="tok-team-a-0123456789")
+        with pytest.raises(AuthError, match="Work needs an admin tenant"):
+            await refused.run()
+        stop = asyncio.Event()
+        link = WorkerLink(model, target, token="tok-ops-0123456789abcd")
+        run = asyncio.create_task(link.run(stop))
+        try:
+            await wait_for(link.attached.is_set, "the admin's worker to attach")
+            tokens = prompt(5, seed=60)
+            async with AsyncClient(target, token="tok-team-a-0123456789") as kv:
+                full, _ = await store_with_holes(kv, model, tokens, [2])
+                result = await kv.repair(model.spec, tokens)
+                assert result.repaired == [2]
+                past, n = await kv.get_prefix(model.spec, tokens)
+                assert n == 5 * BT
+                assert_blocks(past, full, [2])
+            # The tenant's blocks are under its own salt: another tenant's view has none.
+            async with AsyncClient(target, token="tok-ops-0123456789abcd") as ops:
+                assert (await ops.lookup(model.spec, tokens)).hit_blocks == 0
+        finally:
+            stop.set()
+            await run
+    finally:
+        await server.stop(0)
+
+
 # -- worker processes ----------------------------------------------------------------------------
 
 
@@ -324,7 +367,8 @@ async def test_worker_processes_survive_one_dying_mid_repair(
     tmp_path: Path, model: ModelWorker
 ) -> None:
     tokens = prompt(8, seed=40)
-    async with serving(tmp_path) as (server, target):
+    config = store_config(tmp_path, server=ServerConfig(listen="127.0.0.1:0", worker_timeout_s=2))
+    async with serving(tmp_path, config=config) as (server, target):
         with (
             worker_process(target, "first", tmp_path / "first.json") as first,
             worker_process(target, "second", tmp_path / "second.json") as second,
@@ -354,20 +398,18 @@ async def test_worker_processes_survive_one_dying_mid_repair(
                 assert_blocks(past, full, [2, 5])
                 assert [w.name for w in server.pool.workers()] == [result.worker]
 
-                # The last worker dies mid-repair too: UNAVAILABLE, and nothing of it stored.
+                # The last worker hangs (stopped, never answers): after server.worker_timeout_s
+                # it is dropped, the repair is UNAVAILABLE, and nothing of it is stored.
                 survivor = second if proc is first else first
                 hashes = (await kv.lookup(model.spec, tokens)).hashes
                 await kv.evict(model.spec, [hashes[3]])
                 os.kill(survivor.pid, signal.SIGSTOP)
-                repair = asyncio.create_task(kv.repair(model.spec, tokens))
-                await wait_for(
-                    lambda: any(w.busy for w in server.pool.workers()), "the task to go out"
-                )
-                os.kill(survivor.pid, signal.SIGKILL)
-                with pytest.raises(Exception, match="went away during the repair") as err:
-                    await repair
+                with pytest.raises(Exception, match="did not answer task 2 within 2 s") as err:
+                    await kv.repair(model.spec, tokens)
                 assert getattr(err.value, "code", "") == "UNAVAILABLE"
+                assert "nothing of it was stored" in str(err.value)
                 assert (await kv.lookup(model.spec, tokens)).holes == [3]
+                assert len(server.pool) == 0
                 # And with no worker left, a clear precondition failure.
                 with pytest.raises(NoWorkerError):
                     await kv.repair(model.spec, tokens)
