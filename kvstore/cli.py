@@ -504,7 +504,10 @@ async def _run_worker(link: Any) -> None:
         click.echo("worker stopping", err=True)
 
 
-from kvstore import cli_client  # noqa: E402,F401  # registers the commands that talk to a server
+from kvstore import cli_client  # noqa: E402,F401
+from kvstore.demo import demo  # noqa: E402
+
+main.add_command(demo)  # registers the commands that talk to a server
 
 if __name__ == "__main__":
     main()

@@ -11,9 +11,10 @@ Operations, in the order ``run_demo`` calls them:
 3. ``Engine.open(store_config(...))`` — an embedded store as ``kvstore serve`` runs it: G2 shared
    memory + G3 LMDB (in a temporary directory unless ``data_dir`` is given), G4 with a Redis URL.
 4. Per turn: the prompt is the conversation so far plus a new question. (a) Without kvstore:
-   prefill the whole prompt and pick the first token. (b) With kvstore: lookup, read the stored
-   prefix blocks, prefill only the rest. Both decode the answer greedily; the tokens must be
-   identical. The new full blocks of the prompt and answer are then stored.
+   prefill the whole prompt and pick the first token. (b) With kvstore (run first, see
+   ``_turns``): lookup, read the stored prefix blocks, prefill only the rest. Both decode the
+   answer greedily; the tokens must be identical. The new full blocks of the prompt and answer
+   are then stored.
 5. The hole: one middle block of the stored conversation is evicted; lookup reports the hole;
    recomputing from the hole is timed against ``ModelWorker.repair``, which computes only the
    hole's block, and the answers are compared again.
@@ -42,7 +43,8 @@ from typing import Any
 import click
 import numpy as np
 import torch
-from rich.console import Console
+from rich import box
+from rich.console import Console, JustifyMethod
 from rich.table import Table
 
 from kvstore.block_format import HEADER_BYTES
@@ -64,13 +66,15 @@ __all__ = [
     "build_worker",
     "demo",
     "demo_model_config",
+    "describe_model",
     "make_scenario",
     "print_result",
+    "repair_table",
     "run_demo",
     "store_config",
+    "turns_table",
 ]
 
-log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
 
 HEAD_DIM = 64
@@ -227,9 +231,8 @@ def demo_model_config(options: DemoOptions) -> Any:
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
-        # As in worker.default_config: wider than transformers' 0.02 so that the answer depends
-        # on the context (at 0.02 a random model repeats a few tokens whatever it reads), and
-        # the comparison of answers with and without kvstore tests something.
+        # As worker.default_config explains: wider than transformers' 0.02, so that the answer
+        # depends on the context and comparing answers with and without kvstore tests something.
         initializer_range=0.1,
     )
 
@@ -255,11 +258,11 @@ def describe_model(worker: ModelWorker, options: DemoOptions) -> str:
     cfg = worker.model.config
     params = sum(p.numel() for p in worker.model.parameters())
     spec = worker.spec
+    kv_heads = f"{spec.num_kv_heads} K/V head{'s' if spec.num_kv_heads > 1 else ''}"
     shape = (
         f"{cfg.model_type}, {spec.num_layers} layers, hidden {cfg.hidden_size}, "
-        f"{cfg.num_attention_heads} query heads on {spec.num_kv_heads} K/V heads of "
-        f"{spec.head_dim}, vocabulary {cfg.vocab_size}, {params / 1e6:.1f} M parameters, "
-        f"{spec.dtype}"
+        f"{cfg.num_attention_heads} query heads on {kv_heads} of {spec.head_dim}, "
+        f"vocabulary {cfg.vocab_size}, {params / 1e6:.1f} M parameters, {spec.dtype}"
     )
     if options.model_dir:
         return f"{spec.model_id} from {options.model_dir} ({shape})"
@@ -376,12 +379,12 @@ async def _without_store(runner: _Runner, prompt: list[int], answer_tokens: int)
 
 
 async def _load_prefix(
-    engine: Engine, spec: ModelSpec, prompt: list[int], max_blocks: int | None = None
+    engine: Engine, spec: ModelSpec, prompt: list[int]
 ) -> tuple[torch.Tensor | None, int]:
-    """Lookup and read the leading run of stored blocks (at most ``max_blocks``) under a lease:
-    their K/V as one tensor and the tokens it covers."""
+    """Lookup and read the leading run of stored blocks under a lease: their K/V as one tensor
+    and the tokens it covers."""
     found = await engine.lookup(spec, prompt)
-    n = found.hit_blocks if max_blocks is None else min(found.hit_blocks, max_blocks)
+    n = found.hit_blocks
     if n == 0:
         return None, 0
     lease = engine.reserve(found.hashes[:n])
@@ -389,10 +392,9 @@ async def _load_prefix(
         blocks = await engine.get(spec, found.hashes[:n])
     finally:
         engine.release(lease.lease_id)
-    # A block that failed verification since the lookup comes back None: the prefix ends there.
     usable: list[torch.Tensor] = []
     for block in blocks:
-        if block is None:
+        if block is None:  # failed verification since the lookup: the prefix ends there
             break
         usable.append(block)
     if not usable:
@@ -405,12 +407,11 @@ async def _with_store(
     engine: Engine,
     prompt: list[int],
     answer_tokens: int,
-    max_blocks: int | None = None,
 ) -> _Answer:
     worker = runner.worker
     ids = worker.token_ids(prompt)
     t0 = time.perf_counter()
-    past, hit = await _load_prefix(engine, worker.spec, prompt, max_blocks)
+    past, hit = await _load_prefix(engine, worker.spec, prompt)
     # The first token needs the logits of the prompt's last token: a prefix covering the whole
     # prompt gives that token back to be computed.
     start = min(hit, len(prompt) - 1)
@@ -426,19 +427,20 @@ async def _with_store(
     return _Answer(tokens, prefill_s, load_s, hit, cache)
 
 
-async def _store(
-    engine: Engine, worker: ModelWorker, conversation: list[int], cache: Any, skip_blocks: int
-) -> int:
+async def _store(engine: Engine, worker: ModelWorker, conversation: list[int], cache: Any) -> int:
     """Store the full blocks of what ``cache`` holds (the conversation but its last token, which
-    the model never ran) from block ``skip_blocks`` on; returns blocks newly stored."""
+    the model never ran) that the store does not have; returns how many."""
     spec = worker.spec
     kv = worker.kv_from_cache(cache)
-    covered = conversation[: kv.shape[2]]
-    hashes: list[BlockHash] = engine.hashes(spec, covered)
+    hashes: list[BlockHash] = engine.hashes(spec, conversation[: kv.shape[2]])
+    # Asked of the store, not taken from the turn's hit: blocks past the prompt's may be there
+    # already (a kept data_dir), in G3 only, and a put would copy them into G2 again.
+    found = await engine.lookup_hashes(spec, hashes)
     bt = spec.block_tokens
     items = [
         (hashes[i], root_hash(spec) if i == 0 else hashes[i - 1], kv[:, :, i * bt : (i + 1) * bt])
-        for i in range(skip_blocks, len(hashes))
+        for i, tier in enumerate(found.tiers)
+        if tier is None
     ]
     if not items:
         return 0
@@ -483,15 +485,20 @@ async def run_demo(
                 _describe_tiers(config),
                 len(engine.index),
             )
-            # One pass before anything is timed: the first forward pays for lazy setup.
+            if config.g4 is not None:
+                # One round trip now: an unreachable Redis is an error here, not a warning per
+                # block for the rest of the run.
+                await engine.tier("G4", worker.spec.fingerprint).exists([root_hash(worker.spec)])
+            # One pass before anything is timed: the very first forward pays for lazy setup.
             say("warming up the model")
-            warm = scenario.document[: min(len(scenario.document), 256)]
+            warm = scenario.document[:1024]
             await asyncio.to_thread(
                 runner.first_token, worker.token_ids(warm), runner.new_cache(), 0
             )
             await _turns(runner, engine, options, scenario, result, say)
             if options.repair:
                 result.repair = await _hole_repair(runner, engine, options, scenario, result, say)
+            await engine.drain()  # the repaired block's write-through copies
             result.tier_blocks = (await engine.stats()).index_blocks
         finally:
             await engine.close()
@@ -511,19 +518,16 @@ async def _turns(
     for turn in range(1, options.turns + 1):
         prompt = conversation + scenario.questions[turn - 1]
         head = f"turn {turn}/{options.turns} ({len(prompt)} tokens)"
-        say(f"{head}: prefill without kvstore")
-        without = await _without_store(runner, prompt, options.answer_tokens)
+        # With kvstore first: a forward pass at a length seen before runs faster (the first at a
+        # new length took 5-30% longer in runs here), and in turn 1, with nothing stored, both
+        # runs have the same length: the second one's gain must not flatter kvstore.
         say(f"{head}: lookup, read the stored prefix, prefill the rest")
         with_ = await _with_store(runner, engine, prompt, options.answer_tokens)
+        say(f"{head}: prefill without kvstore")
+        without = await _without_store(runner, prompt, options.answer_tokens)
         say(f"{head}: storing the new blocks")
         conversation = prompt + with_.tokens
-        stored = await _store(
-            engine,
-            runner.worker,
-            conversation,
-            with_.cache,
-            with_.hit_tokens // options.block_tokens,
-        )
+        stored = await _store(engine, runner.worker, conversation, with_.cache)
         result.turns.append(
             TurnResult(
                 turn=turn,
@@ -598,22 +602,32 @@ def _yes(ok: bool) -> str:
     return "[green]yes" if ok else "[bold red]NO"
 
 
-def turns_table(result: DemoResult) -> Table:
-    table = Table(title="Prefill per turn: without kvstore vs. with kvstore")
-    columns = [
-        ("turn", "right"),
-        ("prompt\ntokens", "right"),
-        ("hit\ntokens", "right"),
-        ("hit %", "right"),
-        ("without\nms", "right"),
-        ("with\nms", "right"),
-        ("of it\nread ms", "right"),
-        ("speedup", "right"),
-        ("blocks\nstored", "right"),
-        ("same\ntokens", "center"),
-    ]
+def _table(title: str, columns: list[tuple[str, JustifyMethod]]) -> Table:
+    # No rules between columns and no edges: the turns' ten columns then fit 80 characters.
+    table = Table(
+        title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True
+    )
     for name, justify in columns:
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+        table.add_column(name, justify=justify)
+    return table
+
+
+def turns_table(result: DemoResult) -> Table:
+    table = _table(
+        "Prefill per turn, up to the first token: without kvstore and with it",
+        [
+            ("turn", "right"),
+            ("prompt\ntokens", "right"),
+            ("hit\ntokens", "right"),
+            ("hit %", "right"),
+            ("without\nms", "right"),
+            ("with\nms", "right"),
+            ("of it\nread ms", "right"),
+            ("speedup", "right"),
+            ("blocks\nstored", "right"),
+            ("same\ntokens", "center"),
+        ],
+    )
     for t in result.turns:
         table.add_row(
             str(t.turn),
@@ -622,7 +636,7 @@ def turns_table(result: DemoResult) -> Table:
             f"{100 * t.hit_rate:.1f}",
             f"{t.prefill_ms_without:.0f}",
             f"{t.prefill_ms_with:.0f}",
-            f"{t.load_ms:.1f}",
+            f"{t.load_ms:.0f}",
             f"{t.speedup:.1f}x",
             str(t.stored_blocks),
             _yes(t.identical),
@@ -631,23 +645,28 @@ def turns_table(result: DemoResult) -> Table:
 
 
 def repair_table(repair: HoleRepair) -> Table:
-    table = Table(title=f"A hole at block {repair.hole}: recompute from it, or repair it")
-    for name in ("path", "tokens\ncomputed", "ms", "speedup", "same\ntokens"):
-        table.add_column(name, justify="left" if name == "path" else "right")
-    total = repair.repair_ms + repair.after_repair_ms
+    table = _table(
+        f"A hole at block {repair.hole}: recompute from it, or repair it",
+        [
+            ("path", "left"),
+            ("tokens\ncomputed", "right"),
+            ("ms", "right"),
+            ("speedup", "right"),
+            ("same\ntokens", "center"),
+        ],
+    )
     rows = [
-        ("without kvstore (whole prompt)", len(repair.prompt), repair.scratch_ms, "reference"),
+        ("without kvstore", len(repair.prompt), repair.scratch_ms, "reference"),
         (
-            f"recompute from the hole (read {repair.hit_tokens_with_hole} tokens)",
+            "recompute from the hole",
             repair.recompute_tokens,
             repair.recompute_ms,
             _yes(repair.answer_recompute == repair.answer_scratch),
         ),
         (
-            f"repair block {repair.hole} ({repair.repair_ms:.0f} ms), then read "
-            f"{repair.hit_tokens_after_repair} tokens",
+            "repair the hole, then read",
             repair.repaired_tokens,
-            total,
+            repair.repair_ms + repair.after_repair_ms,
             _yes(repair.answer_repaired == repair.answer_scratch),
         ),
     ]
@@ -658,43 +677,43 @@ def repair_table(repair: HoleRepair) -> Table:
 
 def print_result(console: Console, result: DemoResult) -> None:
     opts = result.options
-    console.print(f"[bold]model[/]  {result.model}")
+    found = f"; {result.blocks_at_open} blocks found in G3" if result.blocks_at_open else ""
+    console.print(f"[bold]model[/]     {result.model}")
     console.print(
-        f"[bold]store[/]  {' + '.join(result.tiers)}; {opts.block_tokens} tokens per block of "
-        f"{result.spec.block_nbytes / 1024:.0f} KiB"
-        + (
-            f"; {result.blocks_at_open} blocks found in G3 at start"
-            if result.blocks_at_open
-            else ""
-        )
+        f"[bold]store[/]     {' + '.join(result.tiers)}; {opts.block_tokens} tokens per block "
+        f"({result.spec.block_nbytes / 1024:.0f} KiB){found}"
     )
     console.print(
         f"[bold]scenario[/]  a shared document of {opts.doc_tokens} tokens, then {opts.turns} "
-        f"turns: each appends a {opts.question_tokens}-token question to the conversation so "
-        f"far, and the model answers {opts.answer_tokens} tokens (greedy). Token ids come from a "
-        f"generator seeded with {opts.seed}: there is no tokenizer offline, so the text and the "
-        "answers are token ids, not words."
+        f"turns; each appends a {opts.question_tokens}-token question to the conversation so "
+        f"far and the model answers {opts.answer_tokens} tokens (greedy). There is no tokenizer "
+        f"offline: the token ids come from a generator seeded with {opts.seed}, and the answers "
+        "are token ids, not words."
     )
     console.print(
-        "[dim]without: prefill of the whole prompt from scratch, up to the first token. with: "
-        "lookup + read of the stored prefix + prefill of the rest, up to the first token. "
-        "same tokens: both answers are identical.[/]"
+        "[dim]without: the whole prompt from scratch. with: lookup + read of the stored prefix "
+        "+ prefill of the rest. same tokens: the two answers are identical.[/]"
     )
     console.print(turns_table(result))
-    if result.repair is not None:
-        r = result.repair
+    r = result.repair
+    if r is not None:
+        after = r.stored_blocks - r.hole - 1
         console.print(
-            f"Evicted block {r.hole} of the {r.stored_blocks} stored blocks of the conversation; "
-            f"lookup now reports holes {r.holes_reported} and a leading hit of "
-            f"{r.hit_tokens_with_hole} tokens. repair computed blocks {r.repaired} "
-            f"({len(r.repaired) * r.block_tokens} tokens) and kept the "
-            f"{r.stored_blocks - r.hole - 1} blocks after the hole."
+            f"Evicted block {r.hole} of the {r.stored_blocks} stored blocks of the conversation: "
+            f"lookup reports holes {r.holes_reported} and a leading hit of "
+            f"{r.hit_tokens_with_hole} tokens.\n"
+            f"- recompute from the hole: read {r.hit_tokens_with_hole} tokens, prefill the "
+            f"{r.recompute_tokens} after them.\n"
+            f"- repair: ModelWorker.repair computed blocks {r.repaired} "
+            f"({len(r.repaired) * r.block_tokens} tokens) in {r.repair_ms:.0f} ms, keeping the "
+            f"{after} blocks after the hole; then read {r.hit_tokens_after_repair} tokens and "
+            f"prefill the {len(r.prompt) - r.hit_tokens_after_repair} after them."
         )
         console.print(repair_table(r))
     elif opts.repair:
-        console.print("[yellow]hole repair skipped: fewer than 3 blocks were stored")
+        console.print("[yellow]No hole section: fewer than 3 blocks were stored.")
     blocks = ", ".join(f"{name} {n}" for name, n in result.tier_blocks.items())
-    console.print(f"blocks held at the end: {blocks}; ran in {result.elapsed_s:.1f} s")
+    console.print(f"Blocks held at the end: {blocks}. Ran in {result.elapsed_s:.1f} s.")
     if result.identical:
         console.print("[green]Generated tokens are identical with and without kvstore.")
     else:
@@ -703,9 +722,9 @@ def print_result(console: Console, result: DemoResult) -> None:
 
 @contextlib.contextmanager
 def _quiet_cache_keyword_notices() -> Iterator[None]:
-    """Hide transformers' notices that ``past_key_values`` is now ``cache``: ModelWorker still
-    passes the old name (it supports transformers 4), and the notice is for its developers, not
-    for someone watching the demo."""
+    """Hide transformers' notices that ``past_key_values`` is now ``cache`` (from code paths
+    that still pass the old name, as a checkpoint's own remote code may): they are for
+    developers, not for someone watching the demo."""
     generic = logging.getLogger("transformers.utils.generic")
     level = generic.level
     generic.setLevel(logging.ERROR)
@@ -718,7 +737,13 @@ def _quiet_cache_keyword_notices() -> Iterator[None]:
 
 
 @click.command("demo")
-@click.option("--turns", type=click.IntRange(min=1), default=_DEFAULTS.turns, show_default=True)
+@click.option(
+    "--turns",
+    type=click.IntRange(min=1),
+    default=_DEFAULTS.turns,
+    show_default=True,
+    help="Questions asked about the document, one after another.",
+)
 @click.option(
     "--doc-tokens",
     type=click.IntRange(min=1),
@@ -731,6 +756,7 @@ def _quiet_cache_keyword_notices() -> Iterator[None]:
     type=click.IntRange(min=1),
     default=_DEFAULTS.question_tokens,
     show_default=True,
+    help="Tokens of each question.",
 )
 @click.option(
     "--answer-tokens",

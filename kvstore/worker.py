@@ -64,9 +64,18 @@ DEFAULT_MODEL_ID = "kvstore/default-llama"
 # Dtypes a model can run in; the float8 types of kvstore.keys.DTYPES are storage formats only.
 _COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 # Config entries that say nothing about the weights or the K/V they produce: where the config was
-# read from, which transformers wrote it. Left out of the revision so that the same model loaded
-# from two copies of its directory shares one namespace.
-_VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_commit_hash")
+# read from, which transformers wrote it, and what save_pretrained adds to a built model's config
+# (its class name, its dtype: the weights' own dtype is hashed with them). Left out of the
+# revision so that the same model, built or loaded from any copy of its directory, shares one
+# namespace.
+_VOLATILE_CONFIG_KEYS = (
+    "_name_or_path",
+    "transformers_version",
+    "_commit_hash",
+    "architectures",
+    "dtype",
+    "torch_dtype",
+)
 
 Tokens = Sequence[int] | np.ndarray[Any, Any] | torch.Tensor
 
@@ -166,6 +175,7 @@ class ModelWorker:
         # in 5.40); older releases know only past_key_values.
         forward = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in forward else "past_key_values"
+        self._last_logits = {"logits_to_keep": 1} if "logits_to_keep" in forward else {}
         self._vocab_size = int(model.config.vocab_size)
         self._max_positions: int | None = getattr(model.config, "max_position_embeddings", None)
         self._spec = self._make_spec(model_id)
@@ -359,7 +369,7 @@ class ModelWorker:
         while len(out) < max_new_tokens:
             logits = self._forward(step, cache, position)
             position += step.numel()
-            out.append(int(logits[-1].argmax()))
+            out.append(int(logits.argmax()))
             step = torch.tensor([out[-1]])
         return out
 
@@ -370,7 +380,8 @@ class ModelWorker:
 
     def _forward(self, ids: torch.Tensor, cache: Any, start: int) -> torch.Tensor:
         """Run ``ids`` at positions ``start, start + 1, ...`` over ``cache`` (which it extends);
-        returns their logits ``[len(ids), vocab]``."""
+        returns the logits of the last one ``[vocab]`` (only those are computed where the model
+        allows: a real vocabulary's head over every prompt token costs as much as layers)."""
         # Positions continue at ``start``: rotary models take them from cache_position, GPT-2's
         # learned positions from position_ids; both are given so no family has to infer them.
         positions = torch.arange(start, start + ids.numel(), device=self.device)
@@ -380,8 +391,9 @@ class ModelWorker:
             cache_position=positions,
             use_cache=True,
             **{self._cache_arg: cache},
+            **self._last_logits,
         )
-        logits: torch.Tensor = output.logits[0]
+        logits: torch.Tensor = output.logits[0, -1]
         return logits
 
     # -- repair ----------------------------------------------------------------------------------

@@ -460,6 +460,9 @@ def test_models_load_from_a_directory(family: str, tmp_path: Path) -> None:
     w = ModelWorker(WorkerConfig(model_dir=str(model_dir)))
     assert w.spec.model_id == f"tiny-{family}"
     assert w.spec.block_shape == built.spec.block_shape
+    # Same weights, same revision, whether built or loaded (save_pretrained adds its class
+    # name and dtype to the config; neither changes the K/V).
+    assert w.spec.revision == built.spec.revision
     tokens = prompt(4, seed=30, tail=3)
     kv = w.prefill(tokens)
     assert torch.equal(kv, built.prefill(tokens))
