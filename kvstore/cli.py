@@ -375,60 +375,91 @@ async def _serve(cfg: StoreConfig) -> None:
 # -- the model worker --------------------------------------------------------------------------
 
 
+_CONNECT_OPTIONS = (
+    click.option(
+        "--server",
+        default="127.0.0.1:50051",
+        show_default=True,
+        envvar="KVSTORE_SERVER",
+        show_envvar=True,
+        metavar="HOST:PORT",
+        help="The kvstore server (or unix:/path).",
+    ),
+    click.option(
+        "--token",
+        default=None,
+        envvar="KVSTORE_TOKEN",
+        show_envvar=True,
+        help="Bearer token of a tenant (an admin tenant for `kvstore worker`).",
+    ),
+    click.option(
+        "--tls-ca",
+        type=click.Path(exists=True, dir_okay=False),
+        default=None,
+        envvar="KVSTORE_TLS_CA",
+        show_envvar=True,
+        help="PEM file of the CA that signed the server's certificate: turns TLS on.",
+    ),
+)
+_MODEL_OPTIONS = (
+    click.option(
+        "--model",
+        "model_dir",
+        type=click.Path(exists=True, file_okay=False),
+        default=None,
+        envvar="KVSTORE_WORKER_MODEL",
+        show_envvar=True,
+        metavar="DIR",
+        help="A local transformers causal LM (Llama, Qwen2, Mistral, GPT-2, ...). Default: the "
+        "small built-in model, built from a config with --seed.",
+    ),
+    click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True),
+    click.option(
+        "--dtype",
+        type=click.Choice(["float32", "float16", "bfloat16"]),
+        default="float32",
+        show_default=True,
+        help="The model's compute dtype, and its blocks' dtype.",
+    ),
+    click.option(
+        "--block-tokens",
+        type=click.IntRange(min=1),
+        default=16,
+        show_default=True,
+        envvar="KVSTORE_WORKER_BLOCK_TOKENS",
+        show_envvar=True,
+        help="Tokens per block of the model's namespace.",
+    ),
+    click.option("--device", default="cpu", show_default=True, help="torch device of the model."),
+)
+
+
+def _with(options: tuple[Callable[[Any], Any], ...]) -> Callable[[Any], Any]:
+    def decorate(fn: Any) -> Any:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
+def _model_worker(
+    model_dir: str | None, seed: int, dtype: str, block_tokens: int, device: str
+) -> Any:
+    """The ``ModelWorker`` of the model options (transformers is imported only here: it takes
+    seconds, and the other commands never need it)."""
+    from kvstore.worker import ModelWorker, WorkerConfig
+
+    config = WorkerConfig(
+        model_dir=model_dir or "", seed=seed, dtype=dtype, block_tokens=block_tokens, device=device
+    )
+    with console.status("loading the model"):
+        return ModelWorker(config)
+
+
 @main.command("worker")
-@click.option(
-    "--server",
-    default="127.0.0.1:50051",
-    show_default=True,
-    envvar="KVSTORE_SERVER",
-    show_envvar=True,
-    metavar="HOST:PORT",
-    help="The kvstore server to attach to (or unix:/path).",
-)
-@click.option(
-    "--token",
-    default=None,
-    envvar="KVSTORE_TOKEN",
-    show_envvar=True,
-    help="Bearer token of an admin tenant (servers with tenants).",
-)
-@click.option(
-    "--tls-ca",
-    type=click.Path(exists=True, dir_okay=False),
-    default=None,
-    envvar="KVSTORE_TLS_CA",
-    show_envvar=True,
-    help="PEM file of the CA that signed the server's certificate: turns TLS on.",
-)
-@click.option(
-    "--model",
-    "model_dir",
-    type=click.Path(exists=True, file_okay=False),
-    default=None,
-    envvar="KVSTORE_WORKER_MODEL",
-    show_envvar=True,
-    metavar="DIR",
-    help="A local transformers causal LM (Llama, Qwen2, Mistral, GPT-2, ...). Default: the "
-    "small built-in model, built from a config with --seed.",
-)
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option(
-    "--dtype",
-    type=click.Choice(["float32", "float16", "bfloat16"]),
-    default="float32",
-    show_default=True,
-    help="The model's compute dtype, and its blocks' dtype.",
-)
-@click.option(
-    "--block-tokens",
-    type=click.IntRange(min=1),
-    default=16,
-    show_default=True,
-    envvar="KVSTORE_WORKER_BLOCK_TOKENS",
-    show_envvar=True,
-    help="Tokens per block of the namespace this worker serves.",
-)
-@click.option("--device", default="cpu", show_default=True, help="torch device of the model.")
+@_with(_CONNECT_OPTIONS)
+@_with(_MODEL_OPTIONS)
 @click.option("--name", default="", help="Name in `kvstore tiers` and logs (default host:pid).")
 @click.option(
     "--spec-out",
@@ -456,8 +487,6 @@ def worker_command(
     goes away is replaced by the others. Runs until SIGINT or SIGTERM; reconnects when the
     server restarts.
     """
-    # Imported here: transformers takes seconds to import, and the other commands never need it.
-    from kvstore.worker import ModelWorker, WorkerConfig
     from kvstore.worker_link import WorkerLink
 
     logging.basicConfig(
@@ -466,15 +495,7 @@ def worker_command(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        config = WorkerConfig(
-            model_dir=model_dir or "",
-            seed=seed,
-            dtype=dtype,
-            block_tokens=block_tokens,
-            device=device,
-        )
-        with console.status("loading the model"):
-            worker = ModelWorker(config)
+        worker = _model_worker(model_dir, seed, dtype, block_tokens, device)
         spec = worker.spec
         if spec_out:
             Path(spec_out).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
@@ -502,6 +523,155 @@ async def _run_worker(link: Any) -> None:
     finally:
         announcer.cancel()
         click.echo("worker stopping", err=True)
+
+
+# -- prefill / decode roles ----------------------------------------------------------------------
+
+_PROMPT_OPTIONS = (
+    click.option(
+        "--tokens-file",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        default=None,
+        metavar="FILE",
+        help="Token ids: integers separated by whitespace or commas, or a .npy integer array.",
+    ),
+    click.option(
+        "--text-file",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        default=None,
+        metavar="FILE",
+        help="A text file, each UTF-8 byte one token id (no tokenizer offline).",
+    ),
+    click.option("--json", "as_json", is_flag=True, help="Print one JSON document."),
+)
+
+
+def _role_client(server: str, token: str | None, tls_ca: str | None) -> Any:
+    from client import AsyncClient
+
+    return AsyncClient(server, token=token, tls_ca=tls_ca, timeout_s=300.0)
+
+
+@main.command("prefill")
+@_with(_CONNECT_OPTIONS)
+@_with(_MODEL_OPTIONS)
+@_with(_PROMPT_OPTIONS)
+def prefill_command(
+    server: str,
+    token: str | None,
+    tls_ca: str | None,
+    model_dir: str | None,
+    seed: int,
+    dtype: str,
+    block_tokens: int,
+    device: str,
+    tokens_file: Path | None,
+    text_file: Path | None,
+    as_json: bool,
+) -> None:
+    """Prefill role: compute a prompt's K/V with the model and store it durably.
+
+    --server is this node's own service (its G4 is the Redis the decode nodes share), or, in
+    direct mode, the decode node's service. Returns once the blocks are in the service's
+    write-through tiers.
+    """
+    from kvstore.cli_client import _read_tokens
+    from kvstore.roles import prefill
+
+    tokens = _read_tokens(tokens_file, text_file)
+    worker = _model_worker(model_dir, seed, dtype, block_tokens, device)
+
+    async def run() -> Any:
+        async with _role_client(server, token, tls_ca) as kv:
+            return await prefill(worker, kv, tokens)
+
+    try:
+        with console.status(f"prefilling {len(tokens)} tokens"):
+            result = asyncio.run(run())
+    except KVStoreError as exc:
+        raise click.ClickException(str(exc)) from None
+    doc = {
+        "server": server,
+        "namespace": worker.spec.to_dict(),
+        "num_tokens": result.num_tokens,
+        "stored_blocks": result.stored_blocks,
+        "already_blocks": result.already_blocks,
+        "compute_ms": result.compute_s * 1000,
+        "store_ms": result.store_s * 1000,
+    }
+    if as_json:
+        click.echo(json.dumps(doc))
+        return
+    click.echo(
+        f"prefilled {result.num_tokens} tokens in {doc['compute_ms']:.1f} ms; stored "
+        f"{result.stored_blocks} blocks ({result.already_blocks} already there) at {server} in "
+        f"{doc['store_ms']:.1f} ms"
+    )
+
+
+@main.command("decode")
+@_with(_CONNECT_OPTIONS)
+@_with(_MODEL_OPTIONS)
+@_with(_PROMPT_OPTIONS)
+@click.option("--max-new-tokens", type=click.IntRange(min=0), default=16, show_default=True)
+@click.option("--repair-holes", is_flag=True, help="Have the service repair holes before fetching.")
+def decode_command(
+    server: str,
+    token: str | None,
+    tls_ca: str | None,
+    model_dir: str | None,
+    seed: int,
+    dtype: str,
+    block_tokens: int,
+    device: str,
+    tokens_file: Path | None,
+    text_file: Path | None,
+    as_json: bool,
+    max_new_tokens: int,
+    repair_holes: bool,
+) -> None:
+    """Decode role: continue a prompt from the K/V a prefill node stored.
+
+    --server is this node's own service: it finds the prefill node's blocks in the shared G4
+    (or in its own tiers, in direct mode). Prints the generated token ids and how many prompt
+    tokens the model had to run over here.
+    """
+    from kvstore.cli_client import _read_tokens
+    from kvstore.roles import decode
+
+    tokens = _read_tokens(tokens_file, text_file)
+    worker = _model_worker(model_dir, seed, dtype, block_tokens, device)
+
+    async def run() -> Any:
+        async with _role_client(server, token, tls_ca) as kv:
+            return await decode(
+                worker, kv, tokens, max_new_tokens=max_new_tokens, repair_holes=repair_holes
+            )
+
+    try:
+        with console.status("decoding"):
+            result = asyncio.run(run())
+    except KVStoreError as exc:
+        raise click.ClickException(str(exc)) from None
+    doc = {
+        "server": server,
+        "tokens": result.tokens,
+        "prompt_tokens": len(tokens),
+        "hit_tokens": result.hit_tokens,
+        "computed_tokens": result.computed_tokens,
+        "fetch_ms": result.fetch_s * 1000,
+        "generate_ms": result.generate_s * 1000,
+    }
+    if as_json:
+        click.echo(json.dumps(doc))
+        return
+    click.echo(" ".join(map(str, result.tokens)))
+    click.echo(
+        f"prompt {len(tokens)} tokens: {result.hit_tokens} from kvstore "
+        f"({doc['fetch_ms']:.1f} ms), {result.computed_tokens} computed here; "
+        f"{len(result.tokens)} new tokens in {doc['generate_ms']:.1f} ms",
+        err=True,
+    )
 
 
 from kvstore import cli_client  # noqa: E402,F401
