@@ -462,6 +462,12 @@ async def _serve(cfg: StoreConfig) -> None:
 # -- the model worker --------------------------------------------------------------------------
 
 
+def _server_address(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from kvstore.cli_client import _check_server  # (cli_client imports this module)
+
+    return _check_server(ctx, param, value)
+
+
 _CONNECT_OPTIONS = (
     click.option(
         "--server",
@@ -470,6 +476,7 @@ _CONNECT_OPTIONS = (
         envvar="KVSTORE_SERVER",
         show_envvar=True,
         metavar="HOST:PORT",
+        callback=_server_address,
         help="The kvstore server (or unix:/path).",
     ),
     click.option(
@@ -547,7 +554,13 @@ def _model_worker(
 @main.command("worker")
 @_with(_CONNECT_OPTIONS)
 @_with(_MODEL_OPTIONS)
-@click.option("--name", default="", help="Name in `kvstore tiers` and logs (default host:pid).")
+@click.option(
+    "--name",
+    default="",
+    envvar="KVSTORE_WORKER_NAME",
+    show_envvar=True,
+    help="Name in `kvstore tiers` and logs (default host:pid).",
+)
 @click.option(
     "--spec-out",
     type=click.Path(dir_okay=False, writable=True),

@@ -545,6 +545,37 @@ def tiers_command(remote: Remote) -> None:
         _out.print(workers)
 
 
+@main.command("health")
+@click.option(
+    "--worker",
+    "worker_name",
+    default=None,
+    metavar="NAME",
+    help="Also require a model worker of this name (or name prefix, e.g. a host name) to be "
+    "attached (admin). For a worker's own health check.",
+)
+@_remote
+def health_command(remote: Remote, worker_name: str | None) -> None:
+    """Exit 0 when the server answers SERVING on the standard gRPC health service (1 otherwise).
+
+    For container and supervisor health checks.
+    """
+    with remote.client() as kv:
+        status = kv.health()
+        workers = kv.stats().workers if worker_name is not None else []
+    attached = [w for w in workers if w.name == worker_name or w.name.startswith(f"{worker_name}:")]
+    healthy = status == "SERVING" and (worker_name is None or bool(attached))
+    if remote.as_json:
+        remote.emit({"status": status, "healthy": healthy, "workers": [w.name for w in attached]})
+    else:
+        line = status
+        if worker_name is not None:
+            line += f"; worker {worker_name}: " + ("attached" if attached else "NOT attached")
+        click.echo(line)
+    if not healthy:
+        sys.exit(1)
+
+
 main.add_command(
     click.Command(
         "status",

@@ -145,7 +145,12 @@ def _coerce(section: str, name: str, typ: Any, value: Any) -> Any:
                 return False
             raise ValueError(value)
         if typ is int:
-            return parse_size(value) if name.endswith("_bytes") else int(value)
+            if name.endswith("_bytes"):
+                try:
+                    return parse_size(value)
+                except ConfigError as exc:
+                    raise ConfigError(f"{where}: {exc}") from None
+            return int(value)
         if typ is float:
             return float(value)
         if typ is str:
@@ -197,10 +202,18 @@ def load_config(
     env = os.environ if env is None else env
     for section, cls in sections.items():
         names = [*_field_types(cls), *(["enabled"] if section in _TIERS else [])]
-        for name in names:
-            key = f"KVSTORE_{section.upper()}_{name.upper()}"
+        keys = {f"KVSTORE_{section.upper()}_{name.upper()}": name for name in names}
+        for key, name in keys.items():
             if key in env:
                 layers[section][name] = env[key]
+        # A misspelt variable would otherwise be ignored without a word.
+        prefix = f"KVSTORE_{section.upper()}_"
+        stray = sorted(k for k in env if k.startswith(prefix) and k not in keys)
+        if stray:
+            raise ConfigError(
+                f"{', '.join(stray)}: no such setting in [{section}]; its variables are "
+                f"{', '.join(sorted(keys))}"
+            )
     for section, values in (overrides or {}).items():
         if section not in sections:
             raise ConfigError(f"unknown table {section!r}; known: {sorted(sections)}")

@@ -49,7 +49,9 @@ def test_precedence_file_env_flags(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"KVSTORE_G3_CAPACITY_BYTES": "lots"}, "'lots' is not a size"),
+        ({"KVSTORE_G3_CAPACITY_BYTES": "lots"}, "g3.capacity_bytes: 'lots' is not a size"),
+        ({"KVSTORE_G4_URI": "redis://x"}, r"KVSTORE_G4_URI: no such setting in \[g4\]"),
+        ({"KVSTORE_SERVER_LISTN": ":1"}, r"KVSTORE_SERVER_LISTN: no such setting in \[server\]"),
         ({"KVSTORE_G2_ENABLED": "no"}, "G2 cannot be disabled"),
         ({"KVSTORE_G4_ENABLED": "maybe"}, "g4.enabled: cannot read 'maybe'"),
         ({"KVSTORE_G2_PIN": "sometimes"}, "g2.pin must be one of"),

@@ -113,6 +113,17 @@ def test_stale_segments_of_dead_processes_are_swept() -> None:
         stale.unlink(missing_ok=True)
 
 
+def test_g2_larger_than_dev_shm_is_refused_before_it_can_crash() -> None:
+    # Touching pages of a segment past /dev/shm's free space would kill this process (SIGBUS):
+    # the tier refuses before it creates anything.
+    free = os.statvfs("/dev/shm").f_bavail * os.statvfs("/dev/shm").f_frsize
+    slot = 1 << 20
+    before = set(os.listdir("/dev/shm"))
+    with pytest.raises(ConfigError, match=r"G2 needs \d+ bytes of shared memory but /dev/shm"):
+        PinnedMemoryTier(PinnedTierConfig(free + 64 * slot, slot, pin="never"))
+    assert set(os.listdir("/dev/shm")) == before
+
+
 def test_g2_config_errors() -> None:
     with pytest.raises(ConfigError, match="smaller than one slot"):
         PinnedMemoryTier(PinnedTierConfig(1000, 4096, pin="never"))

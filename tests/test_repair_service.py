@@ -444,6 +444,20 @@ async def test_cli_repair_and_worker_listing(tmp_path: Path, model: ModelWorker)
         listing = await asyncio.to_thread(
             runner.invoke, cli, ["tiers", "--server", target, "--json"]
         )
+        health = await asyncio.to_thread(
+            runner.invoke, cli, ["health", "--server", target, "--worker", model.name]
+        )
+        assert (health.exit_code, health.output.strip()) == (
+            0,
+            f"SERVING; worker {model.name}: attached",
+        )
+        health = await asyncio.to_thread(
+            runner.invoke, cli, ["health", "--server", target, "--worker", "nobody"]
+        )
+        assert (health.exit_code, health.output.strip()) == (
+            1,
+            "SERVING; worker nobody: NOT attached",
+        )
         (worker,) = json.loads(listing.output)["workers"]
         assert ModelSpec.from_dict(worker["namespace"]) == model.spec
         assert (worker["tasks_done"], worker["blocks_computed"]) == (1, 2)

@@ -111,6 +111,22 @@ def _cuda_host_unregister(buf: memoryview) -> None:
     torch.cuda.cudart().cudaHostUnregister(address)  # type: ignore[no-untyped-call]
 
 
+def _check_shm_room(size: int, where: str = "/dev/shm") -> None:
+    """A segment larger than the free space of /dev/shm is created anyway (sparse), and the first
+    write past the free space kills the process with SIGBUS — a bare "Bus error". Docker gives
+    containers 64 MiB of /dev/shm unless told otherwise (--shm-size, compose shm_size)."""
+    try:
+        st = os.statvfs(where)
+    except OSError:
+        return  # no /dev/shm (not Linux): shared_memory reports its own errors
+    free = st.f_bavail * st.f_frsize
+    if size > free:
+        raise ConfigError(
+            f"G2 needs {size} bytes of shared memory but {where} has {free} bytes free: lower "
+            "g2.capacity_bytes, or give the container more (docker --shm-size, compose shm_size)"
+        )
+
+
 class PinnedMemoryTier(Tier):
     def __init__(
         self, config: PinnedTierConfig, on_corrupt: CorruptionCallback | None = None
@@ -122,6 +138,7 @@ class PinnedMemoryTier(Tier):
             log.warning("G2: removed shared-memory segment %s left by a dead process", name)
         name = f"{config.segment_prefix}-{os.getpid()}-{secrets.token_hex(4)}"
         size = self._slots.num_slots * self._slots.slot_bytes
+        _check_shm_room(size)
         self._shm = shared_memory.SharedMemory(name=name, create=True, size=size)
         buf = self._shm.buf
         assert buf is not None  # None only after close()
