@@ -5,7 +5,10 @@ Operations, in the order a test uses them:
 1. ``start_redis_server()`` / ``start_redis_cluster()`` — start processes on free ports of
    127.0.0.1 (never the Redis an operator runs on 6379), with persistence off and their files in
    a temporary directory, and wait until they answer (``cluster_state:ok`` on every node and
-   replicas in sync). ``pause()`` / ``resume()`` (SIGSTOP / SIGCONT) make a server hang.
+   replicas in sync). ``pause()`` / ``resume()`` (SIGSTOP / SIGCONT) make a server hang;
+   ``kill()`` (SIGKILL) makes it die mid-run, and ``restart_redis_server(server)`` starts it
+   again on the same port, in the same directory, with the same arguments (a cluster node
+   rejoins from its ``nodes.conf``, with no data: persistence is off).
 2. ``corrupt_redis_block(url, cluster, tier, key)`` — flip one stored payload byte behind a
    ``RedisTier``'s back, the way bit rot or a buggy writer would.
 3. ``.stop()`` — terminate (SIGCONT first, in case a test left a server stopped) and clean up.
@@ -21,6 +24,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -37,6 +41,7 @@ __all__ = [
     "RedisServer",
     "corrupt_redis_block",
     "free_port",
+    "restart_redis_server",
     "start_redis_cluster",
     "start_redis_server",
 ]
@@ -64,6 +69,8 @@ class RedisServer:
     proc: subprocess.Popen[bytes]
     dir: Path
     owns_dir: bool = True
+    args: tuple[str, ...] = ()
+    """The ``extra_args`` it was started with, for ``restart_redis_server``."""
 
     @property
     def url(self) -> str:
@@ -79,6 +86,12 @@ class RedisServer:
 
     def resume(self) -> None:
         self.proc.send_signal(signal.SIGCONT)
+
+    def kill(self) -> None:
+        """SIGKILL and reap: the server dies mid-run, as in a crash, and keeps its directory."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -138,6 +151,14 @@ class RedisClusterServers:
             finally:
                 client.close()
         return out
+
+    def restart(self, server: RedisServer) -> RedisServer:
+        """``restart_redis_server`` for one of ours (killed or stopped), put in its place; waits
+        until every node reports ``cluster_state:ok`` again."""
+        i = self.servers.index(server)
+        self.servers[i] = restart_redis_server(server)
+        _wait_cluster_ok(self)
+        return self.servers[i]
 
     def stop(self) -> None:
         if self._stopped:
@@ -231,7 +252,9 @@ def start_redis_server(
         proc = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        server = RedisServer(port=chosen, proc=proc, dir=directory, owns_dir=owns_dir)
+        server = RedisServer(
+            port=chosen, proc=proc, dir=directory, owns_dir=owns_dir, args=tuple(extra_args)
+        )
         try:
             _wait_ready(server, log_path)
             return server
@@ -244,13 +267,31 @@ def start_redis_server(
     raise RuntimeError(f"could not start redis-server: {last_error}")
 
 
+def restart_redis_server(server: RedisServer) -> RedisServer:
+    """Start a server that was killed or stopped again: same port, directory and arguments (a
+    cluster node reads its ``nodes.conf`` and rejoins its cluster). The old object's directory
+    now belongs to the new one."""
+    if server.proc.poll() is None:
+        raise RuntimeError(f"redis-server on port {server.port} is still running")
+    restarted = start_redis_server(*server.args, port=server.port, workdir=server.dir)
+    restarted.owns_dir = server.owns_dir
+    server.owns_dir = False
+    return restarted
+
+
 def start_redis_cluster(
-    num_masters: int = 3, *, replicas: int = 0, node_timeout_ms: int = 5000
+    num_masters: int = 3,
+    *,
+    replicas: int = 0,
+    node_timeout_ms: int = 5000,
+    extra_args: Sequence[str] = (),
 ) -> RedisClusterServers:
     """Start ``num_masters * (1 + replicas)`` cluster-enabled servers, join them with
     ``redis-cli --cluster create``, and wait until every node reports ``cluster_state:ok`` and
     every replica is in sync with its master. ``node_timeout_ms`` is how long a silent master
-    has before its replica takes over."""
+    has before its replica takes over; ``extra_args`` go to every server (for instance
+    ``("--cluster-require-full-coverage", "no")``, so that the other masters keep answering
+    for their slots while one master without a replica is down)."""
     directory = Path(tempfile.mkdtemp(prefix="kvstore-redis-cluster-"))
     servers: list[RedisServer] = []
     cluster = RedisClusterServers(servers=servers, dir=directory)
@@ -274,6 +315,7 @@ def start_redis_cluster(
                     # Replicas sync at once instead of after the default 5 s of batching.
                     "--repl-diskless-sync-delay",
                     "0",
+                    *extra_args,
                     workdir=node_dir,
                 )
             )

@@ -22,14 +22,27 @@ The braces around the hash are a Redis Cluster hash tag: a block's head and chun
 (one shard, one pipeline per shard), while the blocks of a chain hash to different slots and
 spread over the shards. Every Redis round trip is bounded by ``timeout_ms``; a server that is
 down, stopped or overloaded raises ``TierUnavailableError`` and never hangs the caller.
+
+Lost shards (cluster mode): a round trip goes to every shard it touches at once, one pipeline per
+shard. A shard that refuses or drops connections (twice: the second try is on a fresh connection)
+is *lost*: ``get``, ``get_into`` and ``exists`` report its blocks missing while the other shards'
+blocks come back, counted in ``stats().num_unreachable``, with one warning when a shard is lost
+and one when it answers again. Writes and deletes that touch a lost shard raise
+``TierUnavailableError`` and ``put`` writes nothing of such a batch. A shard that is connected but
+does not answer within ``timeout_ms`` (hung, or a failover under way) still fails the whole call:
+its blocks are probably still there. After a loss the slot map is read again (at most once a
+second), so a replica promoted in its place is followed, and a shard that comes back on the same
+address is used again, without recreating the tier.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import struct
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -37,10 +50,11 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
+    BusyLoadingError,
     ClusterError,
     OutOfMemoryError,
     ReadOnlyError,
@@ -69,11 +83,12 @@ from tiers.base import (
     CorruptionCallback,
     Read,
     Tier,
+    TierStats,
     check_capacity,
     check_fits,
 )
 
-__all__ = ["MANIFEST_MAGIC", "RedisTier", "RedisTierConfig", "parse_manifest"]
+__all__ = ["MANIFEST_MAGIC", "RedisTier", "RedisTierConfig", "RedisTierStats", "parse_manifest"]
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +121,9 @@ _SMALL_COMMANDS_PER_TRIP = 4096
 _SCAN_COUNT = 1000
 # Batches smaller than this compress inline: a few small blocks are not worth a thread hop.
 _TRANSCODE_INLINE_BYTES = 1024 * 1024
+# After a shard was lost, the slot map is read again at most this often: each reading makes
+# redis-py reconnect to every node, so once per failed batch would churn connections under load.
+_REDISCOVERY_INTERVAL_S = 1.0
 # Characters that would break the key layout: braces move the cluster hash tag, glob characters
 # break the SCAN pattern, whitespace and control characters make keys unreadable in redis-cli.
 _FORBIDDEN_KEY_CHARS = frozenset("{}*?[]\\")
@@ -243,6 +261,29 @@ def _byte_view(value: Buffer) -> memoryview:
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
+@dataclass(frozen=True, slots=True)
+class RedisTierStats(TierStats):
+    num_unreachable: int = 0
+    """Blocks that ``get``/``get_into``/``exists`` reported missing because their cluster shard
+    could not be reached (they may still be stored there); always 0 for a standalone server."""
+
+
+@dataclass(frozen=True, slots=True)
+class _LostShard:
+    """The reply a command gets when its cluster shard cannot be reached."""
+
+    node: str
+    reason: str
+
+
+def _is_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` says that no Redis serves the address: refused, reset or closed
+    connections, or a server still loading its data. Not authentication failures or our own
+    connection limit (subclasses of ConnectionError too), and not timeouts: a server that
+    accepted the connection but does not answer may be busy, stopped or failing over."""
+    return type(exc) is RedisConnectionError or isinstance(exc, BusyLoadingError)
+
+
 class RedisTier(Tier):
     """G4: one class for a standalone server and for Redis Cluster (``config.cluster``)."""
 
@@ -272,7 +313,10 @@ class RedisTier(Tier):
                 socket_timeout=self._timeout_s,
                 socket_connect_timeout=self._timeout_s,
                 max_connections=config.max_connections,
-                retry=retry,
+                # No retries inside redis-py: on a connection error its cluster pipeline closes
+                # every connection of the client (breaking other calls in flight on healthy
+                # shards) and sleeps 0.25 s. _fan_out retries the one shard that failed instead.
+                retry=Retry(NoBackoff(), 0),
             )
         else:
             self._client = Redis.from_url(
@@ -282,6 +326,9 @@ class RedisTier(Tier):
                 max_connections=config.max_connections,
                 retry=retry,
             )
+        self._num_unreachable = 0
+        self._lost_since: dict[str, float] = {}  # shard (host:port) -> when it was lost
+        self._next_discovery = 0.0
 
     # -- key layout ---------------------------------------------------------------------------
 
@@ -377,10 +424,13 @@ class RedisTier(Tier):
         for start in range(0, len(keys), per_trip):
             positions = range(start, min(start + per_trip, len(keys)))
             replies = await self._pipeline(
-                [("GET", self.head_key(keys[i])) for i in positions], "reading block heads"
+                [("GET", self.head_key(keys[i])) for i in positions],
+                "reading block heads",
+                lost_ok=True,
             )
+            self._count_unreachable(replies)
             for i, value in zip(positions, replies, strict=True):
-                if value is None:
+                if value is None or isinstance(value, _LostShard):
                     continue
                 manifest = parse_manifest(value)
                 if manifest is None:
@@ -397,29 +447,40 @@ class RedisTier(Tier):
         take: Callable[[int, bytes], None],
     ) -> set[int]:
         """Hand every chunk to ``take(position, chunk)`` in order; the positions whose block
-        lost a chunk (those blocks are removed)."""
+        lost a chunk (those blocks are removed) or whose shard was lost since its head was read
+        (those are only missing)."""
         # (position, chunk index, approximate size): the size only splits the round trips.
         wanted = [(i, c, -(-total // num)) for i, num, total in manifests for c in range(num)]
         missing: set[int] = set()
+        unreachable: set[int] = set()
         for group in _groups(wanted, lambda w: w[2], _ROUND_TRIP_BYTES):
             replies = await self._pipeline(
-                [("GET", self.chunk_key(keys[i], c)) for i, c, _ in group], "reading block chunks"
+                [("GET", self.chunk_key(keys[i], c)) for i, c, _ in group],
+                "reading block chunks",
+                lost_ok=True,
             )
             for (i, _, _), value in zip(group, replies, strict=True):
-                if value is None:
+                if isinstance(value, _LostShard):
+                    unreachable.add(i)
+                elif value is None:
                     missing.add(i)
-                elif i not in missing:
+                elif i not in missing and i not in unreachable:
                     take(i, value)
+        # A block's chunks share its head's shard, so a block is either lost or unreachable.
+        missing -= unreachable
+        self._num_unreachable += len(unreachable)
         if missing:
             # A chunk expired or was evicted (allkeys-* maxmemory policies evict chunks one by
             # one): the block is gone, so drop its head and the chunks left behind.
             lost = [m for m in manifests if m[0] in missing]
             log.info("%s: %d chunked block(s) lost a chunk; removing them", self.name, len(lost))
             await self._unlink([k for i, num, _ in lost for k in self._block_keys(keys[i], num)])
-        return missing
+        return missing | unreachable
 
     async def _put(self, items: list[tuple[BlockHash, Buffer]]) -> int:
-        present = await self._exists([key for key, _ in items])
+        # A lost shard fails the batch here, before anything is written: the contract is all or
+        # nothing, and the engine writes G4 one block per put, so only that shard's blocks fail.
+        present = await self._heads_exist([key for key, _ in items], lost_ok=False)
         new = [item for item, there in zip(items, present, strict=True) if not there]
         if not new:
             return 0
@@ -515,19 +576,29 @@ class RedisTier(Tier):
         return removed
 
     async def _exists(self, keys: list[BlockHash]) -> list[bool]:
+        return await self._heads_exist(keys, lost_ok=True)
+
+    async def _heads_exist(self, keys: list[BlockHash], *, lost_ok: bool) -> list[bool]:
+        """Whether each block's head is stored; with ``lost_ok`` a lost shard's are False."""
         out: list[bool] = []
         for start in range(0, len(keys), _SMALL_COMMANDS_PER_TRIP):
             group = keys[start : start + _SMALL_COMMANDS_PER_TRIP]
             replies = await self._pipeline(
-                [("EXISTS", self.head_key(key)) for key in group], "checking block heads"
+                [("EXISTS", self.head_key(key)) for key in group],
+                "checking block heads",
+                lost_ok=lost_ok,
             )
-            out.extend(bool(n) for n in replies)
+            self._count_unreachable(replies)
+            out.extend(not isinstance(n, _LostShard) and bool(n) for n in replies)
         return out
 
-    async def _keys(self) -> AsyncIterator[BlockHash]:
+    def _keys(self) -> AsyncIterator[BlockHash]:
+        return self._scanned_keys(lost_ok=False)
+
+    async def _scanned_keys(self, *, lost_ok: bool) -> AsyncIterator[BlockHash]:
         # SCAN may return a key more than once; the set keeps each block once.
         seen: set[BlockHash] = set()
-        async for page in self._scan_heads():
+        async for page in self._scan_heads(lost_ok=lost_ok):
             for name in page:
                 key = self._key_of_head(name)
                 if key is not None and key not in seen:
@@ -535,7 +606,9 @@ class RedisTier(Tier):
                     yield key
 
     async def _usage(self) -> tuple[int, int]:
-        heads = [self.head_key(key) async for key in self._keys()]
+        # Stats count what the reachable shards hold: a lost shard must not hide the others'
+        # numbers, nor num_unreachable, which says why they are lower.
+        heads = [self.head_key(key) async for key in self._scanned_keys(lost_ok=True)]
         used = num = 0
         for start in range(0, len(heads), _SMALL_COMMANDS_PER_TRIP):
             group = heads[start : start + _SMALL_COMMANDS_PER_TRIP]
@@ -546,14 +619,20 @@ class RedisTier(Tier):
                     for cmd in (("STRLEN", name), ("GETRANGE", name, 0, _MANIFEST.size - 1))
                 ],
                 "measuring blocks",
+                lost_ok=True,
             )
             for length, prefix in zip(replies[0::2], replies[1::2], strict=True):
-                if not length:
-                    continue  # expired or deleted since the scan
+                if not length or isinstance(length, _LostShard) or isinstance(prefix, _LostShard):
+                    continue  # expired or deleted since the scan, or its shard was lost since
                 manifest = parse_manifest(prefix)
                 used += manifest[1] if manifest else length
                 num += 1
         return used, num
+
+    async def stats(self) -> RedisTierStats:
+        base = await super().stats()
+        fields = {name: getattr(base, name) for name in TierStats.__dataclass_fields__}
+        return RedisTierStats(**fields, num_unreachable=self._num_unreachable)
 
     async def close(self) -> None:
         await self._client.aclose()
@@ -587,27 +666,149 @@ class RedisTier(Tier):
             )
 
     async def _pipeline(
-        self, commands: Sequence[tuple[Any, ...]], what: str, *, check: bool = True
+        self,
+        commands: Sequence[tuple[Any, ...]],
+        what: str,
+        *,
+        check: bool = True,
+        lost_ok: bool = False,
     ) -> list[Any]:
         """Send ``commands`` in one pipelined round trip; their replies in order.
 
         Per-command errors come back as exception objects (``raise_on_error=False``), so a
         batch that failed half-way still tells which commands landed; ``check`` raises for
-        them.
+        them. In cluster mode the commands of a lost shard get a ``_LostShard`` reply, which
+        ``check`` raises for unless ``lost_ok``.
         """
         async with self._bounded(what):
-            pipe = self._client.pipeline(transaction=False)
-            for command in commands:
-                # execute_command rather than pipe.get/set/...: on a cluster pipeline some of
-                # those helpers are coroutines that would silently queue nothing.
-                pipe.execute_command(*command)
-            replies = await pipe.execute(raise_on_error=False)
+            client = self._client
+            if isinstance(client, RedisCluster):
+                replies = await self._fan_out(client, commands)
+            else:
+                replies = await self._send(client, commands)
+        if isinstance(self._client, RedisCluster) and any(
+            isinstance(r, _LostShard) for r in replies
+        ):
+            await self._rediscover(what)
         if check:
-            await self._check(replies, what)
+            await self._check(replies, what, lost_ok=lost_ok)
         return replies
 
-    async def _check(self, replies: list[Any], what: str) -> None:
+    @staticmethod
+    async def _send(client: Redis | RedisCluster, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        pipe = client.pipeline(transaction=False)
+        for command in commands:
+            # execute_command rather than pipe.get/set/...: on a cluster pipeline some of
+            # those helpers are coroutines that would silently queue nothing.
+            pipe.execute_command(*command)
+        return list(await pipe.execute(raise_on_error=False))
+
+    async def _fan_out(
+        self, client: RedisCluster, commands: Sequence[tuple[Any, ...]]
+    ) -> list[Any]:
+        """One pipeline per shard, all at once; a lost shard's commands reply ``_LostShard``.
+
+        Why not one cluster pipeline for the batch, as redis-py offers: it fails the whole batch
+        when one shard refuses connections, so a dead shard would hide every other shard's
+        blocks. A shard whose connection fails is asked once more on a fresh connection (a
+        pooled connection may have been closed while idle, or the shard just came back), and
+        only then taken for lost. A shard that hangs still ends the batch with ``_bounded``'s
+        timeout: one timeout per batch, whatever the number of keys.
+        """
+        if not commands:
+            return []
+        await client.initialize()  # a no-op once the slot map is known
+        by_node: dict[str, tuple[ClusterNode, list[int]]] = {}
+        for i, command in enumerate(commands):
+            node = client.get_node_from_key(command[1])
+            if node is None:  # not for primaries (replica=False); keeps mypy honest
+                raise RedisClusterException(f"no node serves key {command[1]!r}")
+            by_node.setdefault(node.name, (node, []))[1].append(i)
+        replies: list[Any] = [None] * len(commands)
+
+        async def one_shard(node: ClusterNode, positions: list[int]) -> None:
+            reason = ""
+            for attempt in range(2):
+                if attempt:
+                    # Stale pooled connections would each fail once more: drop them first.
+                    with contextlib.suppress(RedisError, OSError):
+                        await node.disconnect()
+                try:
+                    got = await self._send(client, [commands[i] for i in positions])
+                except (RedisError, RedisClusterException, OSError) as exc:
+                    if not _is_lost(exc):
+                        raise
+                    reason = f"{type(exc).__name__}: {exc}"
+                    continue
+                failed = []
+                for i, reply in zip(positions, got, strict=True):
+                    if isinstance(reply, BaseException) and _is_lost(reply):
+                        # The connection broke mid-pipeline; the replies before it stand.
+                        failed.append(i)
+                        reason = f"{type(reply).__name__}: {reply}"
+                    else:
+                        replies[i] = reply
+                if not failed:
+                    self._shard_answered(node.name)
+                    return
+                positions = failed
+            self._shard_lost(node.name, reason)
+            for i in positions:
+                replies[i] = _LostShard(node.name, reason)
+
+        await asyncio.gather(*(one_shard(node, pos) for node, pos in by_node.values()))
+        return replies
+
+    def _shard_lost(self, node: str, reason: str) -> None:
+        if node not in self._lost_since:
+            self._lost_since[node] = time.monotonic()
+            log.warning(
+                "%s: shard %s of %s cannot be reached (%s); its blocks are reported missing, "
+                "and writes to it fail, until it answers again",
+                self.name,
+                node,
+                self._where,
+                reason,
+            )
+
+    def _shard_answered(self, node: str) -> None:
+        since = self._lost_since.pop(node, None)
+        if since is not None:
+            log.warning(
+                "%s: shard %s of %s answers again after %.1f s",
+                self.name,
+                node,
+                self._where,
+                time.monotonic() - since,
+            )
+
+    def _count_unreachable(self, replies: list[Any]) -> None:
+        self._num_unreachable += sum(1 for r in replies if isinstance(r, _LostShard))
+
+    async def _rediscover(self, what: str) -> None:
+        """Read the slot map again after a shard was lost (at most once a second), so that a
+        replica promoted in its place gets its commands; ``TierUnavailableError`` if no node
+        of the cluster answers at all."""
+        client = self._client
+        now = time.monotonic()
+        if not isinstance(client, RedisCluster) or now < self._next_discovery:
+            return
+        self._next_discovery = now + _REDISCOVERY_INTERVAL_S
+        # The nodes manager keeps its nodes' connection pools across the refresh, unlike
+        # client.aclose(), which would break the calls in flight on the healthy shards.
+        async with self._bounded(f"reading the slot map after a lost shard while {what}"):
+            await client.nodes_manager.initialize()
+
+    async def _check(self, replies: list[Any], what: str, *, lost_ok: bool = False) -> None:
         for reply in replies:
+            if isinstance(reply, _LostShard):
+                if lost_ok:
+                    continue
+                raise TierUnavailableError(
+                    self.name,
+                    f"Redis at {reply.node} (a shard of {self._where}) cannot be reached while "
+                    f"{what}: {reply.reason}",
+                )
             if isinstance(reply, BaseException):
                 raise await self._failed(self._error(reply, what)) from reply
 
@@ -653,8 +854,9 @@ class RedisTier(Tier):
             self.name, f"Redis at {self._where} refused a command while {what}: {detail}"
         )
 
-    async def _scan_heads(self) -> AsyncIterator[list[bytes]]:
-        """Pages of names matching the head pattern, from every primary in cluster mode."""
+    async def _scan_heads(self, *, lost_ok: bool) -> AsyncIterator[list[bytes]]:
+        """Pages of names matching the head pattern, from every primary in cluster mode; with
+        ``lost_ok`` a lost primary is left out (and its pages so far stand)."""
         # '{' and '}' are literal in Redis glob patterns, and the config refuses glob
         # characters in the prefix and namespace; the closing brace leaves chunk keys out.
         pattern = f"{self._key_base}{{*}}"
@@ -667,15 +869,10 @@ class RedisTier(Tier):
                 while True:
                     async with self._bounded("scanning keys"):
                         # The cluster client answers SCAN with ({node name: cursor}, names).
-                        reply: Any = await client.execute_command(
-                            "SCAN",
-                            cursor,
-                            "MATCH",
-                            pattern,
-                            "COUNT",
-                            _SCAN_COUNT,
-                            target_nodes=node,
-                        )
+                        reply: Any = await self._scan_node(client, node, cursor, pattern)
+                    if isinstance(reply, _LostShard):
+                        await self._check([reply], "scanning keys", lost_ok=lost_ok)
+                        break
                     yield list(reply[1])
                     cursor = int(reply[0][node.name])
                     if cursor == 0:
@@ -689,6 +886,30 @@ class RedisTier(Tier):
                 yield [name for name in names if isinstance(name, bytes)]
                 if cursor == 0:
                     break
+
+    async def _scan_node(
+        self, client: RedisCluster, node: ClusterNode, cursor: int, pattern: str
+    ) -> Any:
+        """One SCAN page of one primary, asked twice like ``_fan_out`` asks a shard;
+        ``_LostShard`` if it cannot be reached."""
+        reason = ""
+        for attempt in range(2):
+            if attempt:
+                with contextlib.suppress(RedisError, OSError):
+                    await node.disconnect()
+            try:
+                reply = await client.execute_command(
+                    "SCAN", cursor, "MATCH", pattern, "COUNT", _SCAN_COUNT, target_nodes=node
+                )
+            except (RedisError, RedisClusterException, OSError) as exc:
+                if not _is_lost(exc):
+                    raise
+                reason = f"{type(exc).__name__}: {exc}"
+                continue
+            self._shard_answered(node.name)
+            return reply
+        self._shard_lost(node.name, reason)
+        return _LostShard(node.name, reason)
 
     @asynccontextmanager
     async def _bounded(self, what: str) -> AsyncIterator[None]:
