@@ -19,8 +19,11 @@ lint: install
 	.venv/bin/mypy
 
 bench: install
+	.venv/bin/python -m pip install -q -e ".[dev,bench]"
 	.venv/bin/python -m benchmarks.hashing
 	.venv/bin/python -m benchmarks.codec
 	.venv/bin/python -m benchmarks.tiers
 	.venv/bin/python -m benchmarks.engine
 	.venv/bin/python -m benchmarks.service
+	.venv/bin/python -m benchmarks.worker
+	.venv/bin/python -m benchmarks.disaggregated

@@ -67,7 +67,7 @@ from tiers.base import Tier, TierStats
 from tiers.gpu_memory import GpuMemoryTier
 from tiers.lmdb_store import LmdbTier
 from tiers.pinned_memory import PinnedMemoryTier
-from tiers.redis_store import RedisTier
+from tiers.redis_store import RedisTier, RedisTierStats
 
 if TYPE_CHECKING:
     from kvstore.config import StoreConfig
@@ -357,24 +357,35 @@ class Engine:
     async def lookup_hashes(self, spec: ModelSpec, hashes: Sequence[BlockHash]) -> LookupResult:
         self.counters.add("lookups")
         tiers = [self.index.hottest(h) for h in hashes]
-        missing = [i for i, t in enumerate(tiers) if t is None]
-        if missing and self.engine_config.g4_probe and "G4" in self.placement.order:
+        # Blocks this node knows only in G4 are asked again, in the same round trip as the
+        # unknown ones: G4 is shared, and a lost Redis Cluster shard, the TTL or another node's
+        # eviction may have removed them since this node found them.
+        probe = [i for i, t in enumerate(tiers) if t is None or t == "G4"]
+        if probe and self.engine_config.g4_probe and "G4" in self.placement.order:
             g4 = self.tier("G4", spec.fingerprint)
+            answered = True
             try:
-                found = await g4.exists([hashes[i] for i in missing])
+                found = await g4.exists([hashes[i] for i in probe])
             except TierError as exc:
                 self.counters.add("g4_probe_errors")
                 log.warning("G4 probe failed, reporting those blocks missing: %s", exc)
-                found = [False] * len(missing)
+                found = [False] * len(probe)
+                answered = False
             nbytes = HEADER_BYTES + spec.block_nbytes
-            for i, there in zip(missing, found, strict=True):
-                if there:
+            for i, there in zip(probe, found, strict=True):
+                if there and tiers[i] is None:
                     parent = hashes[i - 1] if i > 0 else None
                     self.index.add_resident(
                         hashes[i], "G4", namespace=spec.fingerprint, parent=parent, nbytes=nbytes
                     )
                     tiers[i] = "G4"
                     self.counters.add("g4_probe_hits")
+                elif not there and tiers[i] == "G4":
+                    tiers[i] = None
+                    # A probe that failed as a whole forgets nothing: G4 may come back with them.
+                    if answered:
+                        self.index.remove(hashes[i], "G4")
+                        self.counters.add("g4_probe_gone")
         present = [h for h, t in zip(hashes, tiers, strict=True) if t is not None]
         self.index.touch(present)
         return LookupResult(list(hashes), tiers, spec.block_tokens)
@@ -854,11 +865,18 @@ class Engine:
 
     async def stats(self) -> EngineStats:
         tiers: dict[str, TierStats] = {}
+        counters = dict(self.counters.values)
         for name in self.placement.order:
             if name == "G4":
                 for tier in self._g4.values():
                     with contextlib.suppress(KVStoreError):
-                        tiers[f"G4/{tier.config.namespace}"] = await tier.stats()  # type: ignore[attr-defined]
+                        g4 = await tier.stats()
+                        tiers[f"G4/{tier.config.namespace}"] = g4  # type: ignore[attr-defined]
+                        if isinstance(g4, RedisTierStats):
+                            # Blocks reported missing because their Redis Cluster shard was lost.
+                            counters["g4_unreachable"] = (
+                                counters.get("g4_unreachable", 0) + g4.num_unreachable
+                            )
             else:
                 tiers[name] = await self._tiers[name].stats()
         return EngineStats(
@@ -868,7 +886,7 @@ class Engine:
             num_blocks=len(self.index),
             num_leases=self.index.num_leases,
             queue_depth=self._queue.qsize(),
-            counters=dict(self.counters.values),
+            counters=counters,
         )
 
 

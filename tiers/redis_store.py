@@ -686,16 +686,15 @@ class RedisTier(Tier):
                 replies = await self._fan_out(client, commands)
             else:
                 replies = await self._send(client, commands)
-        if isinstance(self._client, RedisCluster) and any(
-            isinstance(r, _LostShard) for r in replies
-        ):
-            await self._rediscover(what)
+        if any(isinstance(r, _LostShard) for r in replies):
+            await self._rediscover(what, required=all(isinstance(r, _LostShard) for r in replies))
         if check:
             await self._check(replies, what, lost_ok=lost_ok)
         return replies
 
     @staticmethod
     async def _send(client: Redis | RedisCluster, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """One pipeline, unbounded (the caller bounds it); errors come back as replies."""
         pipe = client.pipeline(transaction=False)
         for command in commands:
             # execute_command rather than pipe.get/set/...: on a cluster pipeline some of
@@ -730,7 +729,8 @@ class RedisTier(Tier):
             reason = ""
             for attempt in range(2):
                 if attempt:
-                    # Stale pooled connections would each fail once more: drop them first.
+                    # Stale pooled connections would each fail once more: drop them first (a
+                    # call in flight on one of them gets its own second try).
                     with contextlib.suppress(RedisError, OSError):
                         await node.disconnect()
                 try:
@@ -756,7 +756,13 @@ class RedisTier(Tier):
             for i in positions:
                 replies[i] = _LostShard(node.name, reason)
 
-        await asyncio.gather(*(one_shard(node, pos) for node, pos in by_node.values()))
+        # Every shard finishes before an error is raised: none is left running unbounded.
+        done = await asyncio.gather(
+            *(one_shard(node, pos) for node, pos in by_node.values()), return_exceptions=True
+        )
+        for result in done:
+            if isinstance(result, BaseException):
+                raise result
         return replies
 
     def _shard_lost(self, node: str, reason: str) -> None:
@@ -785,19 +791,25 @@ class RedisTier(Tier):
     def _count_unreachable(self, replies: list[Any]) -> None:
         self._num_unreachable += sum(1 for r in replies if isinstance(r, _LostShard))
 
-    async def _rediscover(self, what: str) -> None:
+    async def _rediscover(self, what: str, *, required: bool) -> None:
         """Read the slot map again after a shard was lost (at most once a second), so that a
-        replica promoted in its place gets its commands; ``TierUnavailableError`` if no node
-        of the cluster answers at all."""
+        replica promoted in its place gets its commands. ``required``: no shard of the batch
+        answered, so unless some node of the cluster does, the whole tier is unavailable
+        (``TierUnavailableError``) rather than those blocks missing."""
         client = self._client
         now = time.monotonic()
         if not isinstance(client, RedisCluster) or now < self._next_discovery:
             return
         self._next_discovery = now + _REDISCOVERY_INTERVAL_S
-        # The nodes manager keeps its nodes' connection pools across the refresh, unlike
-        # client.aclose(), which would break the calls in flight on the healthy shards.
-        async with self._bounded(f"reading the slot map after a lost shard while {what}"):
-            await client.nodes_manager.initialize()
+        try:
+            # The nodes manager keeps its nodes' connection pools across the refresh, unlike
+            # client.aclose(), which would break the calls in flight on the healthy shards.
+            async with self._bounded(f"reading the slot map after a lost shard while {what}"):
+                await client.nodes_manager.initialize()
+        except TierUnavailableError as exc:
+            if required:
+                raise
+            log.info("%s: the slot map could not be read again: %s", self.name, exc)
 
     async def _check(self, replies: list[Any], what: str, *, lost_ok: bool = False) -> None:
         for reply in replies:
