@@ -1,5 +1,5 @@
 # The two commands of the README, and the checks CI runs.
-.PHONY: install run test lint bench
+.PHONY: install run test lint bench test-vllm
 
 install:
 	bash scripts/install.sh
@@ -27,3 +27,9 @@ bench: install
 	.venv/bin/python -m benchmarks.service
 	.venv/bin/python -m benchmarks.worker
 	.venv/bin/python -m benchmarks.disaggregated
+
+# The vLLM connector against vLLM itself (tests_vllm/), in a vLLM environment outside the repo
+# (scripts/vllm_env.sh: built once in about 2-3 minutes, then reused); the tests take about
+# 2.5-3 minutes on two CPU cores.
+test-vllm:
+	bash scripts/test_vllm.sh

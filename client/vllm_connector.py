@@ -1,0 +1,1014 @@
+"""``KVStoreConnector``: vLLM's KV connector (``KVConnectorBase_V1``) backed by a kvstore service.
+
+vLLM loads it by name, with no patch of its own::
+
+    from vllm import LLM
+    from vllm.config import KVTransferConfig
+
+    llm = LLM(model_dir, kv_transfer_config=KVTransferConfig(
+        kv_connector="KVStoreConnector",
+        kv_connector_module_path="client.vllm_connector",
+        kv_role="kv_both",                       # kv_producer: only save; kv_consumer: only load
+        kv_load_failure_policy="recompute",      # a block that fails to load is recomputed
+        kv_connector_extra_config={"server": "127.0.0.1:50051"},
+    ))
+
+The calls vLLM makes, in order, and what each does here:
+
+scheduler side (once per request unless noted)
+    ``on_new_request``              remember the prompt (and its extra keys) of a text request.
+    ``get_num_new_matched_tokens``  lookup: the prompt's leading run of stored blocks beyond vLLM's
+                                    own prefix-cache hit, never the last prompt token (vLLM must
+                                    compute one); with ``repair_holes`` the service's model worker
+                                    first recomputes holes (missing blocks with stored ones after),
+                                    aside: the request answers "not yet" until that is done.
+    ``update_state_after_alloc``    the hit vLLM accepted: a lease on its blocks, so that they are
+                                    not evicted before the worker reads them.
+    ``build_connector_meta``        every step: the loads of newly scheduled requests, and the
+                                    saves of requests whose prompt's full blocks are all computed
+                                    by the end of this step (with chunked prefill: the last chunk).
+    ``update_connector_output``     every step: blocks the worker could not load are recomputed by
+                                    vLLM, and their prompt is saved again once they are.
+    ``request_finished``            forget the request, release its lease; blocks are freed at once
+                                    (saves finish inside the step, see below).
+worker side (every step)
+    ``start_load_kv``               fetch each load's prefix once (``get_prefix`` into one buffer).
+    ``wait_for_layer_load``         copy that layer's K/V into vLLM's paged cache, layer by layer.
+    ``save_kv_layer``               copy that layer's K/V of each save out of the paged cache.
+    ``wait_for_save``               put the saves' full blocks (all layers) into kvstore.
+    ``get_block_ids_with_load_errors``  vLLM blocks whose K/V could not be loaded (evicted between
+                                    lookup and fetch, failed its checksum, service down) or was
+                                    fetched for a layer vLLM never asked for: vLLM recomputes them
+                                    (with ``kv_load_failure_policy="recompute"``), never uses what
+                                    the cache held.
+
+Configuration (``kv_connector_extra_config``): ``server`` (``host:port``, default
+``127.0.0.1:50051``), ``token``, ``tls_ca``, ``timeout_s``, ``repair_holes`` (default false),
+``block_tokens`` (kvstore's tokens per block: vLLM's block size, the default, or a divisor of it),
+``revision`` (names the weights; default: a digest of the model folder, see ``weights_revision``),
+``model_spec`` (a ``kvstore worker --spec-out`` file whose namespace to use instead, so that a
+model worker of the same weights repairs vLLM's holes), ``lease_ttl_s`` and ``stats_path``
+(a folder: each connector writes its counters there as ``<role>-<pid>.json``).
+
+Layout. kvstore blocks are ``[layers, 2 (K,V), block_tokens, kv_heads, head_dim]``. vLLM's CPU
+attention backend keeps one tensor per layer, ``[num_blocks, kv_heads, block_size, 2 * head_dim]``,
+whose block interior depends on the kernel's instruction set: on x86 (the ``vec`` kernels) each
+head holds its block's K transposed, ``[head_dim, block_size]``, then its V as ``[block_size,
+head_dim]``. Rather than hard-coding that, the worker side asks the backend at start
+(``BlockLayout.probe``: it writes a known pattern through the layer's own ``do_kv_cache_update``)
+and copies by the offsets it finds; a cache that is not whole blocks at dim 0 is refused at start
+rather than misread. The tests compare what vLLM saves with the K/V transformers computes for the
+same prompt, and feed vLLM blocks computed by transformers.
+
+Limits: one KV cache group (no hybrid models), tensor and pipeline parallel size 1, no
+multimodal prompts or prompt embeddings (their K/V depends on more than the token ids), no fp8
+KV cache. LoRA and ``cache_salt`` requests get their own chains (an extra key on block 0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import xxhash
+
+from client.errors import NoWorkerError
+from client.sync import Client
+from kvstore.errors import ConfigError, KVStoreError
+from kvstore.keys import ExtraKey, ModelSpec
+
+if TYPE_CHECKING:
+    # What this module uses of vLLM's base classes; the real ones are imported at run time (vLLM
+    # is not installed where mypy runs, and these few members are all the typing needs).
+
+    class _ConnectorBase:
+        _vllm_config: Any
+        _kv_transfer_config: Any
+
+        def __init__(self, vllm_config: Any, role: Any, kv_cache_config: Any) -> None: ...
+
+        @property
+        def role(self) -> Any: ...
+
+        def _get_connector_metadata(self) -> Any: ...
+
+        def has_connector_metadata(self) -> bool: ...
+
+    class _MetadataBase:
+        pass
+
+    _SCHEDULER: Any = None
+else:
+    try:
+        from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+            KVConnectorBase_V1 as _ConnectorBase,
+        )
+        from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+            KVConnectorMetadata as _MetadataBase,
+        )
+        from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "client.vllm_connector needs vLLM (0.32: the KVConnectorBase_V1 API) installed next "
+            "to kvstore; `import client` alone does not"
+        ) from exc
+    _SCHEDULER = KVConnectorRole.SCHEDULER
+
+__all__ = [
+    "BlockLayout",
+    "ConnectorConfig",
+    "KVStoreConnector",
+    "KVStoreConnectorMetadata",
+    "weights_revision",
+]
+
+# Under vLLM's logger, whose handler and format vLLM sets up in every process it starts (the
+# engine core, the workers): a logger of our own would print nothing there below WARNING.
+log = logging.getLogger(f"vllm.{__name__}")
+
+# vLLM cache dtype -> kvstore dtype; "auto" follows the model's dtype.
+_TORCH_DTYPES = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+}
+# Files whose bytes are the weights. Everything else in a model folder (tokenizer, README,
+# generation defaults) leaves the K/V of a token sequence unchanged.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+# Config entries that say nothing about the K/V: who wrote the file and where from (as
+# kvstore.worker leaves out of its revision).
+_VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_commit_hash", "architectures")
+# After a failed call, lookups are skipped for this long: a kvstore service that is down must
+# not cost every new request the client's retries.
+_DOWN_BACKOFF_S = 5.0
+
+
+# -- configuration ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectorConfig:
+    """``kv_connector_extra_config``, checked once (see the module docstring)."""
+
+    server: str = "127.0.0.1:50051"
+    token: str | None = None
+    tls_ca: str | None = None
+    timeout_s: float = 30.0
+    repair_holes: bool = False
+    block_tokens: int = 0  # 0: vLLM's block size
+    revision: str = ""
+    model_spec: str = ""
+    lease_ttl_s: float = 60.0
+    stats_path: str = ""
+
+    @classmethod
+    def from_extra(cls, extra: dict[str, Any] | None) -> ConnectorConfig:
+        """The settings vLLM passes on; unknown keys and wrong types are a ``ConfigError``."""
+        values = dict(extra or {})
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"KVStoreConnector: unknown kv_connector_extra_config keys {unknown}; "
+                f"known: {sorted(known)}"
+            )
+        for name, value in values.items():
+            default = known[name].default
+            kinds: tuple[type, ...] = (type(default),) if default is not None else (str,)
+            if isinstance(default, float):
+                kinds = (int, float)
+            if value is None and default is None:
+                continue
+            if not isinstance(value, kinds) or (isinstance(value, bool) and kinds != (bool,)):
+                raise ConfigError(
+                    f"KVStoreConnector: {name} must be {kinds[-1].__name__}, got {value!r}"
+                )
+        config = cls(**values)
+        if not config.server:
+            raise ConfigError("KVStoreConnector: server must not be empty")
+        if config.timeout_s <= 0 or config.lease_ttl_s <= 0 or config.block_tokens < 0:
+            raise ConfigError(
+                "KVStoreConnector: timeout_s and lease_ttl_s must be > 0, block_tokens >= 0"
+            )
+        return config
+
+
+# -- the namespace ---------------------------------------------------------------------------------
+
+
+def weights_revision(model_dir: Path) -> str:
+    """A digest naming the weights in ``model_dir``: xxh3-128 over config.json (without the
+    entries above) and the name, size and full bytes of every weight file.
+
+    Rejected cheaper designs: the folder's name (a fine-tune saved under the same name would hit
+    the base model's blocks), the safetensors headers and file sizes (identical for every
+    fine-tune of one architecture), sampled bytes (a merged LoRA changes a few projections that
+    a sample can miss). A shared namespace with other weights means wrong K/V served as hits, so
+    every byte counts; xxh3 hashes at memory speed and vLLM has just read the same files, so
+    this is mostly page-cache reads (set ``revision`` to skip it, e.g. to a commit id).
+    A Hugging Face cache snapshot (``.../snapshots/<commit>``) is named by its commit instead.
+    """
+    if model_dir.parent.name == "snapshots" and model_dir.parent.parent.name.startswith("models--"):
+        return model_dir.name
+    h = xxhash.xxh3_128()
+    config_file = model_dir / "config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        for key in _VOLATILE_CONFIG_KEYS:
+            config.pop(key, None)
+        h.update(json.dumps(config, sort_keys=True).encode())
+    files = sorted(
+        p for p in model_dir.rglob("*") if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES)
+    )
+    if not files:
+        raise ConfigError(f"no weight files ({', '.join(_WEIGHT_SUFFIXES)}) in {model_dir}")
+    for path in files:
+        h.update(f"\x00{path.relative_to(model_dir)}:{path.stat().st_size}\x00".encode())
+        with path.open("rb") as f:
+            while chunk := f.read(16 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _model_id(model: str) -> str:
+    """The folder's name, ``org/name`` for a Hugging Face cache snapshot, or the hub id itself
+    (the rule of ``kvstore worker``, so that both name a model alike)."""
+    path = Path(model)
+    if not path.is_dir():
+        return model
+    path = path.resolve()
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        return path.parent.parent.name.removeprefix("models--").replace("--", "/")
+    return path.name
+
+
+def _kv_dtype(vllm_config: Any) -> str:
+    cache_dtype = str(vllm_config.cache_config.cache_dtype)
+    if cache_dtype != "auto":
+        # fp8 caches are scaled per layer (k_scale, v_scale): the scales would have to be part
+        # of the namespace and travel with the blocks.
+        raise ConfigError(
+            f"KVStoreConnector: kv cache dtype {cache_dtype!r} is not supported; use 'auto'"
+        )
+    dtype = vllm_config.model_config.dtype
+    if dtype not in _TORCH_DTYPES:
+        raise ConfigError(f"KVStoreConnector: model dtype {dtype} has no kvstore dtype")
+    return _TORCH_DTYPES[dtype]
+
+
+def _namespace(vllm_config: Any, config: ConnectorConfig) -> ModelSpec:
+    """The kvstore namespace of this engine's KV cache; see the module docstring."""
+    model_config = vllm_config.model_config
+    parallel = vllm_config.parallel_config
+    if parallel.tensor_parallel_size != 1 or parallel.pipeline_parallel_size != 1:
+        # Each rank holds a slice of the heads or layers; a block holds all of them.
+        raise ConfigError("KVStoreConnector needs tensor and pipeline parallel size 1")
+    vllm_block = int(vllm_config.cache_config.block_size)
+    block_tokens = config.block_tokens or vllm_block
+    if block_tokens < 1 or vllm_block % block_tokens:
+        raise ConfigError(
+            f"KVStoreConnector: block_tokens {block_tokens} must divide vLLM's block size "
+            f"{vllm_block}"
+        )
+    dtype = _kv_dtype(vllm_config)
+    if config.model_spec:
+        spec = ModelSpec.from_dict(json.loads(Path(config.model_spec).read_text()))
+    else:
+        model = str(model_config.model)
+        revision = config.revision
+        if not revision:
+            if Path(model).is_dir():
+                revision = weights_revision(Path(model).resolve())
+            elif model_config.revision:
+                revision = str(model_config.revision)
+            else:
+                raise ConfigError(
+                    f"KVStoreConnector: {model} is not a local folder and has no revision; set "
+                    "`revision` (e.g. a commit id) so that other weights never share its blocks"
+                )
+        model_id = _model_id(model)
+        if model_config.quantization:  # weights quantized at load: other K/V
+            model_id = f"{model_id}+{model_config.quantization}"
+        spec = ModelSpec(
+            model_id,
+            num_layers=int(model_config.get_num_layers(parallel)),
+            num_kv_heads=int(model_config.get_total_num_kv_heads()),
+            head_dim=int(model_config.get_head_size()),
+            dtype=dtype,
+            block_tokens=block_tokens,
+            revision=str(revision),
+        )
+    expected = (
+        int(model_config.get_num_layers(parallel)),
+        int(model_config.get_total_num_kv_heads()),
+        int(model_config.get_head_size()),
+        dtype,
+    )
+    got = (spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.dtype)
+    if got != expected or vllm_block % spec.block_tokens:
+        raise ConfigError(
+            f"KVStoreConnector: namespace {spec.name} is (layers, kv_heads, head_dim, dtype) = "
+            f"{got} with {spec.block_tokens}-token blocks; the engine has {expected} with "
+            f"{vllm_block}-token blocks"
+        )
+    return spec
+
+
+def _extra_keys(request: Any, num_blocks: int) -> list[list[ExtraKey]] | None:
+    """Keys that make the chain differ where the same tokens give other K/V: a LoRA adapter,
+    a ``cache_salt``. On block 0 only: every later hash chains from it."""
+    first: list[ExtraKey] = []
+    lora = getattr(request, "lora_request", None)
+    if lora is not None:
+        first.append(f"lora:{lora.lora_name}")
+    salt = getattr(request, "cache_salt", None)
+    if salt:
+        first.append(f"salt:{salt}")
+    if not first or num_blocks == 0:
+        return None
+    return [first] + [[] for _ in range(num_blocks - 1)]
+
+
+# -- scheduler -> worker metadata ------------------------------------------------------------------
+
+
+@dataclass
+class _Transfer:
+    """One request's load or save: tokens ``[start, end)`` of ``tokens`` between kvstore and
+    the vLLM blocks ``block_ids`` (the request's, in order: token ``t`` is in
+    ``block_ids[t // block_size]``)."""
+
+    req_id: str
+    tokens: list[int]  # the prompt up to ``end``
+    start: int
+    end: int
+    block_ids: list[int]
+    extra_keys: list[list[ExtraKey]] | None = None
+
+
+@dataclass
+class KVStoreConnectorMetadata(_MetadataBase):
+    """What the scheduler-side connector tells the worker side for one step."""
+
+    spec: dict[str, Any] | None = None  # ModelSpec.to_dict(); set when there is work
+    loads: list[_Transfer] = field(default_factory=list)
+    saves: list[_Transfer] = field(default_factory=list)
+
+
+@dataclass
+class _Request:
+    """The scheduler side's view of one running request."""
+
+    tokens: list[int]  # the prompt
+    extra_keys: list[list[ExtraKey]] | None
+    block_ids: list[int] = field(default_factory=list)
+    stored_end: int = 0  # tokens known to be in kvstore (a loaded hit)
+    saved: bool = False
+    lease_id: int = 0
+
+
+@dataclass
+class _Counters:
+    lookups: int = 0
+    lookup_errors: int = 0
+    lookup_hit_tokens: int = 0  # what kvstore had, before the last-token rule
+    matched_tokens: int = 0  # what was claimed to vLLM
+    repairs: int = 0
+    repaired_blocks: int = 0
+    loads: int = 0
+    loaded_tokens: int = 0
+    load_error_blocks: int = 0
+    saves: int = 0
+    saved_tokens: int = 0
+    stored_blocks: int = 0
+    already_stored_blocks: int = 0
+    save_errors: int = 0
+
+
+# -- the connector ---------------------------------------------------------------------------------
+
+
+class KVStoreConnector(_ConnectorBase):
+    """vLLM's KV connector over a kvstore service; see the module docstring."""
+
+    def __init__(self, vllm_config: Any, role: Any, kv_cache_config: Any = None) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        transfer = self._kv_transfer_config
+        self.config = ConnectorConfig.from_extra(transfer.kv_connector_extra_config)
+        self._is_scheduler = role == _SCHEDULER
+        self._block_size = int(vllm_config.cache_config.block_size)
+        self._load_enabled = bool(transfer.is_kv_consumer)
+        self._save_enabled = bool(transfer.is_kv_producer)
+        self._client: Client | None = None
+        self._client_lock = threading.Lock()
+        self._down_until = 0.0
+        self.counters = _Counters()
+        # The scheduler side derives the namespace (hashing the weights) and ships it to the
+        # worker side in the metadata, so that the workers need not hash them again.
+        self._spec: ModelSpec | None = None
+        if self._is_scheduler:
+            self._spec = _namespace(vllm_config, self.config)
+            log.info("KVStoreConnector: kvstore %s, namespace %s", self.config.server, self._spec)
+            if self._load_enabled and transfer.kv_load_failure_policy != "recompute":
+                log.warning(
+                    "KVStoreConnector: kv_load_failure_policy=%r fails a request whose blocks "
+                    "vanish between lookup and load; 'recompute' recomputes them instead",
+                    transfer.kv_load_failure_policy,
+                )
+        # scheduler side
+        self._requests: dict[str, _Request] = {}
+        self._matched: dict[str, tuple[int, int]] = {}  # req_id -> (local computed, hit end)
+        self._pending_loads: dict[str, tuple[int, int]] = {}  # req_id -> (start, end)
+        self._repairs: dict[str, Future[int]] = {}  # req_id -> the hit once holes are filled
+        self._repairer: ThreadPoolExecutor | None = None
+        # worker side
+        self._layers: dict[str, tuple[int, torch.Tensor]] = {}  # name -> (index, 2-d view)
+        self._layout: BlockLayout | None = None
+        self._fetched: list[tuple[_Transfer, torch.Tensor, int]] = []  # load, K/V, start
+        self._injected: set[str] = set()
+        self._staged: list[tuple[_Transfer, torch.Tensor, set[str]]] = []
+        self._load_errors: set[int] = set()
+        self._write_stats()
+
+    # -- shared --------------------------------------------------------------------------------
+
+    def _kv(self) -> Client:
+        # Made on first use, in the process and thread that uses it: vLLM may build the
+        # connector in one process and fork or spawn the engine core or workers from it.
+        with self._client_lock:
+            if self._client is None:
+                self._client = Client(
+                    self.config.server,
+                    token=self.config.token,
+                    tls_ca=self.config.tls_ca,
+                    timeout_s=self.config.timeout_s,
+                )
+            return self._client
+
+    def _write_stats(self) -> None:
+        if not self.config.stats_path:
+            return
+        role = "scheduler" if self._is_scheduler else "worker"
+        folder = Path(self.config.stats_path)
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / f"{role}-{os.getpid()}.json"
+        tmp = target.with_suffix(".tmp")
+        state: dict[str, Any] = {"role": role, "pid": os.getpid(), **vars(self.counters)}
+        if self._spec is not None:
+            state["namespace"] = self._spec.to_dict()
+        tmp.write_text(json.dumps(state))
+        tmp.replace(target)  # a reader never sees half a file
+
+    def shutdown(self) -> None:
+        self._write_stats()
+        if self._repairer is not None:
+            self._repairer.shutdown(wait=False, cancel_futures=True)
+        with self._client_lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+    # -- scheduler side ------------------------------------------------------------------------
+
+    def get_num_new_matched_tokens(
+        self, request: Any, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        """Tokens beyond ``num_computed_tokens`` (vLLM's own hit) that kvstore can supply."""
+        self._matched.pop(request.request_id, None)
+        spec = self._spec
+        tokens = request.prompt_token_ids
+        if (
+            spec is None
+            or not self._load_enabled
+            or tokens is None
+            or getattr(request, "mm_features", None)
+            or time.monotonic() < self._down_until
+        ):
+            return 0, False
+        # Never the last prompt token: vLLM computes at least one token to sample from.
+        limit = (len(tokens) - 1) // spec.block_tokens * spec.block_tokens
+        if limit <= num_computed_tokens:
+            return 0, False
+        prompt = list(tokens[:limit])
+        extra_keys = _extra_keys(request, limit // spec.block_tokens)
+        repair = self._repairs.get(request.request_id)
+        if repair is not None:
+            if not repair.done():
+                return None, False  # vLLM asks again at its next step
+            del self._repairs[request.request_id]
+            hit = repair.result()
+        else:
+            self.counters.lookups += 1
+            try:
+                found = self._kv().lookup(spec, prompt, extra_keys=extra_keys)
+            except KVStoreError as exc:
+                self.counters.lookup_errors += 1
+                self._down_until = time.monotonic() + _DOWN_BACKOFF_S
+                log.warning(
+                    "KVStoreConnector: lookup failed, no hits for %.0f s: %s", _DOWN_BACKOFF_S, exc
+                )
+                self._write_stats()
+                return 0, False
+            hit = found.hit_tokens
+            if self.config.repair_holes and found.holes:
+                # The model worker's time must not stall the scheduler (every running request
+                # waits on it): the repair runs aside, and this request waits for it alone.
+                self._repairs[request.request_id] = self._repair_pool().submit(
+                    self._repair, spec, prompt, extra_keys, hit
+                )
+                return None, False
+        self.counters.lookup_hit_tokens += hit
+        hit = min(hit, limit)
+        if hit <= num_computed_tokens:
+            self._write_stats()
+            return 0, False
+        self._matched[request.request_id] = (num_computed_tokens, hit)
+        self.counters.matched_tokens += hit - num_computed_tokens
+        self._write_stats()
+        return hit - num_computed_tokens, False
+
+    def _repair(
+        self,
+        spec: ModelSpec,
+        prompt: list[int],
+        extra_keys: list[list[ExtraKey]] | None,
+        hit: int,
+    ) -> int:
+        """Have the service's model worker fill the holes; the new leading hit in tokens, or
+        ``hit`` (the one before the holes) when the repair fails."""
+        try:
+            result = self._kv().repair(spec, prompt, extra_keys=extra_keys)
+        except NoWorkerError as exc:
+            log.warning("KVStoreConnector: holes not repaired (no model worker): %s", exc)
+            return hit
+        except KVStoreError as exc:
+            log.warning("KVStoreConnector: repair failed: %s", exc)
+            return hit
+        self.counters.repairs += 1
+        self.counters.repaired_blocks += len(result.repaired)
+        return result.hit_blocks * spec.block_tokens
+
+    def _repair_pool(self) -> ThreadPoolExecutor:
+        if self._repairer is None:
+            self._repairer = ThreadPoolExecutor(2, thread_name_prefix="kvstore-repair")
+        return self._repairer
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        req_id = request.request_id
+        matched = self._matched.pop(req_id, None)
+        if num_external_tokens <= 0 or matched is None or self._spec is None:
+            return
+        _, end = matched
+        start = end - num_external_tokens
+        state = self._requests.get(req_id)
+        if state is None:
+            return
+        self._pending_loads[req_id] = (start, end)
+        state.stored_end = max(state.stored_end, end)
+        # Hold the blocks until the worker has read them (or the TTL passes): an eviction in
+        # between would turn the hit into a recompute.
+        with contextlib.suppress(KVStoreError):
+            lease = self._kv().reserve(
+                self._spec,
+                state.tokens[:end],
+                num_blocks=end // self._spec.block_tokens,
+                ttl_s=self.config.lease_ttl_s,
+                extra_keys=state.extra_keys,
+            )
+            if state.lease_id:
+                self._release(state.lease_id)
+            state.lease_id = lease.lease_id
+
+    def on_new_request(self, request: Any) -> None:
+        """Track a request whose K/V depends on its token ids alone (and on the extra keys)."""
+        tokens = request.prompt_token_ids
+        if self._spec is None or tokens is None or getattr(request, "mm_features", None):
+            return
+        num_blocks = len(tokens) // self._spec.block_tokens
+        self._requests[request.request_id] = _Request(
+            list(tokens), _extra_keys(request, num_blocks)
+        )
+
+    def _release(self, lease_id: int) -> None:
+        with contextlib.suppress(KVStoreError):
+            self._kv().release(lease_id)
+
+    def build_connector_meta(self, scheduler_output: Any) -> KVStoreConnectorMetadata:
+        meta = KVStoreConnectorMetadata()
+        spec = self._spec
+        if spec is None:
+            return meta
+        scheduled = scheduler_output.num_scheduled_tokens
+        steps: list[tuple[str, int]] = []  # (req_id, tokens computed by the end of this step)
+        for new in scheduler_output.scheduled_new_reqs:
+            if new.prompt_token_ids is None:
+                continue
+            state = self._requests.get(new.req_id)
+            if state is None:
+                continue  # not one of ours (see on_new_request)
+            state.block_ids = list(new.block_ids[0])
+            steps.append((new.req_id, new.num_computed_tokens + scheduled.get(new.req_id, 0)))
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            state = self._requests.get(req_id)
+            if state is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:
+                # Preempted and back: its blocks were freed, these replace them; the prompt is
+                # computed again, so its blocks are saved again (repeats are free in kvstore).
+                state.block_ids = list(new_ids[0]) if new_ids is not None else []
+                state.saved = False
+            elif new_ids is not None:
+                state.block_ids.extend(new_ids[0])
+            steps.append((req_id, cached.num_computed_tokens[i] + scheduled.get(req_id, 0)))
+        for req_id, computed in steps:
+            state = self._requests[req_id]
+            load = self._pending_loads.pop(req_id, None)
+            if load is not None:
+                start, end = load
+                meta.loads.append(
+                    _Transfer(
+                        req_id,
+                        state.tokens[:end],
+                        start,
+                        end,
+                        list(state.block_ids),
+                        state.extra_keys,
+                    )
+                )
+            if not self._save_enabled or state.saved:
+                continue
+            full = len(state.tokens) // spec.block_tokens * spec.block_tokens
+            if computed < full:
+                continue  # chunked prefill: save once, at the chunk that completes the prompt
+            state.saved = True
+            if full > state.stored_end:
+                meta.saves.append(
+                    _Transfer(
+                        req_id,
+                        state.tokens[:full],
+                        state.stored_end,
+                        full,
+                        list(state.block_ids),
+                        state.extra_keys,
+                    )
+                )
+        # Loads whose request was not scheduled after all (allocation raced): nothing to do.
+        self._pending_loads.clear()
+        if meta.loads or meta.saves:
+            meta.spec = spec.to_dict()
+        return meta
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        """Blocks that failed to load are recomputed by vLLM: save the prompt again once they
+        are (the service dropped what it could not serve, so it lacks them now)."""
+        invalid = connector_output.invalid_block_ids
+        if not invalid:
+            return
+        for state in self._requests.values():
+            for i, block in enumerate(state.block_ids):
+                if block in invalid:
+                    state.stored_end = min(state.stored_end, i * self._block_size)
+                    state.saved = False
+                    break
+
+    def request_finished(
+        self, request: Any, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        state = self._requests.pop(request.request_id, None)
+        self._matched.pop(request.request_id, None)
+        self._pending_loads.pop(request.request_id, None)
+        self._repairs.pop(request.request_id, None)  # a repair still running stores all the same
+        if state is not None and state.lease_id:
+            self._release(state.lease_id)
+        return False, None
+
+    # -- worker side ---------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """Learn where the attention backend keeps each K/V element (``BlockLayout.probe``)
+        and keep each layer's cache as ``[blocks, elements of one block]``."""
+        model_config = self._vllm_config.model_config
+        parallel = self._vllm_config.parallel_config
+        num_layers = int(model_config.get_num_layers(parallel))
+        heads = int(model_config.get_total_num_kv_heads())
+        head_dim = int(model_config.get_head_size())
+        modules = self._vllm_config.compilation_config.static_forward_context
+        layers: dict[str, tuple[int, torch.Tensor]] = {}
+        layout: BlockLayout | None = None
+        for name, cache in kv_caches.items():
+            if layout is None or tuple(cache.shape[1:]) != layout.block_shape:
+                layout = BlockLayout.probe(modules[name], cache, self._block_size, heads, head_dim)
+            layers[name] = (_layer_index(name), cache.view(cache.shape[0], -1))
+        indices = sorted(i for i, _ in layers.values())
+        if layout is None or indices != list(range(num_layers)):
+            raise ConfigError(
+                f"KVStoreConnector: attention layers {indices} do not cover the model's "
+                f"{num_layers} layers one by one"
+            )
+        self._layers = layers
+        self._layout = layout
+        log.info(
+            "KVStoreConnector: %d layers, paged cache %s per layer; %s",
+            len(layers),
+            list(next(iter(kv_caches.values())).shape),
+            layout.describe(),
+        )
+
+    def _worker_spec(self, meta: KVStoreConnectorMetadata) -> ModelSpec:
+        assert meta.spec is not None
+        if self._spec is None or self._spec.to_dict() != meta.spec:
+            self._spec = ModelSpec.from_dict(meta.spec)
+        return self._spec
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        """Fetch every load of this step; the copies into the paged cache are per layer."""
+        self._fetched = []
+        self._injected = set()
+        if not self.has_connector_metadata():
+            return
+        meta = self._get_connector_metadata()
+        if not isinstance(meta, KVStoreConnectorMetadata) or not meta.loads:
+            return
+        spec = self._worker_spec(meta)
+        if self._layout is None:
+            # No caches registered (a model runner that does not call register_kv_caches):
+            # nothing can be put in place, so every promised block is recomputed.
+            for load in meta.loads:
+                self._load_errors |= _blocks_of(
+                    load.block_ids, load.start, load.end, self._block_size
+                )
+            return
+        kv = self._kv()
+        for load in meta.loads:
+            buffer = torch.empty(
+                (spec.num_layers, 2, load.end, spec.num_kv_heads, spec.head_dim),
+                dtype=_torch_dtype(spec.dtype),
+            )
+            try:
+                _, got = kv.get_prefix(spec, load.tokens, out=buffer, extra_keys=load.extra_keys)
+            except KVStoreError as exc:
+                log.warning("KVStoreConnector: fetch for %s failed: %s", load.req_id, exc)
+                got = 0
+            self.counters.loads += 1
+            if got < load.end:
+                # Evicted since the lookup, or unreachable: vLLM recomputes from the first
+                # block that did not arrive (that block may hold a few good tokens; all of it
+                # is recomputed).
+                bad = _blocks_of(load.block_ids, max(got, load.start), load.end, self._block_size)
+                self._load_errors |= bad
+                self.counters.load_error_blocks += len(bad)
+                log.warning(
+                    "KVStoreConnector: %s: %d of %d tokens arrived; %d blocks to recompute",
+                    load.req_id,
+                    got,
+                    load.end,
+                    len(bad),
+                )
+            if got > load.start:
+                self.counters.loaded_tokens += got - load.start
+                self._fetched.append((load, buffer[:, :, :got], load.start))
+        self._write_stats()
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        if not self._fetched or layer_name in self._injected:
+            return
+        entry = self._layers.get(layer_name)
+        if entry is None:
+            return
+        index, cache = entry
+        assert self._layout is not None
+        for load, kv, start in self._fetched:
+            self._layout.scatter(cache, load.block_ids, kv[index], start)
+        self._injected.add(layer_name)
+
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
+    ) -> None:
+        if not self.has_connector_metadata():
+            return
+        meta = self._get_connector_metadata()
+        if not isinstance(meta, KVStoreConnectorMetadata) or not meta.saves:
+            return
+        entry = self._layers.get(layer_name)
+        if entry is None:
+            return
+        if not self._staged:
+            spec = self._worker_spec(meta)
+            for save in meta.saves:
+                staging = torch.empty(
+                    (spec.num_layers, 2, save.end, spec.num_kv_heads, spec.head_dim),
+                    dtype=_torch_dtype(spec.dtype),
+                )
+                self._staged.append((save, staging, set()))
+        index, cache = entry
+        for save, staging, done in self._staged:
+            if layer_name not in done:
+                assert self._layout is not None
+                self._layout.gather(cache, save.block_ids, out=staging[index])
+                done.add(layer_name)
+
+    def wait_for_save(self) -> None:
+        """Put this step's saves (all layers copied by now) into kvstore, then check that every
+        load reached every layer."""
+        self._check_loads()
+        if not self.has_connector_metadata():
+            return
+        meta = self._get_connector_metadata()
+        if not isinstance(meta, KVStoreConnectorMetadata) or not meta.saves or not self._layers:
+            return
+        if not self._staged:  # no save_kv_layer call at all (no attention this step)
+            self._staged = [(save, torch.empty(0), set()) for save in meta.saves]
+        spec = self._worker_spec(meta)
+        kv = self._kv()
+        for save, staging, done in self._staged:
+            missing = [name for name in self._layers if name not in done]
+            if missing:
+                # A layer vLLM ran without the save hook: its K/V is in the paged cache all
+                # the same, so copy it from there.
+                if staging.numel() == 0:
+                    staging = torch.empty(
+                        (spec.num_layers, 2, save.end, spec.num_kv_heads, spec.head_dim),
+                        dtype=_torch_dtype(spec.dtype),
+                    )
+                assert self._layout is not None
+                for name in missing:
+                    index, cache = self._layers[name]
+                    self._layout.gather(cache, save.block_ids, out=staging[index])
+            try:
+                result = kv.put(spec, save.tokens, staging, extra_keys=save.extra_keys)
+            except KVStoreError as exc:
+                # A lost save is a future miss, not an error of this request.
+                self.counters.save_errors += 1
+                log.warning("KVStoreConnector: put for %s failed: %s", save.req_id, exc)
+                continue
+            self.counters.saves += 1
+            self.counters.saved_tokens += save.end - save.start
+            self.counters.stored_blocks += result.stored
+            self.counters.already_stored_blocks += result.already
+        self._staged = []
+        self._write_stats()
+
+    def _check_loads(self) -> None:
+        """Loads of layers vLLM never asked for (``wait_for_layer_load`` not called): the
+        forward ran on what the cache held, so those blocks are reported for recompute."""
+        if not self._fetched:
+            return
+        missed = [name for name in self._layers if name not in self._injected]
+        if missed:
+            log.warning("KVStoreConnector: layers %s were not loaded; recomputing", missed)
+            for load, kv, start in self._fetched:
+                bad = _blocks_of(load.block_ids, start, kv.shape[2], self._block_size)
+                self._load_errors |= bad
+                self.counters.load_error_blocks += len(bad)
+        self._fetched = []
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        self._check_loads()
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+
+# -- layout ----------------------------------------------------------------------------------------
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ConfigError(f"torch has no dtype {name!r}")
+    return dtype
+
+
+def _blocks_of(block_ids: list[int], start: int, end: int, block_size: int) -> set[int]:
+    """The vLLM blocks holding tokens ``[start, end)``."""
+    if end <= start:
+        return set()
+    return set(block_ids[start // block_size : (end - 1) // block_size + 1])
+
+
+def _layer_index(name: str) -> int:
+    """``model.layers.3.self_attn.attn`` -> 3 (the one integer in vLLM's layer names)."""
+    numbers = [int(part) for part in name.split(".") if part.isdigit()]
+    if len(numbers) != 1:
+        raise ConfigError(f"KVStoreConnector: cannot tell the layer index of {name!r}")
+    return numbers[0]
+
+
+class BlockLayout:
+    """Where each K/V element of one vLLM block lives inside the layer's paged-cache tensor.
+
+    ``positions[kv, t, h, d]`` is the offset, within the flattened block ``cache[b]``, of
+    token ``t``'s K (``kv=0``) or V (``kv=1``) element ``d`` of KV head ``h``. ``probe`` finds
+    it by having the layer's attention backend write a known pattern into a scratch block, so
+    the mapping is what vLLM's own kernel does (it differs by backend and CPU instruction set:
+    on x86 with AVX-512 the CPU backend keeps each head's K transposed, ``[head_dim,
+    block_size]``, then its V ``[block_size, head_dim]``), rather than a reading of its
+    documentation. Rejected: indexing the documented shape ``[blocks, kv_heads, block_size,
+    2 * head_dim]`` directly; it round-trips through kvstore unnoticed while every K is
+    transposed, and only blocks computed elsewhere (a model worker, another instruction set)
+    show it.
+    """
+
+    def __init__(self, positions: torch.Tensor, block_shape: tuple[int, ...]) -> None:
+        self.positions = positions  # [2, block_size, kv_heads, head_dim], int64
+        self.block_shape = block_shape  # of cache[b]
+        self.block_size = int(positions.shape[1])
+        self._flat = positions.reshape(-1)
+
+    @classmethod
+    def probe(
+        cls, layer: Any, cache: torch.Tensor, block_size: int, heads: int, head_dim: int
+    ) -> BlockLayout:
+        """Ask ``layer.impl.do_kv_cache_update`` where it puts each element (see the class
+        docstring); ``ConfigError`` if the cache is not blocks of exactly the K/V of
+        ``block_size`` tokens (then nothing could be mapped safely)."""
+        block_shape = tuple(int(n) for n in cache.shape[1:])
+        size = 2 * block_size * heads * head_dim
+        per_block = 1
+        for n in block_shape:
+            per_block *= n
+        dims_ok = cache.dim() >= 2 and cache[0].is_contiguous() and cache.stride(0) == per_block
+        if not dims_ok or per_block != size or cache.dtype not in _TORCH_DTYPES:
+            raise ConfigError(
+                f"KVStoreConnector: a KV cache of shape {list(cache.shape)}, {cache.dtype}, is "
+                f"not blocks of {block_size} tokens x {heads} KV heads x {head_dim} dims of K "
+                "and V at dim 0; only such layouts (vLLM's CPU backend) are mapped"
+            )
+        # Two scratch blocks, the second one a canary: a kernel that fills blocks of another
+        # size would write into it.
+        scratch = torch.empty((2, *block_shape), dtype=cache.dtype, device=cache.device)
+        codes = torch.arange(size, dtype=torch.int64).view(2, block_size, heads, head_dim)
+        slots = torch.arange(block_size, dtype=torch.int64, device=cache.device)
+        found = torch.zeros(size, dtype=torch.int64)
+        # Element codes go in base-256 digits: 0..255 are exact in every cache dtype.
+        shift = 0
+        while shift == 0 or (size - 1) >> shift:
+            scratch.fill_(-1)
+            digits = ((codes >> shift) & 255).to(cache.dtype).to(cache.device)
+            layer.impl.do_kv_cache_update(
+                layer, digits[0].contiguous(), digits[1].contiguous(), scratch, slots
+            )
+            written = scratch.reshape(2, -1).to("cpu", torch.float64)
+            if bool((written[1] != -1).any()) or bool((written[0] < 0).any()):
+                raise ConfigError(
+                    "KVStoreConnector: the attention backend does not fill one block with the "
+                    f"K/V of {block_size} tokens; its layout cannot be mapped"
+                )
+            found |= written[0].to(torch.int64) << shift
+            shift += 8
+        positions = torch.full((size,), -1, dtype=torch.int64)
+        positions[found] = torch.arange(size, dtype=torch.int64)
+        if bool((positions < 0).any()):
+            raise ConfigError("KVStoreConnector: the backend's block layout is not a permutation")
+        return cls(positions.view(2, block_size, heads, head_dim).to(cache.device), block_shape)
+
+    def describe(self) -> str:
+        k = self.positions[0]
+        if self.block_size > 1 and int(k[1, 0, 0] - k[0, 0, 0]) == 1:
+            kind = "K token-minor ([head_dim, block_size] per head)"
+        else:
+            kind = "K token-major ([block_size, head_dim] per head)"
+        return f"block layout probed from the backend: {kind}"
+
+    def gather(self, cache: torch.Tensor, block_ids: list[int], *, out: torch.Tensor) -> None:
+        """Tokens ``[0, n)`` of one layer into ``out`` ``[2, n, kv_heads, head_dim]``, from
+        the paged cache as ``[blocks, elements]`` (token ``t`` is in ``block_ids[t // B]``)."""
+        n, b = out.shape[1], self.block_size
+        num_blocks = -(-n // b)
+        index = torch.tensor(block_ids[:num_blocks], dtype=torch.long, device=cache.device)
+        blocks = cache.index_select(0, index)[:, self._flat]  # [n_blocks, 2 * B * H * D]
+        blocks = blocks.view(num_blocks, *self.positions.shape).transpose(0, 1)
+        out.copy_(blocks.reshape(2, num_blocks * b, *out.shape[2:])[:, :n])
+
+    def scatter(
+        self, cache: torch.Tensor, block_ids: list[int], kv: torch.Tensor, start: int
+    ) -> None:
+        """Tokens ``[start, end)`` of one layer's ``kv`` ``[2, end, kv_heads, head_dim]`` into
+        their slots, and nothing else: vLLM wrote this step's new tokens into the same blocks
+        before asking for the load, and the tokens before ``start`` are its own hit."""
+        end, b = kv.shape[1], self.block_size
+        first_full, last_full = -(-start // b), end // b  # blocks entirely inside [start, end)
+        if first_full < last_full:
+            ids = torch.tensor(block_ids[first_full:last_full], dtype=torch.long)
+            count = last_full - first_full
+            src = kv[:, first_full * b : last_full * b].reshape(2, count, b, *kv.shape[2:])
+            cache[ids.unsqueeze(1), self._flat.unsqueeze(0)] = src.transpose(0, 1).reshape(
+                count, -1
+            )
+        edges = {start // b, (end - 1) // b} - set(range(first_full, last_full))
+        for block in sorted(edges):
+            lo, hi = max(start, block * b), min(end, (block + 1) * b)
+            if lo >= hi:
+                continue
+            where = self.positions[:, lo - block * b : hi - block * b].reshape(-1)
+            cache[block_ids[block], where] = kv[:, lo:hi].reshape(-1)
