@@ -7,5 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=$(bash scripts/vllm_env.sh)
 export HF_HUB_OFFLINE=1
+# This checkout's code, whichever checkout the venv's editable install points at.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # vLLM's CPU backend pins its OpenMP threads to cores; two engines never run at once here.
 exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests_vllm "$@"
