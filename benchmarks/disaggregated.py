@@ -13,7 +13,8 @@ G4. Every figure stands next to a baseline measured in the same run, samples alt
   against raw redis-py (asyncio) pipelining ``SET`` of the same 16 values and then ``GET``.
   A fresh prompt each sample, so that the decode node never has the blocks already.
 - **Time to first token on the decode node** for a 2K- and a 4K-token prompt on the model of
-  ``benchmarks.worker`` (8 layers, hidden 1024, 8 K/V heads; ``--quick``: the tiny default):
+  ``benchmarks.worker`` (8 layers, hidden 1024, 8 K/V heads, float32; ``--quick``: the tiny
+  default):
   without the prefill node's K/V (the decode node prefills the prompt itself) against with it
   (``kvstore.roles.decode`` with one new token: fetch from its service, which finds the blocks
   in G4, then the model over the last token). The first tokens must agree.
@@ -174,7 +175,12 @@ def _row(what: str, size: str, ours: float, base: str, theirs: float) -> Sequenc
 async def decode_ttft(redis_url: str, quick: bool, repeats: int) -> list[Sequence[str]]:
     worker = ModelWorker(
         WorkerConfig(
-            seed=0, dtype="float32" if quick else "bfloat16", block_tokens=64 if quick else 256
+            # float32: the first tokens are compared exactly. In bfloat16 the last token's logits
+            # over a cache and inside a full pass round apart, and a near-tie argmax flipped in
+            # one of six prompts in a run here.
+            seed=0,
+            dtype="float32",
+            block_tokens=64 if quick else 256,
         ),
         model_config=model_config(quick),
     )
@@ -205,7 +211,7 @@ async def _ttft_at(
 ) -> Sequence[str]:
     vocab = int(worker.model.config.vocab_size)
     pending: list[list[int]] = []
-    firsts: list[tuple[int, int]] = []
+    firsts: list[tuple[int, list[int]]] = []
     # Each with-sample needs a fresh prompt that the prefill node stored (untimed: its work).
     for _ in range(repeats + 1):
         tokens = [rng.randrange(3, vocab) for _ in range(n)]
@@ -216,14 +222,16 @@ async def _ttft_at(
         tokens = pending.pop()
         result = await decode(worker, b, tokens, max_new_tokens=1)
         assert result.hit_tokens == n
-        want, _ = first_token(worker, torch.tensor(tokens), None)
-        firsts.append((result.tokens[0], want))
+        firsts.append((result.tokens[0], tokens))
 
     async def without() -> None:
         first_token(worker, torch.tensor([rng.randrange(3, vocab) for _ in range(n)]), None)
 
     t_with, t_without = await amedians_s(with_kv, without, repeats)
-    assert all(got == want for got, want in firsts), firsts
+    # After the timing: the decode node's first tokens against recomputing each prompt.
+    for got, tokens in firsts:
+        want, _ = first_token(worker, torch.tensor(tokens), None)
+        assert got == want, (got, want)
     return (
         "decode node TTFT, prefix from the prefill node (G4)",
         f"{n} tokens",
