@@ -26,6 +26,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from kvstore.block_format import decode_block, encode_block
+from kvstore.cli_options import (
+    PROMPT_FILE_OPTIONS,
+    read_tokens,
+    server_option,
+    tls_ca_option,
+    token_option,
+)
 from kvstore.config import DEFAULT_DATA_DIR, StoreConfig, load_config
 from kvstore.engine import Engine
 from kvstore.errors import KVStoreError
@@ -462,39 +469,7 @@ async def _serve(cfg: StoreConfig) -> None:
 # -- the model worker --------------------------------------------------------------------------
 
 
-def _server_address(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    from kvstore.cli_client import _check_server  # (cli_client imports this module)
-
-    return _check_server(ctx, param, value)
-
-
-_CONNECT_OPTIONS = (
-    click.option(
-        "--server",
-        default="127.0.0.1:50051",
-        show_default=True,
-        envvar="KVSTORE_SERVER",
-        show_envvar=True,
-        metavar="HOST:PORT",
-        callback=_server_address,
-        help="The kvstore server (or unix:/path).",
-    ),
-    click.option(
-        "--token",
-        default=None,
-        envvar="KVSTORE_TOKEN",
-        show_envvar=True,
-        help="Bearer token of a tenant (an admin tenant for `kvstore worker`).",
-    ),
-    click.option(
-        "--tls-ca",
-        type=click.Path(exists=True, dir_okay=False),
-        default=None,
-        envvar="KVSTORE_TLS_CA",
-        show_envvar=True,
-        help="PEM file of the CA that signed the server's certificate: turns TLS on.",
-    ),
-)
+_CONNECT_OPTIONS = (server_option, token_option, tls_ca_option)
 _MODEL_OPTIONS = (
     click.option(
         "--model",
@@ -628,20 +603,7 @@ async def _run_worker(link: Any) -> None:
 # -- prefill / decode roles ----------------------------------------------------------------------
 
 _PROMPT_OPTIONS = (
-    click.option(
-        "--tokens-file",
-        type=click.Path(exists=True, dir_okay=False, path_type=Path),
-        default=None,
-        metavar="FILE",
-        help="Token ids: integers separated by whitespace or commas, or a .npy integer array.",
-    ),
-    click.option(
-        "--text-file",
-        type=click.Path(exists=True, dir_okay=False, path_type=Path),
-        default=None,
-        metavar="FILE",
-        help="A text file, each UTF-8 byte one token id (no tokenizer offline).",
-    ),
+    *PROMPT_FILE_OPTIONS,
     click.option("--json", "as_json", is_flag=True, help="Print one JSON document."),
 )
 
@@ -675,10 +637,9 @@ def prefill_command(
     direct mode, the decode node's service. Returns once the blocks are in the service's
     write-through tiers.
     """
-    from kvstore.cli_client import _read_tokens
     from kvstore.roles import prefill
 
-    tokens = _read_tokens(tokens_file, text_file)
+    tokens = read_tokens(tokens_file, text_file)
     worker = _model_worker(model_dir, seed, dtype, block_tokens, device)
 
     async def run() -> Any:
@@ -736,10 +697,9 @@ def decode_command(
     (or in its own tiers, in direct mode). Prints the generated token ids and how many prompt
     tokens the model had to run over here.
     """
-    from kvstore.cli_client import _read_tokens
     from kvstore.roles import decode
 
-    tokens = _read_tokens(tokens_file, text_file)
+    tokens = read_tokens(tokens_file, text_file)
     worker = _model_worker(model_dir, seed, dtype, block_tokens, device)
 
     async def run() -> Any:

@@ -41,12 +41,19 @@ from client import Client
 from client.errors import AuthError, ServiceUnavailableError
 from client.results import BlockInfo, Event, Lookup, Stats
 from kvstore.block_format import torch_dtype
+from kvstore.cli_options import (
+    DEFAULT_SERVER,
+    PROMPT_FILE_OPTIONS,
+    read_tokens,
+    server_option,
+    tls_ca_option,
+    token_option,
+)
 from kvstore.errors import KVStoreError
 from kvstore.keys import DIGEST_BYTES, DTYPES, BlockHash, ModelSpec, block_hashes
 
 __all__ = ["DEFAULT_SERVER", "Remote"]
 
-DEFAULT_SERVER = "127.0.0.1:50051"
 TIERS = ("G1", "G2", "G3", "G4")
 # Counters `tiers` shows first, in this order; the engine's other counters follow.
 _MAIN_COUNTERS = ("lookups", "promotions", "demotions", "evictions", "corrupt", "leases")
@@ -133,42 +140,10 @@ class Remote:
         click.echo(json.dumps(document, indent=2))
 
 
-def _check_server(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    value = value.strip()
-    if value.startswith(("unix:", "unix-abstract:")):
-        return value
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise click.BadParameter(f"{value!r}: use HOST:PORT (or unix:/path)")
-    return value
-
-
 _REMOTE_OPTIONS = (
-    click.option(
-        "--server",
-        default=DEFAULT_SERVER,
-        show_default=True,
-        envvar="KVSTORE_SERVER",
-        show_envvar=True,
-        metavar="HOST:PORT",
-        callback=_check_server,
-        help="The kvstore server (or unix:/path).",
-    ),
-    click.option(
-        "--token",
-        default=None,
-        envvar="KVSTORE_TOKEN",
-        show_envvar=True,
-        help="Bearer token of a tenant (admin for ls, inspect, events, flush).",
-    ),
-    click.option(
-        "--tls-ca",
-        type=click.Path(exists=True, dir_okay=False),
-        default=None,
-        envvar="KVSTORE_TLS_CA",
-        show_envvar=True,
-        help="PEM file of the CA that signed the server's certificate: turns TLS on.",
-    ),
+    server_option,
+    token_option,
+    tls_ca_option,
     click.option(
         "--timeout",
         "timeout_s",
@@ -184,6 +159,15 @@ _REMOTE_OPTIONS = (
         "--json", "as_json", is_flag=True, help="Print one JSON document instead of tables."
     ),
 )
+
+
+def _with_options(options: tuple[Callable[[Any], Any], ...]) -> Callable[[Any], Any]:
+    def decorate(fn: Any) -> Any:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate
 
 
 def _remote(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -343,33 +327,6 @@ def _namespace(*, default: ModelSpec | None = None) -> Callable[[Callable[..., A
         return decorated
 
     return decorate
-
-
-def _read_tokens(tokens_file: Path | None, text_file: Path | None) -> np.ndarray[Any, Any]:
-    if (tokens_file is None) == (text_file is None):
-        raise click.UsageError("give the prompt with exactly one of --tokens-file and --text-file")
-    if text_file is not None:
-        return np.frombuffer(text_file.read_bytes(), dtype=np.uint8).astype(np.int64)
-    assert tokens_file is not None
-    hint = "--tokens-file"
-    if tokens_file.suffix == ".npy":
-        try:
-            array = np.load(tokens_file, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise click.BadParameter(f"{tokens_file}: {exc}", param_hint=hint) from None
-        if array.dtype.kind not in "iu":
-            raise click.BadParameter(
-                f"{tokens_file} holds {array.dtype}, not integers", param_hint=hint
-            )
-        return cast(np.ndarray[Any, Any], array.reshape(-1))
-    words = tokens_file.read_text().replace(",", " ").split()
-    try:
-        return np.array([int(w) for w in words], dtype=np.int64)
-    except ValueError as exc:
-        raise click.BadParameter(
-            f"{tokens_file}: {exc}; expected integers separated by whitespace or commas",
-            param_hint=hint,
-        ) from None
 
 
 def _hash_of(value: str) -> BlockHash:
@@ -738,22 +695,7 @@ def _lookup_summary(num_tokens: int, found: Lookup) -> str:
 
 
 @main.command("lookup")
-@click.option(
-    "--tokens-file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    metavar="FILE",
-    help="Token ids: integers separated by whitespace or commas, or a .npy integer array.",
-)
-@click.option(
-    "--text-file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    metavar="FILE",
-    help="A text file, read as UTF-8 bytes with each byte one token id (no tokenizer is "
-    "available offline): this finds blocks stored from the same bytes, not from a model's "
-    "tokenizer. Use --tokens-file with your tokenizer's ids for real prompts.",
-)
+@_with_options(PROMPT_FILE_OPTIONS)
 @_namespace()
 @_remote
 def lookup_command(
@@ -763,7 +705,7 @@ def lookup_command(
 
     A hole is a missing block with a present block after it: the hit ends before it.
     """
-    tokens = _read_tokens(tokens_file, text_file)
+    tokens = read_tokens(tokens_file, text_file)
     with remote.client() as kv:
         found = kv.lookup(spec, tokens)
     num_tokens = len(tokens)
@@ -798,20 +740,7 @@ def lookup_command(
 
 
 @main.command("repair")
-@click.option(
-    "--tokens-file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    metavar="FILE",
-    help="Token ids: integers separated by whitespace or commas, or a .npy integer array.",
-)
-@click.option(
-    "--text-file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    metavar="FILE",
-    help="A text file, each UTF-8 byte one token id (as for `kvstore lookup`).",
-)
+@_with_options(PROMPT_FILE_OPTIONS)
 @click.option(
     "--exact",
     is_flag=True,
@@ -833,7 +762,7 @@ def repair_command(
     blocks after each hole are reused. Needs `kvstore worker` attached for the namespace.
     The model's time counts against --timeout.
     """
-    tokens = _read_tokens(tokens_file, text_file)
+    tokens = read_tokens(tokens_file, text_file)
     with remote.client() as kv, _err.status("repairing (the model is running)", spinner="dots"):
         started = time.perf_counter()
         result = kv.repair(spec, tokens, exact=exact, timeout_s=remote.timeout_s)
