@@ -138,18 +138,8 @@ class AsyncClient:
         local = _is_local(target) if same_host == "auto" else bool(same_host)
         self._shm_fetch = local
         self._shm_put = local
-        self._metadata: tuple[tuple[str, str], ...] = (
-            (("authorization", f"Bearer {token}"),) if token else ()
-        )
-        if (tls_cert is None) != (tls_key is None) or (tls_cert is not None and tls_ca is None):
-            raise ConfigError("tls_cert and tls_key go together, and need tls_ca")
-        self._credentials: Any = None
-        if tls_ca is not None:
-            self._credentials = grpc.ssl_channel_credentials(
-                root_certificates=_pem(tls_ca, "tls_ca"),
-                private_key=None if tls_key is None else _pem(tls_key, "tls_key"),
-                certificate_chain=None if tls_cert is None else _pem(tls_cert, "tls_cert"),
-            )
+        self._metadata = auth_metadata(token)
+        self._credentials: Any = channel_credentials(tls_ca, tls_cert, tls_key)
         self._channel: Any = None
         self._stub: Any = None
         self._segments = _PutSegments()
@@ -667,6 +657,25 @@ def _drop(segment: shared_memory.SharedMemory) -> None:
         segment.unlink()
     with contextlib.suppress(BufferError):
         segment.close()
+
+
+def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """The call metadata that carries a tenant's token (none without one)."""
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def channel_credentials(tls_ca: Pem | None, tls_cert: Pem | None, tls_key: Pem | None) -> Any:
+    """TLS credentials for a channel (None: plaintext): the server's CA, and a client
+    certificate for servers that require one. Shared by the clients and the model worker."""
+    if (tls_cert is None) != (tls_key is None) or (tls_cert is not None and tls_ca is None):
+        raise ConfigError("tls_cert and tls_key go together, and need tls_ca")
+    if tls_ca is None:
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=_pem(tls_ca, "tls_ca"),
+        private_key=None if tls_key is None else _pem(tls_key, "tls_key"),
+        certificate_chain=None if tls_cert is None else _pem(tls_cert, "tls_cert"),
+    )
 
 
 def _pem(value: Pem, setting: str) -> bytes:

@@ -31,7 +31,7 @@ import grpc
 import numpy as np
 import torch
 
-from client.aio import Pem, _pem
+from client.aio import Pem, auth_metadata, channel_credentials
 from client.convert import namespace_of
 from client.errors import error_from_rpc
 from kvstore.block_format import torch_dtype
@@ -124,18 +124,8 @@ class WorkerLink:
         self.reconnect_s = reconnect_s
         self.max_chunk_bytes = max_chunk_bytes
         self.max_message_bytes = max_message_bytes
-        self._metadata: tuple[tuple[str, str], ...] = (
-            (("authorization", f"Bearer {token}"),) if token else ()
-        )
-        if (tls_cert is None) != (tls_key is None) or (tls_cert is not None and tls_ca is None):
-            raise ConfigError("tls_cert and tls_key go together, and need tls_ca")
-        self._credentials: Any = None
-        if tls_ca is not None:
-            self._credentials = grpc.ssl_channel_credentials(
-                root_certificates=_pem(tls_ca, "tls_ca"),
-                private_key=None if tls_key is None else _pem(tls_key, "tls_key"),
-                certificate_chain=None if tls_cert is None else _pem(tls_cert, "tls_cert"),
-            )
+        self._metadata = auth_metadata(token)
+        self._credentials: Any = channel_credentials(tls_ca, tls_cert, tls_key)
         self.attached = asyncio.Event()  # set while a stream is open and welcomed
         self.worker_id = 0
         self.tasks_done = 0
