@@ -28,12 +28,14 @@ from rich.table import Table
 from kvstore.block_format import decode_block, encode_block
 from kvstore.cli_options import (
     PROMPT_FILE_OPTIONS,
+    print_table,
     read_tokens,
     server_option,
     tls_ca_option,
     token_option,
 )
-from kvstore.config import DEFAULT_DATA_DIR, StoreConfig, load_config
+from kvstore.config import StoreConfig, load_config
+from kvstore.data_folder import DataFolderLock, stored_blocks
 from kvstore.engine import Engine
 from kvstore.errors import KVStoreError
 from kvstore.keys import ModelSpec, block_hashes
@@ -86,6 +88,54 @@ set_option = click.option(
     metavar="TIER.FIELD=VALUE",
     help="Override one setting, e.g. --set g4.enabled=true --set g4.url=redis://host:6379/0.",
 )
+print_config_option = click.option(
+    "--print-config",
+    is_flag=True,
+    help="Print the effective configuration (tokens and secrets masked) and exit.",
+)
+_MASKED = frozenset({"secret", "token", "salt"})
+
+
+def _print_config(cfg: StoreConfig, title: str = "kvstore configuration") -> None:
+    """Every section of the effective configuration, as every command resolves it (the data
+    folder included), with tokens and secrets masked."""
+    table = Table(title=title)
+    table.add_column("section")
+    table.add_column("setting")
+    table.add_column("value", overflow="fold")
+    sections: list[tuple[str, Any]] = [
+        *cfg.tiers(),
+        ("placement", cfg.placement),
+        ("engine", cfg.engine),
+        ("server", cfg.server),
+        *((f"tenants[{i}]", tenant) for i, tenant in enumerate(cfg.tenants)),
+    ]
+    for name, section in sections:
+        for field in dataclasses.fields(section):
+            value = getattr(section, field.name)
+            if field.name in _MASKED and value:
+                value = "****"
+            table.add_row(name, field.name, str(value))
+    print_table(table, console)
+
+
+def _store_folder(cfg: StoreConfig, command: str) -> Path:
+    """G3's folder, which must hold a store: an empty folder is an operator's mistake (the
+    service keeps its data elsewhere), and reporting zero blocks would hide it."""
+    if cfg.g3 is None:
+        raise click.ClickException(
+            f"G3 is off in this configuration (g3.enabled=false): `kvstore {command}` works on "
+            "the store in G3's folder"
+        )
+    folder = Path(cfg.g3.path)
+    if stored_blocks(folder) is None:
+        raise click.ClickException(
+            f"no kvstore store in {folder} (g3.path): `kvstore {command}` refuses a folder that "
+            "holds none. The service keeps its store where its g3.path says (default "
+            "./kvstore-data/g3 in the folder `kvstore serve` was started in): give this command "
+            "the service's --config, KVSTORE_G3_PATH or --set g3.path=DIR, or run it from there."
+        )
+    return folder
 
 
 @click.group()
@@ -98,28 +148,31 @@ def main() -> None:
 @config_option
 @set_option
 def show_config(config_path: str | None, settings: tuple[str, ...]) -> None:
-    """Show the effective configuration (defaults < file < KVSTORE_* env < --set)."""
-    cfg = _load(config_path, settings)
-    table = Table(title="kvstore configuration")
-    table.add_column("section")
-    table.add_column("setting")
-    table.add_column("value", overflow="fold")
-    for name, section in [*cfg.tiers(), ("placement", cfg.placement), ("engine", cfg.engine)]:
-        for field in dataclasses.fields(section):
-            table.add_row(name, field.name, str(getattr(section, field.name)))
-    console.print(table)
+    """Show the effective configuration (defaults < file < KVSTORE_* env < --set).
+
+    The same as `--print-config` of serve, stats, backup, restore and selfcheck.
+    """
+    _print_config(_load(config_path, settings))
 
 
 @main.command()
 @config_option
 @set_option
+@print_config_option
 @click.option("--blocks", "num_blocks", default=32, show_default=True, help="Blocks per tier.")
 @click.option("--block-tokens", default=16, show_default=True, help="Tokens per test block.")
 def selfcheck(
-    config_path: str | None, settings: tuple[str, ...], num_blocks: int, block_tokens: int
+    config_path: str | None,
+    settings: tuple[str, ...],
+    print_config: bool,
+    num_blocks: int,
+    block_tokens: int,
 ) -> None:
     """Write, read back, verify and delete test blocks in every enabled tier."""
     cfg = _load(config_path, settings)
+    if print_config:
+        _print_config(cfg)
+        return
     ok = asyncio.run(_selfcheck(cfg, num_blocks, block_tokens))
     sys.exit(0 if ok else 1)
 
@@ -127,9 +180,18 @@ def selfcheck(
 @main.command()
 @config_option
 @set_option
-def stats(config_path: str | None, settings: tuple[str, ...]) -> None:
-    """Open the store as the service would (rebuilding the index from G3) and show each tier."""
+@print_config_option
+def stats(config_path: str | None, settings: tuple[str, ...], print_config: bool) -> None:
+    """Open the store as the service would (rebuilding the index from G3) and show each tier.
+
+    It reads the same data folder as `kvstore serve` with the same settings, and refuses one
+    that holds no store.
+    """
     cfg = _load(config_path, settings)
+    if print_config:
+        _print_config(cfg)
+        return
+    _store_folder(cfg, "stats")
     try:
         asyncio.run(_stats(cfg))
     except KVStoreError as exc:
@@ -139,11 +201,18 @@ def stats(config_path: str | None, settings: tuple[str, ...]) -> None:
 @main.command()
 @config_option
 @set_option
+@print_config_option
 @click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
     "--no-verify", is_flag=True, help="Skip reading back every block of the copy (faster)."
 )
-def backup(config_path: str | None, settings: tuple[str, ...], dest: Path, no_verify: bool) -> None:
+def backup(
+    config_path: str | None,
+    settings: tuple[str, ...],
+    print_config: bool,
+    dest: Path,
+    no_verify: bool,
+) -> None:
     """Copy G3 (the LMDB environment at g3.path) to DEST while the service runs.
 
     LMDB copies from one read transaction: the backup is a consistent snapshot, and the service
@@ -153,15 +222,12 @@ def backup(config_path: str | None, settings: tuple[str, ...], dest: Path, no_ve
     """
     import lmdb
 
-    from kvstore.block_format import verify_block
-    from kvstore.errors import CorruptBlockError
-
     cfg = _load(config_path, settings)
-    if cfg.g3 is None:
-        raise click.ClickException("G3 is not enabled in this configuration: nothing to back up")
-    source = Path(cfg.g3.path)
-    if not (source / "data.mdb").is_file():
-        raise click.ClickException(f"no LMDB environment at g3.path {source}")
+    if print_config:
+        _print_config(cfg)
+        return
+    source = _store_folder(cfg, "backup")
+    assert cfg.g3 is not None
     if dest.exists() and any(dest.iterdir()):
         raise click.ClickException(f"{dest} exists and is not empty; give a new directory")
     dest.mkdir(parents=True, exist_ok=True)
@@ -183,29 +249,7 @@ def backup(config_path: str | None, settings: tuple[str, ...], dest: Path, no_ve
         env.close()
     copied = time.perf_counter() - started
     size = (dest / "data.mdb").stat().st_size
-    copy = lmdb.open(str(dest), readonly=True, max_dbs=4, subdir=True, lock=False)
-    try:
-        db = copy.open_db(b"blocks", create=False)
-        with copy.begin(db=db) as txn:
-            total = txn.stat(db)["entries"]
-            bad: list[str] = []
-            if not no_verify:
-                with Progress(
-                    TextColumn("verifying the copy"),
-                    BarColumn(),
-                    MofNCompleteColumn(),
-                    TimeElapsedColumn(),
-                    console=console,
-                ) as progress:
-                    task = progress.add_task("verify", total=total)
-                    for key, value in txn.cursor():
-                        try:
-                            verify_block(key, value)
-                        except CorruptBlockError as exc:
-                            bad.append(f"{bytes(key).hex()}: {exc}")
-                        progress.advance(task)
-    finally:
-        copy.close()
+    total, bad = _verify_store(dest, "verifying the copy", skip=no_verify)
     table = Table(title=f"G3 backup of {source}")
     table.add_column("what")
     table.add_column("value", justify="right")
@@ -213,7 +257,7 @@ def backup(config_path: str | None, settings: tuple[str, ...], dest: Path, no_ve
     table.add_row("bytes", f"{size / (1 << 20):.1f} MiB")
     table.add_row("copy time", f"{copied:.2f} s")
     table.add_row("verified", "skipped" if no_verify else f"{total - len(bad)} ok, {len(bad)} bad")
-    console.print(table)
+    print_table(table, console)
     if bad:
         for line in bad[:20]:
             click.echo(f"corrupt in the source: {line}", err=True)
@@ -221,6 +265,124 @@ def backup(config_path: str | None, settings: tuple[str, ...], dest: Path, no_ve
             f"{len(bad)} blocks of the copy failed verification (they were corrupt in G3; the "
             "service deletes such blocks when it reads them)"
         )
+
+
+def _verify_store(folder: Path, what: str, *, skip: bool = False) -> tuple[int, list[str]]:
+    """``(blocks, problems)`` of the LMDB store in ``folder``: every block's header and payload
+    checksums read back, with a progress bar (only counted with ``skip``)."""
+    import lmdb
+
+    from kvstore.block_format import verify_block
+    from kvstore.errors import CorruptBlockError
+
+    env = lmdb.open(str(folder), readonly=True, max_dbs=4, subdir=True, lock=False)
+    bad: list[str] = []
+    try:
+        db = env.open_db(b"blocks", create=False)
+        with env.begin(db=db) as txn:
+            total = int(txn.stat(db)["entries"])
+            if skip:
+                return total, bad
+            with Progress(
+                TextColumn(what),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+            ) as progress:
+                task = progress.add_task("verify", total=total)
+                for key, value in txn.cursor():
+                    try:
+                        verify_block(key, value)
+                    except CorruptBlockError as exc:
+                        bad.append(f"{bytes(key).hex()}: {exc}")
+                    progress.advance(task)
+    finally:
+        env.close()
+    return total, bad
+
+
+@main.command()
+@config_option
+@set_option
+@print_config_option
+@click.argument("source", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--force", is_flag=True, help="Replace the blocks g3.path holds now.")
+def restore(
+    config_path: str | None,
+    settings: tuple[str, ...],
+    print_config: bool,
+    source: Path,
+    force: bool,
+) -> None:
+    """Put a backup (from `kvstore backup`) in place as G3, at g3.path.
+
+    The service must be stopped: restore holds the data folder's lock, which a running service
+    holds too. Every block of SOURCE is verified first; nothing changes unless all of them pass.
+    The copy is written next to the store and renamed over it, so a crash midway leaves either
+    the old store or the restored one. Start the service afterwards: it rebuilds its index from
+    the restored G3.
+    """
+    import lmdb
+
+    cfg = _load(config_path, settings)
+    if print_config:
+        _print_config(cfg)
+        return
+    if cfg.g3 is None:
+        raise click.ClickException("G3 is off in this configuration (g3.enabled=false)")
+    if stored_blocks(source) is None:
+        raise click.ClickException(f"{source} holds no kvstore backup (no LMDB store of blocks)")
+    target = Path(cfg.g3.path)
+    if target.resolve() == source.resolve():
+        raise click.ClickException(f"{source} is g3.path itself")
+    lock = DataFolderLock(target)
+    try:
+        lock.acquire("kvstore restore")
+    except KVStoreError as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        held = stored_blocks(target)
+        if held and not force:
+            raise click.ClickException(
+                f"g3.path {target} already holds {held} blocks; --force replaces them"
+            )
+        total, bad = _verify_store(source, "verifying the backup")
+        if bad:
+            for line in bad[:20]:
+                click.echo(f"corrupt in the backup: {line}", err=True)
+            raise click.ClickException(
+                f"{len(bad)} of {total} blocks of {source} failed verification; nothing restored"
+            )
+        staging = target / ".restore"
+        if staging.exists():
+            for leftover in staging.iterdir():
+                leftover.unlink()
+        staging.mkdir(exist_ok=True)
+        started = time.perf_counter()
+        env = lmdb.open(str(source), readonly=True, max_dbs=4, subdir=True, lock=False)
+        try:
+            with console.status(f"copying {source} to {target}"):
+                env.copy(str(staging), compact=True)
+        finally:
+            env.close()
+        # rename(2) is atomic: the store at g3.path is the old one or the restored one. LMDB's
+        # lock file belongs to the old store's readers; with the folder locked there are none.
+        (staging / "data.mdb").replace(target / "data.mdb")
+        with contextlib.suppress(FileNotFoundError):
+            (target / "lock.mdb").unlink()
+        staging.rmdir()
+        seconds = time.perf_counter() - started
+    finally:
+        lock.release()
+    table = Table(title=f"G3 restored from {source}")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("g3.path", str(target))
+    table.add_row("blocks", str(total))
+    table.add_row("replaced", str(held or 0))
+    table.add_row("copy time", f"{seconds:.2f} s")
+    print_table(table, console)
 
 
 @contextlib.contextmanager
@@ -263,7 +425,7 @@ async def _stats(cfg: StoreConfig) -> None:
             _size(tier.capacity_bytes),
             f"{pct:.1f}",
         )
-    console.print(table)
+    print_table(table, console)
 
 
 def _size(n: int) -> str:
@@ -352,15 +514,11 @@ async def _selfcheck(cfg: StoreConfig, num_blocks: int, block_tokens: int) -> bo
                 with contextlib.suppress(KVStoreError):
                     await tier.delete(hashes)
                 await tier.close()
-    console.print(table)
+    print_table(table, console)
     return all_ok
 
 
 # -- serve ---------------------------------------------------------------------------------------
-
-# `serve` keeps its embedded G3 next to where it is started, not in the per-user default.
-SERVE_G3_PATH = Path("kvstore-data") / "g3"
-
 
 @main.command()
 @config_option
@@ -377,11 +535,7 @@ SERVE_G3_PATH = Path("kvstore-data") / "g3"
     metavar="URL",
     help="Turn G4 on with this Redis URL (g4.enabled=true, g4.url=URL).",
 )
-@click.option(
-    "--print-config",
-    is_flag=True,
-    help="Print the effective configuration (tokens and secrets masked) and exit.",
-)
+@print_config_option
 def serve(
     config_path: str | None,
     settings: tuple[str, ...],
@@ -391,7 +545,8 @@ def serve(
 ) -> None:
     """Serve the gRPC API until SIGINT or SIGTERM.
 
-    Embedded default: G2 shared memory + G3 LMDB in ./kvstore-data/g3 (unless g3.path is set).
+    Embedded default: G2 shared memory + G3 LMDB in ./kvstore-data/g3 (unless g3.path is set),
+    the same folder `kvstore stats`, `backup` and `restore` open with the same settings.
     """
     overrides: dict[str, dict[str, str]] = {}
     if g4_url:
@@ -404,11 +559,8 @@ def serve(
         cfg = load_config(config_path, overrides=overrides)
     except KVStoreError as exc:
         raise click.ClickException(str(exc)) from None
-    if cfg.g3 is not None and cfg.g3.path == str(DEFAULT_DATA_DIR / "g3"):
-        g3 = dataclasses.replace(cfg.g3, path=str(SERVE_G3_PATH.resolve()))
-        cfg = dataclasses.replace(cfg, g3=g3)
     if print_config:
-        _print_serve_config(cfg)
+        _print_config(cfg, "kvstore serve configuration")
         return
     logging.basicConfig(
         level=logging.INFO,
@@ -419,32 +571,6 @@ def serve(
         asyncio.run(_serve(cfg))
     except KVStoreError as exc:
         raise click.ClickException(str(exc)) from None
-
-
-def _print_serve_config(cfg: StoreConfig) -> None:
-    table = Table(title="kvstore serve configuration")
-    table.add_column("section")
-    table.add_column("setting")
-    table.add_column("value", overflow="fold")
-    sections: list[tuple[str, Any]] = [
-        *cfg.tiers(),
-        ("placement", cfg.placement),
-        ("engine", cfg.engine),
-        ("server", cfg.server),
-    ]
-    for name, section in sections:
-        for field in dataclasses.fields(section):
-            value = getattr(section, field.name)
-            if field.name == "secret" and value:
-                value = "****"
-            table.add_row(name, field.name, str(value))
-    for i, tenant in enumerate(cfg.tenants):
-        for field in dataclasses.fields(tenant):
-            value = getattr(tenant, field.name)
-            if field.name in ("token", "salt") and value:
-                value = "****"
-            table.add_row(f"tenants[{i}]", field.name, str(value))
-    console.print(table)
 
 
 async def _serve(cfg: StoreConfig) -> None:
@@ -543,6 +669,19 @@ def _model_worker(
     metavar="FILE",
     help="Write the worker's namespace as JSON (for --model-spec of the other commands).",
 )
+@click.option(
+    "--keepalive",
+    "keepalive_s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    envvar="KVSTORE_WORKER_KEEPALIVE_S",
+    show_envvar=True,
+    metavar="SECONDS",
+    help="Ping the server this often while idle (the server permits server.min_ping_interval_s "
+    "and up, 10 s by default), so that a dead server or network path is noticed.",
+)
+@print_config_option
 def worker_command(
     server: str,
     token: str | None,
@@ -554,6 +693,8 @@ def worker_command(
     device: str,
     name: str,
     spec_out: str | None,
+    keepalive_s: float,
+    print_config: bool,
 ) -> None:
     """Run a model worker: attach to a kvstore server and repair holes for it.
 
@@ -564,6 +705,26 @@ def worker_command(
     """
     from kvstore.worker_link import WorkerLink
 
+    if print_config:
+        table = Table(title="kvstore worker configuration")
+        table.add_column("setting")
+        table.add_column("value", overflow="fold")
+        settings = {
+            "server": server,
+            "token": "****" if token else "",
+            "tls_ca": tls_ca or "",
+            "model": model_dir or "(the built-in model)",
+            "seed": seed,
+            "dtype": dtype,
+            "block_tokens": block_tokens,
+            "device": device,
+            "name": name or "(host:pid)",
+            "keepalive_s": keepalive_s,
+        }
+        for key, value in settings.items():
+            table.add_row(key, str(value))
+        print_table(table, console)
+        return
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,
@@ -574,7 +735,9 @@ def worker_command(
         spec = worker.spec
         if spec_out:
             Path(spec_out).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
-        link = WorkerLink(worker, server, token=token, tls_ca=tls_ca, name=name)
+        link = WorkerLink(
+            worker, server, token=token, tls_ca=tls_ca, name=name, keepalive_s=keepalive_s
+        )
         click.echo(f"worker {link.name}: {spec.name} ({json.dumps(spec.to_dict())})")
         asyncio.run(_run_worker(link))
     except KVStoreError as exc:

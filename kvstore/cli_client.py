@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import queue
 import random
 import sys
 import threading
@@ -44,6 +45,7 @@ from kvstore.block_format import torch_dtype
 from kvstore.cli_options import (
     DEFAULT_SERVER,
     PROMPT_FILE_OPTIONS,
+    print_table,
     read_tokens,
     server_option,
     tls_ca_option,
@@ -347,10 +349,22 @@ def _hashes(ctx: click.Context, param: click.Parameter, values: Any) -> Any:
     return tuple(_hash_of(v) for v in values)
 
 
+def _tier(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    # Not click.Choice(case_sensitive=False): its error lists the choices lower-cased
+    # ("'G9' is not one of 'g1', 'g2', ..."), which are not the names anything else shows.
+    if value is None:
+        return None
+    name = value.strip().upper()
+    if name not in TIERS:
+        raise click.BadParameter(f"{value!r} is not a tier; use one of {', '.join(TIERS)}")
+    return name
+
+
 _tier_option = click.option(
     "--tier",
-    type=click.Choice(TIERS, case_sensitive=False),
     default=None,
+    callback=_tier,
+    metavar="|".join(TIERS),
     help="Only this tier (default: every tier).",
 )
 
@@ -479,8 +493,8 @@ def tiers_command(remote: Remote) -> None:
     counters.add_row("queue depth", str(stats.queue_depth))
     for name in sorted(set(stats.counters) - set(_MAIN_COUNTERS)):
         counters.add_row(f"[dim]{name}", f"[dim]{stats.counters[name]}")
-    _out.print(table)
-    _out.print(counters)
+    print_table(table, _out)
+    print_table(counters, _out)
     if stats.tiers:  # admins: the attached model workers
         workers = Table(title="model workers (hole repair)")
         for col in ("id", "name", "namespace", "address"):
@@ -499,7 +513,7 @@ def tiers_command(remote: Remote) -> None:
             )
         if not stats.workers:
             workers.caption = "none attached: holes cannot be repaired (start `kvstore worker`)"
-        _out.print(workers)
+        print_table(workers, _out)
 
 
 @main.command("health")
@@ -604,7 +618,7 @@ def ls_command(remote: Remote, tier: str | None, limit: int) -> None:
             str(b.hits),
             ", ".join(held),
         )
-    _out.print(table)
+    print_table(table, _out)
 
 
 @main.command("inspect")
@@ -645,7 +659,7 @@ def inspect_command(remote: Remote, block_hash: BlockHash) -> None:
     }
     for name, value in rows.items():
         table.add_row(name, value)
-    _out.print(table)
+    print_table(table, _out)
 
 
 # -- lookup --------------------------------------------------------------------------------------
@@ -731,7 +745,7 @@ def lookup_command(
             "[bold red]HOLE" if i in holes else "",
             h.hex(),
         )
-    _out.print(table)
+    print_table(table, _out)
     tail = num_tokens - len(found.hashes) * bt
     summary = _lookup_summary(num_tokens, found)
     if tail:
@@ -794,7 +808,7 @@ def repair_command(
         table.add_row(str(i), f"{i * bt}-{(i + 1) * bt - 1}", "[green]recomputed")
     for i in result.kept:
         table.add_row(str(i), f"{i * bt}-{(i + 1) * bt - 1}", "[yellow]kept (leased or pinned)")
-    _out.print(table)
+    print_table(table, _out)
     click.echo(
         f"hit {result.hit_blocks_before} -> {result.hit_blocks} blocks "
         f"({result.hit_blocks_before * bt} -> {result.hit_blocks * bt} tokens)"
@@ -845,7 +859,14 @@ def unpin_command(remote: Remote, spec: ModelSpec, hashes: tuple[BlockHash, ...]
     """Let pinned blocks be evicted again."""
     with remote.client() as kv:
         done = kv.unpin(spec, list(hashes))
-    _counted(remote, "unpinned", done, len(hashes), "", "are not stored in this namespace")
+    _counted(
+        remote,
+        "unpinned",
+        done,
+        len(hashes),
+        "",
+        "were not pinned, or are not stored in this namespace",
+    )
 
 
 @main.command("evict")
@@ -912,6 +933,10 @@ def _event_doc(event: Event) -> dict[str, Any]:
     }
 
 
+# A tail that has seen nothing for this long says on stderr that it is waiting, once.
+_WAITING_NOTICE_S = 1.0
+
+
 @main.command("events")
 @click.option(
     "--after",
@@ -929,24 +954,80 @@ def _event_doc(event: Event) -> dict[str, Any]:
     help="Stop after this many events (default: run until Ctrl-C).",
 )
 @click.option(
+    "--idle-timeout",
+    "idle_timeout_s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="SECONDS",
+    help="Stop once no event has come for this long (default: wait for ever).",
+)
+@click.option(
     "--snapshot",
     is_flag=True,
     help="Also print the snapshot of what is stored that the server sends first (kind marked *).",
 )
 @_remote
-def events_command(remote: Remote, after_seq: int, count: int, snapshot: bool) -> None:
+def events_command(
+    remote: Remote, after_seq: int, count: int, idle_timeout_s: float | None, snapshot: bool
+) -> None:
     """Tail the server's events: one line per event (seq, kind, tier, from, hash).
 
     With --json, one JSON object per line. A watch that starts at 0, or resumes after events the
     server no longer keeps, begins with a snapshot of what is stored; it is skipped unless
-    --snapshot is given.
+    --snapshot is given. On a quiet server the tail says on stderr that it waits; --count,
+    --idle-timeout or Ctrl-C end it.
     """
     seen = 0
     gap_noted = False
-    with remote.client() as kv, _closing(kv.watch(after_seq)) as events:
+    waiting_noted = False
+    last_seq = after_seq
+    with remote.client() as kv:
+        # The stream is read on a thread of its own so that this one can notice silence (a
+        # blocking iterator cannot say "nothing yet"); the thread ends with the client.
+        inbox: queue.Queue[Event | BaseException | None] = queue.Queue()
+
+        def read() -> None:
+            try:
+                for event in kv.watch(after_seq):
+                    inbox.put(event)
+                inbox.put(None)
+            except BaseException as exc:  # handed to the main thread, which reports it
+                inbox.put(exc)
+
+        threading.Thread(target=read, name="kvstore-events", daemon=True).start()
+        idle_since = time.monotonic()
         try:
-            for event in events:
-                if event.snapshot and not snapshot:
+            while not (count and seen >= count):
+                wait_s = _WAITING_NOTICE_S if not waiting_noted else 0.5
+                if idle_timeout_s is not None:
+                    wait_s = min(wait_s, max(0.0, idle_since + idle_timeout_s - time.monotonic()))
+                try:
+                    item = inbox.get(timeout=wait_s)
+                except queue.Empty:
+                    idle_s = time.monotonic() - idle_since
+                    if idle_timeout_s is not None and idle_s >= idle_timeout_s:
+                        click.echo(
+                            f"no event for {idle_timeout_s:g} s after seq {last_seq}; stopping",
+                            err=True,
+                        )
+                        break
+                    if not waiting_noted and idle_s >= _WAITING_NOTICE_S:
+                        waiting_noted = True
+                        how = "Ctrl-C stops"
+                        if count:
+                            how = f"{count - seen} more to go; Ctrl-C stops"
+                        click.echo(
+                            f"waiting for events after seq {last_seq} on {remote.server} ({how})",
+                            err=True,
+                        )
+                    continue
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                idle_since = time.monotonic()
+                last_seq = max(last_seq, item.seq)
+                if item.snapshot and not snapshot:
                     if after_seq and not gap_noted:
                         gap_noted = True
                         click.echo(
@@ -955,10 +1036,8 @@ def events_command(remote: Remote, after_seq: int, count: int, snapshot: bool) -
                             err=True,
                         )
                     continue
-                click.echo(json.dumps(_event_doc(event)) if remote.as_json else _event_line(event))
+                click.echo(json.dumps(_event_doc(item)) if remote.as_json else _event_line(item))
                 seen += 1
-                if count and seen >= count:
-                    break
         except KeyboardInterrupt:
             pass  # Ctrl-C is how a tail without --count ends
 
@@ -1271,7 +1350,7 @@ def _print_bench(doc: dict[str, Any]) -> None:
     table.add_section()
     errors = f"[red]{doc['errors']}" if doc["errors"] else "0"
     table.add_row("total", str(doc["ops"]), errors, "", "", "")
-    _out.print(table)
+    print_table(table, _out)
     ns = doc["namespace"]
     click.echo(
         f"prompts of {doc['prompt_tokens']} tokens, the first {doc['shared_prefix_tokens']} "

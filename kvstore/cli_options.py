@@ -1,19 +1,24 @@
 """Options and helpers that several ``kvstore`` commands share (``kvstore.cli`` and
-``kvstore.cli_client``), defined once: where the server is, how to authenticate, and the prompt
-given as a file of token ids or of text."""
+``kvstore.cli_client``), defined once: where the server is, how to authenticate, the prompt
+given as a file of token ids or of text, and how a table is printed."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, cast
 
 import click
 import numpy as np
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
 __all__ = [
     "DEFAULT_SERVER",
     "PROMPT_FILE_OPTIONS",
     "check_server",
+    "print_table",
     "read_tokens",
     "server_option",
     "tls_ca_option",
@@ -64,7 +69,8 @@ PROMPT_FILE_OPTIONS = (
         type=click.Path(exists=True, dir_okay=False, path_type=Path),
         default=None,
         metavar="FILE",
-        help="Token ids: integers separated by whitespace or commas, or a .npy integer array.",
+        help="Token ids: integers separated by whitespace or commas, a JSON array (or an object "
+        'with "input_ids"), or a .npy integer array.',
     ),
     click.option(
         "--text-file",
@@ -75,6 +81,37 @@ PROMPT_FILE_OPTIONS = (
         "available offline): this finds blocks stored from the same bytes, not from a model's "
         "tokenizer. Use --tokens-file with your tokenizer's ids for real prompts.",
     ),
+)
+
+
+def print_table(table: Table, console: Console) -> None:
+    """A rich table on a terminal; plain tab-separated lines when the output is a pipe or a
+    file (``# title``, a header line, one line per row, markup dropped): rich fits a table to
+    80 columns off a terminal and cuts cells (``32.1 K…``), which no script can read."""
+    if console.is_terminal:
+        console.print(table)
+        return
+
+    def plain(value: Any) -> str:
+        if isinstance(value, Text):
+            return value.plain
+        return Text.from_markup(str(value)).plain
+
+    lines = []
+    if table.title:
+        lines.append(f"# {plain(table.title)}")
+    if table.show_header:
+        lines.append("\t".join(plain(column.header) for column in table.columns))
+    for row in zip(*(list(column.cells) for column in table.columns), strict=True):
+        lines.append("\t".join(plain(cell) for cell in row))
+    if table.caption:
+        lines.append(f"# {plain(table.caption)}")
+    click.echo("\n".join(lines), file=console.file)
+
+
+_TOKENS_FORMS = (
+    "token ids as integers separated by whitespace or commas, a JSON array of integers, a JSON "
+    'object with an "input_ids" (or "tokens") array, or a .npy integer array'
 )
 
 
@@ -95,11 +132,50 @@ def read_tokens(tokens_file: Path | None, text_file: Path | None) -> np.ndarray[
                 f"{tokens_file} holds {array.dtype}, not integers", param_hint=hint
             )
         return cast(np.ndarray[Any, Any], array.reshape(-1))
-    words = tokens_file.read_text().replace(",", " ").split()
     try:
-        return np.array([int(w) for w in words], dtype=np.int64)
-    except ValueError as exc:
+        text = tokens_file.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
         raise click.BadParameter(
-            f"{tokens_file}: {exc}; expected integers separated by whitespace or commas",
-            param_hint=hint,
+            f"{tokens_file}: cannot read it as text: {exc}", param_hint=hint
         ) from None
+    stripped = text.lstrip()
+    if stripped.startswith(("[", "{")):
+        return _json_tokens(tokens_file, stripped, hint)
+    words = text.replace(",", " ").split()
+    for position, word in enumerate(words):
+        if not word.lstrip("+-").isdigit():
+            shown = word if len(word) <= 20 else word[:20] + "..."
+            raise click.BadParameter(
+                f"{tokens_file}: word {position + 1} is {shown!r}, not an integer; expected "
+                f"{_TOKENS_FORMS}",
+                param_hint=hint,
+            )
+    return np.array([int(w) for w in words], dtype=np.int64)
+
+
+def _json_tokens(path: Path, text: str, hint: str) -> np.ndarray[Any, Any]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(
+            f"{path}: not valid JSON ({exc}); expected {_TOKENS_FORMS}", param_hint=hint
+        ) from None
+    if isinstance(data, dict):
+        key = next((k for k in ("input_ids", "tokens", "token_ids") if k in data), None)
+        if key is None:
+            raise click.BadParameter(
+                f"{path}: a JSON object without an \"input_ids\" or \"tokens\" array (it has "
+                f"{sorted(data)[:8]}); expected {_TOKENS_FORMS}",
+                param_hint=hint,
+            )
+        data = data[key]
+        if isinstance(data, list) and len(data) == 1 and isinstance(data[0], list):
+            data = data[0]  # a batch of one, as tokenizers return it
+    if not isinstance(data, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) for t in data
+    ):
+        raise click.BadParameter(
+            f"{path}: the JSON holds no flat array of integers; expected {_TOKENS_FORMS}",
+            param_hint=hint,
+        )
+    return np.array(data, dtype=np.int64)

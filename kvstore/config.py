@@ -37,7 +37,11 @@ __all__ = ["DEFAULT_DATA_DIR", "StoreConfig", "load_config", "parse_size"]
 
 MiB = 1 << 20
 GiB = 1 << 30
-DEFAULT_DATA_DIR = Path(os.path.expanduser("~/.local/share/kvstore"))
+# Every command (serve, stats, backup, restore, config, selfcheck) resolves the data folder the
+# same way: this default, relative to the working directory, unless g3.path is set in the file,
+# the environment (KVSTORE_G3_PATH) or a flag. It is made absolute once, here, so that what
+# `--print-config` shows is the folder every command then opens.
+DEFAULT_DATA_DIR = Path("kvstore-data")
 # A slot holds the largest block expected plus its header, rounded to a page: 8 MiB payloads by
 # default (e.g. 64 tokens of an 8B Llama in fp16); set slot_bytes to your block size.
 DEFAULT_SLOT_BYTES = 8 * MiB + 4096
@@ -240,4 +244,7 @@ def load_config(
             built[section] = cls(**kwargs)
         except TypeError as exc:
             raise ConfigError(f"[{section}] {exc}") from None
+    if "g3" in built:
+        g3 = built["g3"]
+        built["g3"] = dataclasses.replace(g3, path=os.path.abspath(os.path.expanduser(g3.path)))
     return StoreConfig(**built, tenants=tuple(tenants))

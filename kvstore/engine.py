@@ -199,8 +199,18 @@ class Engine:
         self._room_locks = {n: asyncio.Lock() for n in names}
         self._queue_room = asyncio.Condition()
         self._tasks: list[asyncio.Task[None]] = []
-        # Blocks removed from every tier while a background copy of them was in flight.
-        self._dropped_in_flight: set[BlockHash] = set()
+        # Copies between tiers in flight, per block, and how often each of those blocks was
+        # removed by request (evict, flush) since the first of them started. A copy that sees
+        # the count change under it lands nothing: a flushed block must not come back when a
+        # write-through copy or a promotion that was reading it finishes (a tombstone that lives
+        # exactly as long as the copies that could resurrect the block).
+        self._copying: dict[BlockHash, int] = {}
+        self._removals: dict[BlockHash, int] = {}
+        # ...and the removal count at which such a block was put again: copies may land then.
+        self._restored: dict[BlockHash, int] = {}
+        # Set when the last running copy of a block ends: evict and flush wait for it, so that
+        # when they return no copy of what they removed can still land anywhere.
+        self._settled: dict[BlockHash, asyncio.Event] = {}
         self._closed = False
         for tier in tiers.values():
             tier.on_corrupt = self._on_corrupt
@@ -494,7 +504,6 @@ class Engine:
             if key in seen or self.index.in_tier(key, top):
                 continue
             seen.add(key)
-            self._dropped_in_flight.discard(key)  # stored again: in-flight copies may land
             new.append((key, parent, data))
         through = self.placement.write_through()
         if new and through:
@@ -526,6 +535,8 @@ class Engine:
             if key in want:
                 self.index.commit_write(key, top)
                 self.events.append("stored", key, top, namespace, parent)
+                if key in self._removals:
+                    self._restored[key] = self._removals[key]
         self.index.touch(hashes)
         self.counters.add("stored", len(reserved))
         waits: list[asyncio.Future[bool]] = []
@@ -617,11 +628,45 @@ class Engine:
             return True
         if not self.index.in_tier(key, src):
             return False
+        if key not in self._copying:
+            self._settled[key] = asyncio.Event()
+        self._copying[key] = self._copying.get(key, 0) + 1
+        try:
+            return await self._copy_once(key, namespace, src, dst, self._removals.get(key, 0))
+        finally:
+            left = self._copying.pop(key) - 1
+            if left:
+                self._copying[key] = left
+            else:
+                self._removals.pop(key, None)
+                self._restored.pop(key, None)
+                self._settled.pop(key).set()
+
+    def _removed_since(self, key: BlockHash, removals: int) -> bool:
+        """Removed by request since a copy that saw ``removals`` started, and not put again."""
+        now = self._removals.get(key, 0)
+        return now != removals and self._restored.get(key) != now
+
+    @property
+    def moves_in_flight(self) -> int:
+        """Copies between tiers running now (not counting those still queued)."""
+        return sum(self._copying.values())
+
+    @property
+    def tombstones(self) -> int:
+        """Blocks removed by request (evict, flush) while a copy of them still runs."""
+        return sum(n != self._restored.get(k) for k, n in self._removals.items())
+
+    async def _copy_once(
+        self, key: BlockHash, namespace: bytes, src: str, dst: str, removals: int
+    ) -> bool:
         try:
             (data,) = await self.tier(src, namespace).get([key])
         except TierError as exc:
             log.warning("move %s %s -> %s: cannot read: %s", key.hex(), src, dst, exc)
             return False
+        if self._removed_since(key, removals):
+            return False  # flushed or evicted while it was being read
         if data is None:
             # Gone from the source (a corrupt read already reported it, or it vanished from G4).
             self.index.remove(key, src)
@@ -642,6 +687,8 @@ class Engine:
             except TierFullError as exc:
                 log.warning("move %s -> %s: %s", src, dst, exc)
                 return False
+            if self._removed_since(key, removals):
+                return False
             if not self.index.begin_write(
                 key, dst, namespace=namespace, parent=parent, nbytes=len(data)
             ):
@@ -656,11 +703,14 @@ class Engine:
         except BaseException:
             self.index.abort_write(key, dst)
             raise
-        if key in self._dropped_in_flight:
-            # Removed from every tier (evict/flush) while this copy ran: do not bring it back.
-            self._dropped_in_flight.discard(key)
-            await self.tier(dst, namespace).delete([key])
-            self.index.abort_write(key, dst)
+        if self._removed_since(key, removals):
+            # Removed from every tier (evict, flush) while this copy was writing: take it out
+            # again rather than bring back what the operator removed.
+            try:
+                await self.tier(dst, namespace).delete([key])
+            finally:
+                self.index.abort_write(key, dst)
+            self.counters.add("copies_discarded")
             return False
         self.index.commit_write(key, dst)
         self.events.append("moved", key, dst, namespace, parent, from_tier=src)
@@ -794,10 +844,15 @@ class Engine:
 
     async def evict(self, keys: Sequence[bytes], tier: str | None = None) -> int:
         """Remove blocks from one tier (demoting as placement says) or, with ``tier=None``,
-        from every tier. Leased and pinned blocks are skipped. Returns blocks removed."""
+        from every tier. Leased and pinned blocks are skipped. Returns blocks removed.
+
+        Removal from every tier is final: copies of those blocks that are running (a write-
+        through copy, a promotion) land nothing, and this returns once they have ended, so no
+        tier holds any of the blocks afterwards (unless they are put again meanwhile)."""
         if tier is not None and tier not in self.placement.order:
             raise InvalidArgumentError(f"tier {tier!r} is not configured ({self.tier_names})")
         removed = 0
+        settling: list[asyncio.Event] = []
         for raw in keys:
             key = BlockHash(bytes(raw))
             entry = self.index.get(key)
@@ -808,13 +863,17 @@ class Engine:
                     async with self._room_locks[tier]:
                         removed += await self._evict_one(key, tier)
                 continue
-            for name in entry.tiers():
+            held = entry.tiers()
+            if key in self._copying:
+                self._removals[key] = self._removals.get(key, 0) + 1
+                settling.append(self._settled[key])
+            for name in held:
                 await self.tier(name, entry.namespace).delete([key])
                 self.index.remove(key, name)
                 self.events.append("removed", key, name, entry.namespace, entry.parent)
-            if entry.writing:
-                self._dropped_in_flight.add(key)
-            removed += 1
+            removed += bool(held)
+        for settled in settling:
+            await settled.wait()
         self.counters.add("evicted_by_request", removed)
         return removed
 

@@ -51,6 +51,7 @@ from grpc_health.v1.health import aio as health_aio
 
 from kvstore.auth import Tenant, Tenants
 from kvstore.block_format import HEADER_BYTES, Codec, read_header, torch_dtype, transcode_block
+from kvstore.data_folder import DataFolderLock
 from kvstore.engine import Engine, ProgressCallback
 from kvstore.errors import (
     BlockTooLargeError,
@@ -130,6 +131,15 @@ class ServerConfig:
     # A model worker that has not answered a repair task by then is taken for hung: its stream
     # is closed (it reconnects afresh) and the task goes to another worker.
     worker_timeout_s: float = 300.0
+    # Keepalive, both ways. The server pings a connection idle for keepalive_s and drops it when
+    # no answer comes within keepalive_timeout_s (a worker host that vanished). It accepts client
+    # pings as often as every min_ping_interval_s even with no call carrying data: a model
+    # worker waits for tasks on an idle stream and pings every 30 s (`kvstore worker
+    # --keepalive`); gRPC's own default (5 min) answers such pings with GOAWAY too_many_pings,
+    # which detached every idle worker every few minutes.
+    keepalive_s: float = 60.0
+    keepalive_timeout_s: float = 20.0
+    min_ping_interval_s: float = 10.0
 
     def __post_init__(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -144,6 +154,10 @@ class ServerConfig:
             raise ConfigError("server.worker_timeout_s must be positive")
         if ":" not in self.listen:
             raise ConfigError(f"server.listen must be host:port, got {self.listen!r}")
+        if not (self.keepalive_s > 0 and self.keepalive_timeout_s > 0):
+            raise ConfigError("server.keepalive_s and server.keepalive_timeout_s must be positive")
+        if not self.min_ping_interval_s >= 0:
+            raise ConfigError("server.min_ping_interval_s must be >= 0")
 
 
 # -- errors -> status codes ---------------------------------------------------------------------
@@ -1454,6 +1468,7 @@ class KVStoreServer:
         self._health: Any = None
         self._port: int | None = None
         self._stopped = False
+        self._data_lock: DataFolderLock | None = None
 
     @property
     def port(self) -> int:
@@ -1481,7 +1496,17 @@ class KVStoreServer:
                 root_certificates=ca,
                 require_client_auth=ca is not None,
             )
-        engine = await Engine.open(self.config, progress=progress)
+        lock = None
+        if self.config.g3 is not None:
+            # One service per data folder: a second one would keep an index of its own.
+            lock = DataFolderLock(self.config.g3.path)
+            lock.acquire("kvstore serve")
+        try:
+            engine = await Engine.open(self.config, progress=progress)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
         try:
             server = grpc.aio.server(
                 options=[
@@ -1489,6 +1514,15 @@ class KVStoreServer:
                     ("grpc.max_receive_message_length", cfg.max_message_bytes),
                     # Two servers must not share a port silently.
                     ("grpc.so_reuseport", 0),
+                    ("grpc.keepalive_time_ms", int(cfg.keepalive_s * 1000)),
+                    ("grpc.keepalive_timeout_ms", int(cfg.keepalive_timeout_s * 1000)),
+                    ("grpc.keepalive_permit_without_calls", 1),
+                    # The server's bound on client pings (GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_
+                    # WITHOUT_DATA_MS); pings more frequent than this still count as strikes.
+                    (
+                        "grpc.http2.min_ping_interval_without_data_ms",
+                        int(cfg.min_ping_interval_s * 1000),
+                    ),
                 ]
             )
             servicer = _Servicer(engine, self.config, self.tenants, self.metrics, self.pool)
@@ -1519,8 +1553,11 @@ class KVStoreServer:
                     ) from None
         except BaseException:
             await engine.close()
+            if lock is not None:
+                lock.release()
             raise
         self._engine, self._server, self._servicer, self._health = engine, server, servicer, health
+        self._data_lock = lock
         self._port = int(port)
         log.info("kvstore serving on %s (port %d)", cfg.listen, self._port)
         return self._port
@@ -1543,6 +1580,8 @@ class KVStoreServer:
             self._servicer.close_segments()
             self.metrics.close()
             await self.engine.close()
+            if self._data_lock is not None:
+                self._data_lock.release()
 
     async def wait_for_termination(self) -> None:
         if self._server is None:

@@ -111,6 +111,7 @@ class WorkerLink:
         tls_key: Pem | None = None,
         name: str = "",
         reconnect_s: float = 1.0,
+        keepalive_s: float = 30.0,
         max_chunk_bytes: int = 1 * MiB,
         max_message_bytes: int = 64 * MiB,
     ) -> None:
@@ -118,10 +119,13 @@ class WorkerLink:
             raise ConfigError("the worker needs the server's address (host:port or unix:/path)")
         if reconnect_s <= 0:
             raise ConfigError(f"reconnect_s must be positive, got {reconnect_s}")
+        if keepalive_s <= 0:
+            raise ConfigError(f"keepalive_s must be positive, got {keepalive_s}")
         self.worker = worker
         self.target = target
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.reconnect_s = reconnect_s
+        self.keepalive_s = keepalive_s
         self.max_chunk_bytes = max_chunk_bytes
         self.max_message_bytes = max_message_bytes
         self._metadata = auth_metadata(token)
@@ -168,10 +172,14 @@ class WorkerLink:
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.max_send_message_length", self.max_message_bytes),
             # A worker waits for tasks for hours: keepalives find a dead server (or a dead
-            # network path) without waiting for the next task.
-            ("grpc.keepalive_time_ms", 30_000),
-            ("grpc.keepalive_timeout_ms", 10_000),
+            # network path) without waiting for the next task. The server must permit pings
+            # this often (server.min_ping_interval_s, 10 s by default) or it answers GOAWAY
+            # too_many_pings and the worker detaches.
+            ("grpc.keepalive_time_ms", int(self.keepalive_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(max(10.0, self.keepalive_s) * 1000)),
             ("grpc.keepalive_permit_without_calls", 1),
+            # Keep pinging on a stream that carries no data for hours (gRPC stops after 2).
+            ("grpc.http2.max_pings_without_data", 0),
         ]
         if self._credentials is None:
             return grpc.aio.insecure_channel(self.target, options=options)

@@ -50,8 +50,8 @@ SLOT = 8192
 assert HEADER_BYTES + SPEC.block_nbytes <= SLOT
 ADMIN_TOKEN = "admin-token-0123456789"
 ALICE_TOKEN = "alice-token-0123456789"
-# A rich table cell boundary, whatever box the terminal's encoding allows.
-BAR = r"\s*[│|]\s*"
+# A table cell boundary: a tab when the output is piped (as here), a rich box rule on a terminal.
+BAR = r"\s*[│|\t]\s*"
 
 
 def store_config(tmp_path: Path, tenants: tuple[TenantConfig, ...] = ()) -> StoreConfig:
@@ -307,6 +307,48 @@ async def test_pin_evict_unpin_and_flush_change_the_store(server: KVStoreServer)
         assert usage == {"G2": 0, "G3": 2}
 
 
+async def test_cli_details_an_operator_trips_over(server: KVStoreServer, tmp_path: Path) -> None:
+    tokens = tokens_of(8, 2 * BT)
+    h0, h1 = (h.hex() for h in await put(server, tokens))
+    (tmp_path / "object.json").write_text(json.dumps({"prompt": tokens}))
+    (tmp_path / "ids.json").write_text(json.dumps({"input_ids": [tokens]}))
+    (tmp_path / "words.txt").write_text("12 34 five 6")
+    bad_tier, unpin, bad_json, ids, words, listing = await asyncio.gather(
+        kvstore(server, "ls", "--tier", "G9"),
+        kvstore(server, "unpin", h0, *SPEC_ARGS),
+        kvstore(server, "lookup", "--tokens-file", str(tmp_path / "object.json"), *SPEC_ARGS),
+        kvstore(server, "lookup", "--tokens-file", str(tmp_path / "ids.json"), *SPEC_ARGS),
+        kvstore(server, "lookup", "--tokens-file", str(tmp_path / "words.txt"), *SPEC_ARGS),
+        kvstore(server, "pin", h1, *SPEC_ARGS),
+    )
+    assert bad_tier.rc == 2
+    assert "'G9' is not a tier; use one of G1, G2, G3, G4" in bad_tier.err
+    # A stored block that was not pinned: the message must not claim it is not stored.
+    assert unpin.rc == 0, unpin.err
+    assert unpin.out.strip() == (
+        "unpinned 0 of 1 blocks (the others were not pinned, or are not stored in this namespace)"
+    )
+    assert bad_json.rc == 2
+    assert 'a JSON object without an "input_ids" or "tokens" array' in bad_json.err
+    assert "invalid literal" not in bad_json.err
+    assert ids.rc == 0, ids.err
+    assert "hit 32 of 32 tokens" in ids.out
+    assert words.rc == 2
+    assert "word 3 is 'five', not an integer" in words.err
+    assert listing.rc == 0, listing.err
+
+    # Piped, a table is whole: tab-separated cells, nothing cut to fit 80 columns.
+    ls = await kvstore(server, "ls", COLUMNS="40")
+    assert ls.rc == 0, ls.err
+    lines = ls.out.splitlines()
+    assert lines[0] == "# 2 blocks"
+    assert lines[1].split("\t") == ["hash", "parent", "tiers", "size", "hits", "held"]
+    rows = {line.split("\t")[0]: line.split("\t") for line in lines[2:]}
+    size = f"{(HEADER_BYTES + SPEC.block_nbytes) / 1024:.1f} KiB"
+    assert rows[h1] == [h1, h0[:8], "G2,G3", size, "0", "pinned"]
+    assert "…" not in ls.out
+
+
 # -- events ----------------------------------------------------------------------------------------
 
 
@@ -348,7 +390,11 @@ BENCH = ("bench", "--duration", "1", "--concurrency", "2", "--prompt-tokens", "9
 async def test_bench_runs_clean_and_catches_wrong_blocks(server: KVStoreServer) -> None:
     # Blocks with other bytes, planted under the shared prefix of the run with seed 7: the
     # bench must notice every fetch of them.
-    await put(server, _shared_prefix(7, 48), seed=99)
+    planted = await put(server, _shared_prefix(7, 48), seed=99)
+    # Pinned: the other two runs fill G2, and a planted block evicted from G2 would be replaced
+    # there by the seed-7 run's own (right) put, which the fetches then find first.
+    async with AsyncClient(target(server)) as client:
+        assert await client.pin(SPEC, planted) == len(planted)
     table, doc_run, wrong = await asyncio.gather(
         kvstore(server, *BENCH, "--seed", "1"),
         kvstore(server, *BENCH, "--seed", "2", "--json"),

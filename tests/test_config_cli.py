@@ -19,7 +19,7 @@ def test_defaults_are_g2_and_g3() -> None:
     cfg = load_config(env={})
     assert [name for name, _ in cfg.tiers()] == ["G2", "G3"]
     assert cfg.g3 is not None
-    assert cfg.g3.path.endswith("kvstore/g3")
+    assert cfg.g3.path.endswith("kvstore-data/g3")
 
 
 def test_precedence_file_env_flags(tmp_path: Path) -> None:
@@ -208,5 +208,5 @@ def test_stats_rebuilds_the_index_from_g3(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "10 blocks indexed" in proc.stdout
-    g3_row = next(line for line in proc.stdout.splitlines() if "G3" in line)
-    assert " 10 " in g3_row
+    g3_row = next(line for line in proc.stdout.splitlines() if line.startswith("G3"))
+    assert g3_row.split("\t")[1] == "10"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -618,6 +619,88 @@ async def test_flush_stage_and_slots(tmp_path: Path) -> None:
         await e.close()
 
 
+async def wait_until(predicate: Any, what: str, timeout_s: float = 30.0) -> None:
+    """Wait for a state of the engine (a copy in flight, a tombstone), not for a time."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+async def nothing_left(e: Engine, hashes: list[BlockHash]) -> None:
+    """Every background move done, and no tier holds any of ``hashes`` (asked of the tiers)."""
+    await e.drain()
+    assert e.moves_in_flight == 0
+    assert e.tombstones == 0
+    for tier in e.tier_names:
+        assert await resident(e, tier, hashes) == [False] * len(hashes), tier
+    assert all(e.index.get(h) is None for h in hashes)
+
+
+G3_BIT = 1 << 2  # BlockEntry.writing bit of G3
+
+
+async def test_flush_right_after_puts_leaves_nothing_in_any_tier(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    # Flush races the write-through copies (G2 -> G3, G2 -> G4) of the puts before it, at
+    # whatever point each copy is: the flushed blocks must never come back.
+    e = await Engine.open(config(tmp_path, g2_blocks=256, g4=redis_server))
+    try:
+        for round_ in range(50):
+            prompts = chains(3, 4, seed=1000 + round_, shared=1)
+            for tokens in prompts:
+                await e.put(SPEC, tokens, prompt_kv(tokens))
+            await e.flush()
+            await nothing_left(e, [h for t in prompts for h in block_hashes(SPEC, t)])
+    finally:
+        await e.close()
+
+
+async def test_a_flush_discards_a_copy_held_mid_write_to_g3(tmp_path: Path) -> None:
+    cfg = config(tmp_path, engine=EngineConfig(num_movers=1, reaper_interval_s=0.05))
+    assert cfg.g3 is not None
+    e = await Engine.open(cfg)
+    # Another process holds LMDB's write lock: G3's writer, and so the copy, waits for it.
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "import lmdb, sys\n"
+        f"env = lmdb.open({cfg.g3.path!r}, max_dbs=4, map_size={cfg.g3.map_size})\n"
+        "txn = env.begin(write=True)\n"
+        "print('held', flush=True)\n"
+        "sys.stdin.readline()\n"
+        "txn.abort()\n",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdin is not None
+        assert await holder.stdout.readline() == b"held\n"
+        tokens = chains(1, 2, seed=28)[0]
+        hashes = block_hashes(SPEC, tokens)
+        await e.put(SPEC, tokens, prompt_kv(tokens))
+        await wait_until(
+            lambda: any((entry := e.index.get(h)) and entry.writing & G3_BIT for h in hashes),
+            "a copy to G3 to be writing",
+        )
+        flush = asyncio.create_task(e.flush())
+        await wait_until(lambda: e.tombstones >= 1, "the flush to mark the copied block")
+        holder.stdin.write(b"go\n")
+        await holder.stdin.drain()
+        assert await flush == 2
+        await nothing_left(e, hashes)
+        assert (await e.stats()).counters["copies_discarded"] >= 1
+    finally:
+        if holder.returncode is None:
+            holder.kill()
+        await holder.wait()
+        await e.close()
+
+
 async def test_a_block_evicted_everywhere_mid_copy_does_not_come_back(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
@@ -628,13 +711,39 @@ async def test_a_block_evicted_everywhere_mid_copy_does_not_come_back(
         redis_server.pause()  # the write-through copies to G4 hang in flight
         try:
             await e.put(SPEC, tokens, prompt_kv(tokens))
-            await asyncio.sleep(0.1)
-            assert await e.evict(hashes) == 2
+            await wait_until(lambda: e.moves_in_flight == 2, "both copies to G4 in flight")
+            evict = asyncio.create_task(e.evict(hashes))
+            await wait_until(lambda: e.tombstones == 2, "the evict to mark both removed")
+            assert not evict.done()  # it waits for the copies to end
         finally:
             redis_server.resume()
-        await e.drain()
-        assert await resident(e, "G4", hashes) == [False, False]
-        assert (await e.lookup(SPEC, tokens)).present_blocks == 0
+        assert await evict == 2
+        assert e.moves_in_flight == 0  # nothing left running when evict returned
+        await nothing_left(e, hashes)
+    finally:
+        await e.close()
+
+
+async def test_a_flush_discards_a_promotion_held_mid_read(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    e = await Engine.open(config(tmp_path, g3_blocks=None, g4=redis_server))
+    try:
+        tokens = chains(1, 1, seed=29)[0]
+        hashes = block_hashes(SPEC, tokens)
+        await e.put(SPEC, tokens, prompt_kv(tokens), durable=True)
+        assert await e.evict(hashes, "G2") == 1  # now only in G4
+        redis_server.pause()  # the copy back up to G2 hangs reading G4
+        try:
+            stage = asyncio.create_task(e.stage(SPEC, hashes))
+            await wait_until(lambda: e.moves_in_flight == 1, "the copy G4 -> G2 to start")
+            flush = asyncio.create_task(e.flush())
+            await wait_until(lambda: e.tombstones == 1, "the flush to mark the block removed")
+        finally:
+            redis_server.resume()
+        assert await stage == [False]
+        assert await flush == 1
+        await nothing_left(e, hashes)
     finally:
         await e.close()
 

@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -461,3 +462,43 @@ async def test_cli_repair_and_worker_listing(tmp_path: Path, model: ModelWorker)
         (worker,) = json.loads(listing.output)["workers"]
         assert ModelSpec.from_dict(worker["namespace"]) == model.spec
         assert (worker["tasks_done"], worker["blocks_computed"]) == (1, 2)
+
+
+@pytest.mark.parametrize(
+    ("min_ping_interval_s", "stays"),
+    [(0.5, True), (300.0, False)],
+    ids=["server-permits-the-pings", "server-refuses-them"],
+)
+async def test_an_idle_worker_stays_attached_for_ten_keepalive_intervals(
+    tmp_path: Path, min_ping_interval_s: float, stays: bool
+) -> None:
+    # The worker pings every second on a stream that carries nothing. A server that permits
+    # that keeps the same attachment for ten intervals; one with gRPC's default bound (5
+    # minutes: the bug this setting fixed) answers GOAWAY too_many_pings after a few pings and
+    # the worker detaches and comes back. The second case shows that this test can fail.
+    keepalive_s = 1.0
+    base = store_config(tmp_path)
+    config = replace(base, server=replace(base.server, min_ping_interval_s=min_ping_interval_s))
+    async with serving(tmp_path, config=config) as (server, target):
+        link = WorkerLink(
+            ModelWorker(WorkerConfig()), target, reconnect_s=0.05, keepalive_s=keepalive_s
+        )
+        stop = asyncio.Event()
+        run = asyncio.create_task(link.run(stop))
+        try:
+            await wait_for(lambda: link.attachments == 1, "the first attach")
+            worker_id = link.worker_id
+            if stays:
+                # Idle time is what this case is about: there is nothing to wait on but the
+                # clock, and any detach in it fails the test.
+                deadline = time.monotonic() + 10 * keepalive_s
+                while time.monotonic() < deadline:
+                    assert link.attachments == 1
+                    assert link.attached.is_set()
+                    await asyncio.sleep(keepalive_s / 10)
+                assert [w.worker_id for w in server.pool.workers()] == [worker_id]
+            else:
+                await wait_for(lambda: link.attachments > 1, "GOAWAY and a new attach", 60)
+        finally:
+            stop.set()
+            await run
