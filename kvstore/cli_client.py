@@ -21,6 +21,7 @@ import functools
 import json
 import queue
 import random
+import signal
 import sys
 import threading
 import time
@@ -977,6 +978,10 @@ def events_command(
     --snapshot is given. On a quiet server the tail says on stderr that it waits; --count,
     --idle-timeout or Ctrl-C end it.
     """
+    # Ctrl-C (and SIGTERM) end the tail even where the process inherited SIGINT ignored, as a
+    # command started in the background of a shell does: Python then installs no handler.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     seen = 0
     gap_noted = False
     waiting_noted = False

@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import redis
@@ -62,9 +62,24 @@ def make_blocks(spec: ModelSpec, n: int, seed: int) -> Blocks:
     ]
 
 
+T = TypeVar("T")
+
+
 def hang_bound_s(timeout_ms: int) -> float:
     """Generous: this checks that nothing hangs, not how fast a failure is reported."""
     return 3 * timeout_ms / 1000 + 1.0
+
+
+async def eventually(call: Callable[[], Awaitable[T]], within_s: float = 20.0) -> T:
+    """``call()`` once it stops timing out: a short tier timeout, meant for the failure under
+    test, can also be passed by a healthy server on a loaded machine."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            return await call()
+        except TierUnavailableError:
+            if time.monotonic() > deadline:
+                raise
 
 
 @dataclass(frozen=True)
@@ -463,7 +478,7 @@ async def test_stopped_cluster_node_times_out_then_the_same_tier_recovers() -> N
             url=cluster.url, cluster=True, capacity_bytes=1 << 30, timeout_ms=300, chunk_bytes=CHUNK
         )
         async with RedisTier(config) as tier:
-            assert await tier.put(blocks) == 8
+            assert await eventually(lambda: tier.put(blocks)) == 8
             keys = [k for k, _ in blocks]
             # Well under cluster-node-timeout: the other nodes do not fail it over.
             cluster.servers[1].pause()
@@ -479,8 +494,10 @@ async def test_stopped_cluster_node_times_out_then_the_same_tier_recovers() -> N
                     assert time.monotonic() - start < hang_bound_s(300)
             finally:
                 cluster.servers[1].resume()
-            assert await tier.get(keys) == [v for _, v in blocks]
-            assert (await tier.stats()).num_blocks >= 8
+            # The same tier object works again once the node answers (no fixed time: loaded
+            # machines answered the first call after the resume late).
+            assert await eventually(lambda: tier.get(keys)) == [v for _, v in blocks]
+            assert (await eventually(tier.stats)).num_blocks >= 8
 
 
 async def test_cluster_failover_is_followed_without_recreating_the_tier() -> None:
