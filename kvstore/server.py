@@ -270,7 +270,7 @@ def _unary(method: str, *, admin: bool = False) -> Callable[[Handler], Any]:
             code = "OK"
             try:
                 call.tenant = self._authorize(context, call, admin)
-                return await fn(self, request, call)
+                return await fn(self, _decoded(request, method), call)
             except asyncio.CancelledError:
                 code = "CANCELLED"
                 raise
@@ -298,7 +298,9 @@ def _stream(method: str, *, admin: bool = False) -> Callable[[StreamHandler], An
             code = "OK"
             try:
                 call.tenant = self._authorize(context, call, admin)
-                async with contextlib.aclosing(fn(self, request, call)) as messages:
+                async with contextlib.aclosing(
+                    fn(self, _decoded(request, method), call)
+                ) as messages:
                     async for message in messages:
                         yield message
             except (asyncio.CancelledError, GeneratorExit):
@@ -320,6 +322,47 @@ def _stream(method: str, *, admin: bool = False) -> Callable[[StreamHandler], An
 
 
 # -- request parsing ----------------------------------------------------------------------------
+
+
+class _Undecodable:
+    """What a request deserializer returns for bytes that are no valid message of its type.
+
+    gRPC answers an exception in a deserializer with UNKNOWN (unary) or INTERNAL (streams) and a
+    traceback in the log; returning this instead lets the RPC wrappers refuse the request with
+    INVALID_ARGUMENT like any other malformed input."""
+
+    __slots__ = ("why",)
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+
+def _safe_deserializer(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def run(raw: bytes) -> Any:
+        try:
+            return deserialize(raw)
+        except Exception as exc:  # DecodeError, and whatever else malformed bytes raise
+            return _Undecodable(f"{len(raw)} bytes that do not decode: {exc}")
+
+    return run
+
+
+def _refuse_undecodable(message: Any, method: str) -> Any:
+    if isinstance(message, _Undecodable):
+        raise InvalidArgumentError(f"{method}: the request message is malformed ({message.why})")
+    return message
+
+
+async def _checked_stream(messages: AsyncIterator[Any], method: str) -> AsyncIterator[Any]:
+    async for message in messages:
+        yield _refuse_undecodable(message, method)
+
+
+def _decoded(request: Any, method: str) -> Any:
+    """The request, or its stream, with undecodable messages refused (INVALID_ARGUMENT)."""
+    if hasattr(request, "__aiter__"):
+        return _checked_stream(request, method)
+    return _refuse_undecodable(request, method)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1420,10 +1463,12 @@ def _serialize_fetch(message: Any) -> bytes:
     return message if isinstance(message, bytes) else bytes(message.SerializeToString())
 
 
-class _PreEncodedFetch:
-    """What ``add_KVStoreServicer_to_server`` registers with: the real server, except that Fetch
-    replies may be bytes already in wire format (``_chunk_message``). The generated code cannot be
-    edited (a test regenerates it), so the handler table is adjusted on its way to the server."""
+class _WireAdjusted:
+    """What ``add_KVStoreServicer_to_server`` registers with: the real server, except that every
+    request deserializer turns undecodable bytes into ``_Undecodable`` (refused with
+    INVALID_ARGUMENT by the RPC wrappers) and Fetch replies may be bytes already in wire format
+    (``_chunk_message``). The generated code cannot be edited (a test regenerates it), so the
+    handler table is adjusted on its way to the server."""
 
     def __init__(self, server: Any) -> None:
         self._server = server
@@ -1433,16 +1478,15 @@ class _PreEncodedFetch:
 
     def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
         # Registered handlers are looked up before generic ones, so this table is the one used.
-        fetch = handlers["Fetch"]
-        handlers = {
-            **handlers,
-            "Fetch": grpc.unary_stream_rpc_method_handler(
-                fetch.unary_stream,
-                request_deserializer=fetch.request_deserializer,
-                response_serializer=_serialize_fetch,
-            ),
-        }
-        self._server.add_registered_method_handlers(service, handlers)
+        adjusted = {}
+        for name, handler in handlers.items():
+            handler = handler._replace(
+                request_deserializer=_safe_deserializer(handler.request_deserializer)
+            )
+            if name == "Fetch":
+                handler = handler._replace(response_serializer=_serialize_fetch)
+            adjusted[name] = handler
+        self._server.add_registered_method_handlers(service, adjusted)
 
 
 class KVStoreServer:
@@ -1526,7 +1570,7 @@ class KVStoreServer:
                 ]
             )
             servicer = _Servicer(engine, self.config, self.tenants, self.metrics, self.pool)
-            pb_grpc.add_KVStoreServicer_to_server(servicer, _PreEncodedFetch(server))
+            pb_grpc.add_KVStoreServicer_to_server(servicer, _WireAdjusted(server))
             health = health_aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(health, server)
             try:
