@@ -58,6 +58,7 @@ from kvstore.errors import (
     SpecMismatchError,
     TierError,
     TierFullError,
+    TierUnavailableError,
 )
 from kvstore.events import EventLog
 from kvstore.index import TIER_NAMES, BlockIndex, Lease
@@ -88,6 +89,10 @@ class EngineConfig:
     reaper_interval_s: float = 0.5  # expired leases and pins are reclaimed this often
     event_log_size: int = 65536
     g4_probe: bool = True  # lookups ask G4 for blocks this node does not know
+    # After a copy into a tier fails because the tier is down (Redis unreachable, a disk
+    # error), durable puts that need the tier are refused at once with TierUnavailableError, and
+    # background copies into it are skipped, for this long; then the next copy tries again.
+    tier_retry_s: float = 5.0
 
     def __post_init__(self) -> None:
         if self.move_queue_blocks < 1 or self.num_movers < 1:
@@ -96,6 +101,8 @@ class EngineConfig:
             raise ConfigError("engine lease ttls need 0 < default_lease_ttl_s <= max_lease_ttl_s")
         if self.admit_timeout_ms < 0 or self.reaper_interval_s <= 0:
             raise ConfigError("engine.admit_timeout_ms >= 0 and reaper_interval_s > 0 required")
+        if not self.tier_retry_s >= 0:
+            raise ConfigError("engine.tier_retry_s must be >= 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +141,8 @@ class PutResult:
     hashes: list[BlockHash]
     stored: int  # newly admitted into the top tier
     already: int  # were there already
+    # Blocks this node did not hold anywhere before the put: what undoing it removes.
+    fresh: tuple[BlockHash, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +220,10 @@ class Engine:
         # Set when the last running copy of a block ends: evict and flush wait for it, so that
         # when they return no copy of what they removed can still land anywhere.
         self._settled: dict[BlockHash, asyncio.Event] = {}
+        # Tiers whose last copy failed because they are down, until when, and each tier's last
+        # copy failure (what a durable put that could not reach it reports).
+        self._down_until: dict[str, float] = {}
+        self._last_failure: dict[str, TierError] = {}
         self._closed = False
         for tier in tiers.values():
             tier.on_corrupt = self._on_corrupt
@@ -506,14 +519,19 @@ class Engine:
             seen.add(key)
             new.append((key, parent, data))
         through = self.placement.write_through()
+        if durable:
+            self._refuse_if_down(through)
         if new and through:
             await self._wait_for_queue_room(len(new) * len(through))
         sizes = {k: _source_nbytes(d, block_nbytes) for k, _, d in new}
         charge = sum(self.index.charge(top, n) for n in sizes.values())
         reserved: list[BlockHash] = []
+        fresh: list[BlockHash] = []
         async with self._room_locks[top]:
             await self._make_room(top, namespace, charge)
             for key, parent, _ in new:
+                if key not in self.index:
+                    fresh.append(key)
                 if self.index.begin_write(
                     key, top, namespace=namespace, parent=parent, nbytes=sizes[key], owner=owner
                 ):
@@ -547,13 +565,57 @@ class Engine:
                 await self._queue.put(_Move("copy", key, namespace, top, dst, done))
                 if done is not None:
                     waits.append(done)
-        if waits and not all(await asyncio.gather(*waits)):
-            raise TierError(
-                ",".join(through),
-                "the blocks are in the top tier, but a durable copy below it failed "
-                "(see the log); retry the put",
+        if durable:
+            # Blocks that were here already count too: a durable put is acknowledged only when
+            # every write-through tier holds every block of it (a retry of a put whose copies
+            # failed must not be acknowledged while the tier is still out of reach).
+            want_keys = dict.fromkeys(hashes)
+            for key in want_keys:
+                if key in want:
+                    continue
+                src = self.index.hottest(key) or top
+                for dst in through:
+                    if dst != src and not self.index.in_tier(key, dst):
+                        done = loop.create_future()
+                        await self._queue.put(_Move("copy", key, namespace, src, dst, done))
+                        waits.append(done)
+            if waits:
+                await asyncio.gather(*waits)
+            for dst in through:
+                if not all(self.index.in_tier(k, dst) for k in want_keys):
+                    raise self._durable_failure(dst)
+        return PutResult(hashes, len(reserved), len(items) - len(reserved), tuple(fresh))
+
+    def _refuse_if_down(self, tiers: Sequence[str]) -> None:
+        now = time.monotonic()
+        for name in tiers:
+            until = self._down_until.get(name, 0.0)
+            if now < until:
+                raise TierUnavailableError(
+                    name,
+                    f"a durable put needs it and it is down ({self._last_failure.get(name)}); "
+                    f"the next try is in {until - now:.1f} s (engine.tier_retry_s); nothing of "
+                    "this put is acknowledged",
+                )
+
+    def _durable_failure(self, tier: str) -> TierError:
+        cause = self._last_failure.get(tier)
+        if isinstance(cause, TierFullError):
+            return TierFullError(
+                tier,
+                f"the durable copy of the put could not be stored there ({cause}); the put is "
+                "not acknowledged: free room or retry later",
             )
-        return PutResult(hashes, len(reserved), len(items) - len(reserved))
+        return TierUnavailableError(
+            tier,
+            f"the durable copy of the put could not be stored there ({cause or 'see the log'}); "
+            "the put is not acknowledged: retry once the tier is back",
+        )
+
+    def _copy_failed(self, tier: str, exc: TierError) -> None:
+        self._last_failure[tier] = exc
+        if not isinstance(exc, TierFullError):
+            self._down_until[tier] = time.monotonic() + self.engine_config.tier_retry_s
 
     async def _wait_for_queue_room(self, n: int) -> None:
         free = self._queue.maxsize - self._queue.qsize()
@@ -660,6 +722,9 @@ class Engine:
     async def _copy_once(
         self, key: BlockHash, namespace: bytes, src: str, dst: str, removals: int
     ) -> bool:
+        if time.monotonic() < self._down_until.get(dst, 0.0):
+            self.counters.add("copies_skipped_tier_down")
+            return False
         try:
             (data,) = await self.tier(src, namespace).get([key])
         except TierError as exc:
@@ -686,6 +751,7 @@ class Engine:
                 await self._make_room(dst, namespace, self.index.charge(dst, len(data)))
             except TierFullError as exc:
                 log.warning("move %s -> %s: %s", src, dst, exc)
+                self._copy_failed(dst, exc)
                 return False
             if self._removed_since(key, removals):
                 return False
@@ -698,6 +764,7 @@ class Engine:
         except TierError as exc:
             self.index.abort_write(key, dst)
             self.counters.add("move_failures")
+            self._copy_failed(dst, exc)
             log.warning("move %s %s -> %s failed: %s", key.hex(), src, dst, exc)
             return False
         except BaseException:
@@ -712,6 +779,7 @@ class Engine:
                 self.index.abort_write(key, dst)
             self.counters.add("copies_discarded")
             return False
+        self._down_until.pop(dst, None)
         self.index.commit_write(key, dst)
         self.events.append("moved", key, dst, namespace, parent, from_tier=src)
         return True

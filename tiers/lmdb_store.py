@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 import lmdb
 
 from kvstore.block_format import HEADER_BYTES, copy_and_checksum
-from kvstore.errors import ConfigError, TierFullError
+from kvstore.errors import ConfigError, TierError, TierFullError, TierUnavailableError
 from kvstore.keys import BlockHash
 from tiers.base import (
     BlockBytes,
@@ -235,6 +235,8 @@ class LmdbTier(Tier):
                     txn.put(key, value, overwrite=False)
         except lmdb.MapFullError:
             raise TierFullError("G3", f"LMDB map of {self.config.map_size} bytes is full") from None
+        except lmdb.Error as exc:
+            raise _write_error(exc, self.config.path) from None
         self._used_bytes += need
         self._num_blocks += len(new)
         return len(new)
@@ -244,13 +246,17 @@ class LmdbTier(Tier):
 
     def _delete_sync(self, keys: list[BlockHash]) -> int:
         freed = removed = 0
-        with self._env.begin(db=self._db, write=True, buffers=True) as txn:
-            for key in keys:
-                value = txn.get(key)
-                if value is not None:
-                    freed += len(value)
-                    txn.delete(key)
-                    removed += 1
+        try:
+            with self._env.begin(db=self._db, write=True, buffers=True) as txn:
+                for key in keys:
+                    value = txn.get(key)
+                    if value is not None:
+                        freed += len(value)
+                        txn.delete(key)
+                        removed += 1
+        except lmdb.Error as exc:
+            # Even a delete writes pages (LMDB copies on write): it can hit a full disk.
+            raise _write_error(exc, self.config.path) from None
         self._used_bytes -= freed
         self._num_blocks -= removed
         return removed
@@ -270,3 +276,19 @@ class LmdbTier(Tier):
         self._writer.shutdown(wait=True)
         self._readers.shutdown(wait=True)
         self._env.close()
+
+
+_FULL_BELOW = 4 << 20  # bytes free under which a failed write is taken for a full disk
+
+
+def _write_error(exc: lmdb.Error, path: str) -> TierError:
+    """An LMDB write that failed: the disk is full (RESOURCE_EXHAUSTED), else G3 is unusable."""
+    text = str(exc)
+    try:
+        free = os.statvfs(path).f_bavail * os.statvfs(path).f_frsize
+    except OSError:
+        free = -1
+    # A full disk shows as ENOSPC, or as EIO from a short write at commit (seen on tmpfs).
+    if "No space left" in text or "Disk quota" in text or 0 <= free < _FULL_BELOW:
+        return TierFullError("G3", f"the disk under {path} is full ({free} bytes free): {text}")
+    return TierUnavailableError("G3", f"LMDB write under {path} failed: {text}")
