@@ -141,8 +141,6 @@ class PutResult:
     hashes: list[BlockHash]
     stored: int  # newly admitted into the top tier
     already: int  # were there already
-    # Blocks this node did not hold anywhere before the put: what undoing it removes.
-    fresh: tuple[BlockHash, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -526,12 +524,9 @@ class Engine:
         sizes = {k: _source_nbytes(d, block_nbytes) for k, _, d in new}
         charge = sum(self.index.charge(top, n) for n in sizes.values())
         reserved: list[BlockHash] = []
-        fresh: list[BlockHash] = []
         async with self._room_locks[top]:
             await self._make_room(top, namespace, charge)
             for key, parent, _ in new:
-                if key not in self.index:
-                    fresh.append(key)
                 if self.index.begin_write(
                     key, top, namespace=namespace, parent=parent, nbytes=sizes[key], owner=owner
                 ):
@@ -584,17 +579,19 @@ class Engine:
             for dst in through:
                 if not all(self.index.in_tier(k, dst) for k in want_keys):
                     raise self._durable_failure(dst)
-        return PutResult(hashes, len(reserved), len(items) - len(reserved), tuple(fresh))
+        return PutResult(hashes, len(reserved), len(items) - len(reserved))
+
+    def _down_for(self, tier: str) -> float:
+        """Seconds until a tier marked down is tried again (0: not down)."""
+        return max(0.0, self._down_until.get(tier, 0.0) - time.monotonic())
 
     def _refuse_if_down(self, tiers: Sequence[str]) -> None:
-        now = time.monotonic()
         for name in tiers:
-            until = self._down_until.get(name, 0.0)
-            if now < until:
+            if left := self._down_for(name):
                 raise TierUnavailableError(
                     name,
                     f"a durable put needs it and it is down ({self._last_failure.get(name)}); "
-                    f"the next try is in {until - now:.1f} s (engine.tier_retry_s); nothing of "
+                    f"the next try is in {left:.1f} s (engine.tier_retry_s); nothing of "
                     "this put is acknowledged",
                 )
 
@@ -722,7 +719,7 @@ class Engine:
     async def _copy_once(
         self, key: BlockHash, namespace: bytes, src: str, dst: str, removals: int
     ) -> bool:
-        if time.monotonic() < self._down_until.get(dst, 0.0):
+        if self._down_for(dst):
             self.counters.add("copies_skipped_tier_down")
             return False
         try:

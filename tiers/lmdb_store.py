@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -285,7 +286,7 @@ def _write_error(exc: lmdb.Error, path: str) -> TierError:
     """An LMDB write that failed: the disk is full (RESOURCE_EXHAUSTED), else G3 is unusable."""
     text = str(exc)
     try:
-        free = os.statvfs(path).f_bavail * os.statvfs(path).f_frsize
+        free = shutil.disk_usage(path).free
     except OSError:
         free = -1
     # A full disk shows as ENOSPC, or as EIO from a short write at commit (seen on tmpfs).
