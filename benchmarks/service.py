@@ -4,21 +4,33 @@ Run ``python -m benchmarks.service [--quick]`` from the repository root. A kvsto
 in this process (G2 + G3, port 0) holding one prompt of 2 MiB blocks; the client fetches its
 leading hit into one preallocated tensor, alternating with each baseline:
 
-- same-host Fetch (slot references into G2's shared memory, the client copies) against a plain
-  memcpy of the same bytes into a pre-faulted buffer; target ≥ 0.5×;
+- same-host Fetch (the server copies the verified blocks into the client's own segment, the
+  client copies them into its tensor) against a plain memcpy of the same bytes into a
+  pre-faulted buffer; target ≥ 0.5×;
+- same-host Put (the client copies its tensor into its segment, the server copies the blocks
+  into G2 and on to G3) of the same prompt, after a flush each time, against the same memcpy;
 - bytes Fetch (payload streamed in 1 MiB chunks) against a raw Python gRPC server stream of the
   same payload in 1 MiB messages (bytes in, bytes out, no protobuf), received into the same kind
   of buffer; target ≥ 0.7×.
 
 Client and servers share one event loop and one process, as in the baseline, so the ratios
 compare the protocols rather than the number of cores.
+
+A second table measures what a huge request does to small ones: the latency of a 4-block Lookup
+alone, against the same Lookup issued every 20 ms while three 2M-token Lookups (512K blocks each)
+run beside it (client in this process, server in another, so that the client's own timing is
+not held up by the server's work).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -128,6 +140,31 @@ async def run(args: argparse.Namespace, workdir: Path) -> list[tuple[str, ...]]:
                 )
             )
 
+            # Same-host put vs memcpy: the store is flushed (untimed) before each put.
+            put_s, copy_s = [], []
+            for _ in range(args.repeats + 1):
+                await shm_client.flush()
+                start = time.perf_counter()
+                result = await shm_client.put(spec, tokens, kv)
+                put_s.append(time.perf_counter() - start)
+                assert result.stored == num_blocks
+                start = time.perf_counter()
+                np.copyto(dst, src)
+                copy_s.append(time.perf_counter() - start)
+            t, base = statistics.median(put_s[1:]), statistics.median(copy_s[1:])
+            rows.append(
+                (
+                    "Put, same host (shared memory)",
+                    f"{nbytes // MiB} MiB",
+                    f"{nbytes / t / 1e9:.2f}",
+                    "memcpy",
+                    f"{nbytes / base / 1e9:.2f}",
+                    f"{base / t:.2f}×",
+                    "(measured)",
+                )
+            )
+            await byte_client.put(spec, tokens, kv, durable=True)
+
             # Bytes vs a raw gRPC stream of the same payload.
             raw = RawStream(bytes(src))
             await raw.server.start()
@@ -175,6 +212,78 @@ async def run(args: argparse.Namespace, workdir: Path) -> list[tuple[str, ...]]:
         await server.stop()
 
 
+_HEAVY_SERVER = """
+import asyncio, sys
+from kvstore.config import StoreConfig
+from kvstore.server import KVStoreServer, ServerConfig
+from tiers.pinned_memory import PinnedTierConfig
+
+async def main():
+    config = StoreConfig(
+        g2=PinnedTierConfig(64 << 20, 1 << 20, pin="never", segment_prefix="kvstore-bench"),
+        g3=None,
+        server=ServerConfig(listen="127.0.0.1:0", max_prompt_tokens=1 << 21),
+    )
+    server = KVStoreServer(config)
+    print(await server.start(), flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+async def heavy_rows(port: int) -> list[tuple[str, ...]]:
+    from kvstore.v1 import kvstore_pb2 as pb
+    from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+
+    spec = ModelSpec("bench/heavy", 2, 2, 8, "float16", 4)
+    options = [("grpc.max_receive_message_length", 64 * MiB)]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+        stub = pb_grpc.KVStoreStub(channel)
+        namespace = pb.Namespace(
+            model_id=spec.name,
+            num_layers=2,
+            num_kv_heads=2,
+            head_dim=8,
+            dtype="float16",
+            block_tokens=4,
+        )
+        small = pb.LookupRequest(prompt=pb.Prompt(namespace=namespace, tokens_u32le=bytes(64)))
+        huge = pb.LookupRequest(
+            prompt=pb.Prompt(
+                namespace=namespace, tokens_u32le=np.arange(1 << 21, dtype="<u4").tobytes()
+            )
+        )
+
+        async def timed() -> float:
+            start = time.perf_counter()
+            await stub.Lookup(small)
+            return time.perf_counter() - start
+
+        for _ in range(5):
+            await timed()
+        alone = [await timed() for _ in range(50)]
+        bigs = [asyncio.ensure_future(stub.Lookup(huge)) for _ in range(3)]
+        during: list[float] = []
+        while not all(b.done() for b in bigs):
+            during.append(await timed())
+            await asyncio.sleep(0.02)
+        await asyncio.gather(*bigs)
+    rows: list[tuple[str, ...]] = []
+    for name, fn in (("median", statistics.median), ("max", max)):
+        a, d = fn(alone) * 1e3, fn(during) * 1e3
+        rows.append(
+            (
+                f"4-block Lookup, {name}",
+                f"{d:.1f}",
+                f"{a:.1f}",
+                f"{d / a:.1f}×",
+                str(len(during)),
+            )
+        )
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.service", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="less data, fewer repeats")
@@ -183,11 +292,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.repeats = 3 if args.quick else 9
     with tempfile.TemporaryDirectory(prefix="kvstore-bench-service-") as workdir:
         rows = asyncio.run(run(args, Path(workdir)))
+    # The server of the second table runs in a process of its own.
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HEAVY_SERVER], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        heavy = asyncio.run(heavy_rows(int(proc.stdout.readline())))
+    finally:
+        proc.kill()
+        proc.wait()
     title = (
         f"Fetch through the service vs its floors, one prompt of 2 MiB blocks, "
         f"alternating samples, median of {args.repeats}{' (quick)' if args.quick else ''}"
     )
-    print_tables([Table(title, HEADERS, rows, TEXT)], "grpcio", "protobuf")
+    heavy_title = "Small requests beside huge ones: three 2M-token Lookups at once"
+    heavy_headers = ("request", "during (ms)", "alone (ms)", "during / alone", "samples")
+    print_tables(
+        [
+            Table(title, HEADERS, rows, TEXT),
+            Table(heavy_title, heavy_headers, heavy, frozenset({"request"})),
+        ],
+        "grpcio",
+        "protobuf",
+    )
     return 0
 
 

@@ -15,11 +15,14 @@ and, for operators: ``pin`` / ``unpin`` / ``evict`` / ``flush``, ``stats``, ``li
 
 How bytes move. Across hosts, block payloads stream as chunks of at most ``max_chunk_bytes``.
 On the same host (``same_host="auto"``: the target is localhost, 127.x, [::1] or a unix socket)
-nothing bulky goes through gRPC: a fetch maps the server's G2 shared-memory segment read-only
-and copies the leased slots straight into the result, then releases the lease; a put writes the
-blocks into a shared-memory segment this client owns (reused, grown when a put needs more, and
-unlinked on close) and sends only slot references. If the segment cannot be mapped (another
-container, another user) the client falls back to bytes for good.
+nothing bulky goes through gRPC. The client asks the server for a shared-memory segment
+(``OpenSegment``: a sealed memfd the server creates and owns, handed over by file descriptor on a
+unix socket with a one-time ticket, see kvstore/segments.py). A put writes the blocks into it and
+sends only slot references; a fetch has the server copy the verified blocks into it and copies
+them from there into the result. Segments are reused from call to call (one per call in flight),
+grown when a call needs more, and closed with the client; one the server closed for idleness is
+replaced on the spot. If no segment can be had (another host or container, segments off) the
+client falls back to bytes for good; when the tenant's segment bytes are used up, for that call.
 
 Failures. UNAVAILABLE is retried ``retries`` times with exponential backoff and jitter
 (``backoff_s``, ``2 * backoff_s``, ...), for every call: each is safe to repeat. Lookups, fetches,
@@ -38,7 +41,6 @@ import logging
 import mmap
 import os
 import random
-import secrets
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -47,7 +49,7 @@ from collections.abc import (
     Generator,
     Iterator,
 )
-from multiprocessing import resource_tracker, shared_memory
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar
@@ -77,6 +79,7 @@ from client.errors import NotFoundError, error_from_rpc
 from client.results import BlockInfo, Event, Lease, Lookup, PutResult, Repair, Stats
 from kvstore.errors import ConfigError, CorruptBlockError, InvalidArgumentError, KVStoreError
 from kvstore.keys import BlockHash, ModelSpec
+from kvstore.segments import receive_segment_fd
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
@@ -86,13 +89,20 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Pem = str | os.PathLike[str] | bytes  # a PEM file's path, or its contents
 MiB = 1 << 20
-_SHM_DIR = Path("/dev/shm")
 # The server refuses chunks above its own max_message_bytes / 2 (64 MiB by default).
 _MAX_CHUNK_BYTES = 32 * MiB
 
 
 class _SegmentUnusable(Exception):
-    """Shared memory cannot be used with this server (mapping or handing over failed)."""
+    """Shared memory cannot be used with this server (segments off, handing over failed)."""
+
+
+class _SegmentBusy(Exception):
+    """No segment for this call (the tenant's segment bytes are used up): send bytes."""
+
+
+class _SegmentGone(Exception):
+    """The server closed the segment a call named (idle too long): open another and retry."""
 
 
 class AsyncClient:
@@ -142,8 +152,7 @@ class AsyncClient:
         self._credentials: Any = channel_credentials(tls_ca, tls_cert, tls_key)
         self._channel: Any = None
         self._stub: Any = None
-        self._segments = _PutSegments()
-        self._server_segment: tuple[str, mmap.mmap] | None = None
+        self._segments = _Segments(self)
         self._closed = False
 
     # -- life cycle ------------------------------------------------------------------------------
@@ -160,14 +169,13 @@ class AsyncClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the channel, unlink this client's shared memory and unmap the server's."""
+        """Close this client's segments (on the server too), then the channel."""
         if self._closed:
             return
+        await self._segments.close()
         self._closed = True
         if self._channel is not None:
             await self._channel.close()
-        self._segments.close()
-        self._unmap_server_segment()
 
     def _connect(self) -> Any:
         # Made on first use, inside the event loop that will run it: a grpc.aio channel belongs
@@ -256,38 +264,49 @@ class AsyncClient:
         return put_result_of(reply)
 
     async def _put_shared(self, header: pb.PutHeader, source: BlockSource) -> PutResult:
+        return await self._with_segment(
+            header.num_blocks * source.block_nbytes,
+            lambda segment: self._put_into(header, source, segment),
+        )
+
+    async def _put_into(
+        self, header: pb.PutHeader, source: BlockSource, segment: _Segment
+    ) -> PutResult:
         n, size = header.num_blocks, source.block_nbytes
-        try:
-            segment = self._segments.acquire(n * size)
-        except OSError as exc:
-            raise _SegmentUnusable(f"cannot create shared memory: {exc}") from None
-        try:
-            assert segment.buf is not None
-            source.copy_into(n, segment.buf)
-            shared = pb.PutHeader()
-            shared.CopyFrom(header)
-            shared.shm_segment = segment.name
+        with memoryview(segment.mapping) as view:
+            source.copy_into(n, view)
+        shared = pb.PutHeader()
+        shared.CopyFrom(header)
+        shared.segment_id = segment.segment_id
 
-            def requests() -> Iterator[pb.PutRequest]:
-                yield pb.PutRequest(header=shared)
-                for i in range(n):
-                    yield pb.PutRequest(
-                        slot=pb.SlotRef(block_index=i, offset=i * size, length=size)
-                    )
+        def requests() -> Iterator[pb.PutRequest]:
+            yield pb.PutRequest(header=shared)
+            for i in range(n):
+                yield pb.PutRequest(slot=pb.SlotRef(block_index=i, offset=i * size, length=size))
 
-            stub = self._connect()
+        stub = self._connect()
+        reply = await self._retrying(
+            lambda: stub.Put(requests(), timeout=self.timeout_s, metadata=self._metadata),
+            raw=True,
+        )
+        return put_result_of(reply)
+
+    async def _with_segment(self, nbytes: int, use: Callable[[_Segment], Awaitable[T]]) -> T:
+        """Run one same-host call on a segment of at least ``nbytes``; a segment the server
+        closed meanwhile (idle) is replaced once. Other failures are typed."""
+        for attempt in range(2):
+            segment = await self._segments.acquire(nbytes)
             try:
-                reply = await self._retrying(
-                    lambda: stub.Put(requests(), timeout=self.timeout_s, metadata=self._metadata),
-                    raw=True,
-                )
+                return await use(segment)
             except grpc.aio.AioRpcError as exc:
-                if _segment_refused(exc):
+                if not _segment_gone(exc):
+                    raise error_from_rpc(exc, self.target) from None
+                await self._segments.discard(segment)
+                if attempt:
                     raise _SegmentUnusable(exc.details()) from None
-                raise error_from_rpc(exc, self.target) from None
-            return put_result_of(reply)
-        finally:
-            self._segments.release(segment)
+            finally:
+                self._segments.release(segment)  # a no-op for a discarded one
+        raise AssertionError("unreachable")
 
     async def get_prefix(
         self,
@@ -321,91 +340,74 @@ class AsyncClient:
             prompt=prompt_of(spec, tokens, extra_keys),
             max_blocks=max_blocks,
             max_chunk_bytes=self.max_chunk_bytes,
-            same_host=self._shm_fetch,
             repair_holes=repair_holes,
         )
-        try:
-            kv = await self._retrying(lambda: self._fetch(spec, request, out))
-        except _SegmentUnusable as exc:
-            log.info("%s: same-host fetch unavailable, receiving bytes: %s", self.target, exc)
-            self._shm_fetch = False
-            request.same_host = False
-            kv = await self._retrying(lambda: self._fetch(spec, request, out))
+        if self._shm_fetch:
+            # At most every full block of the prompt comes back: a segment that size holds any
+            # hit, so one call suffices.
+            most = len(request.prompt.tokens_u32le) // 4 // spec.block_tokens
+            most = min(most, max_blocks) if max_blocks else most
+            try:
+                if most:
+                    kv = await self._fetch_shared(spec, request, out, most * spec.block_nbytes)
+                    return kv, kv.shape[2]
+            except _SegmentUnusable as exc:
+                log.info("%s: same-host fetch unavailable, receiving bytes: %s", self.target, exc)
+                self._shm_fetch = False
+            except _SegmentBusy as exc:
+                log.info("%s: no segment for this fetch, receiving bytes: %s", self.target, exc)
+        kv = await self._retrying(lambda: self._fetch(spec, request, out))
         return kv, kv.shape[2]
 
-    async def _fetch(
-        self, spec: ModelSpec, request: pb.FetchRequest, out: torch.Tensor | None
+    async def _fetch_shared(
+        self, spec: ModelSpec, request: pb.FetchRequest, out: torch.Tensor | None, nbytes: int
     ) -> torch.Tensor:
-        """One attempt of a Fetch stream: every reply message written into its place."""
+        def attempt(segment: _Segment) -> Awaitable[torch.Tensor]:
+            shared = pb.FetchRequest()
+            shared.CopyFrom(request)
+            shared.segment_id = segment.segment_id
+            return self._retrying(lambda: self._fetch(spec, shared, out, segment), raw=True)
+
+        return await self._with_segment(nbytes, attempt)
+
+    async def _fetch(
+        self,
+        spec: ModelSpec,
+        request: pb.FetchRequest,
+        out: torch.Tensor | None,
+        segment: _Segment | None = None,
+    ) -> torch.Tensor:
+        """One attempt of a Fetch stream: every reply message written into its place (chunks,
+        or the slots of ``segment`` that the server copied the blocks into)."""
         call = self._connect().Fetch(request, timeout=self.timeout_s, metadata=self._metadata)
         sink: BlockSink | None = None
-        segment: mmap.mmap | None = None
-        lease_id = 0
         try:
             async for reply in call:
                 kind = reply.WhichOneof("msg")
                 if kind == "header":
                     header = reply.header
-                    lease_id = header.lease_id
                     if header.block_bytes and header.block_bytes != spec.block_nbytes:
                         raise CorruptBlockError(
                             f"the server sends blocks of {header.block_bytes} bytes, namespace "
                             f"{spec.name} has {spec.block_nbytes}"
                         )
                     sink = BlockSink(spec, len(header.block_hashes), out)
-                    if header.shm_segment:
-                        segment = self._map_server_segment(header.shm_segment)
+                    if header.slots and segment is None:
+                        raise CorruptBlockError("the server sent slots for a fetch of bytes")
                     for slot in header.slots:
-                        _copy_slot(sink, segment, slot)
+                        assert segment is not None
+                        _copy_slot(sink, segment.mapping, slot)
                 elif sink is None:
                     raise CorruptBlockError("the server's reply did not start with a header")
                 elif kind == "chunk":
                     sink.write(reply.chunk.block_index, reply.chunk.offset, reply.chunk.data)
-                elif kind == "slot":
-                    _copy_slot(sink, segment, reply.slot)
+                else:
+                    raise CorruptBlockError(f"unexpected {kind} message in a Fetch reply")
             if sink is None:
                 raise CorruptBlockError("the server's reply had no header")
             return sink.result()
         finally:
             call.cancel()  # a no-op once the stream is done; else stops the server sending
-            if lease_id:
-                # The copies are done (or abandoned): the slots may be evicted again. A failed
-                # release costs nothing but the lease's TTL.
-                with contextlib.suppress(KVStoreError):
-                    await self.release(lease_id)
-
-    def _map_server_segment(self, name: str) -> mmap.mmap:
-        """The server's G2 segment, mapped read-only once per segment name.
-
-        Opened as a file under /dev/shm rather than through ``SharedMemory``: Python 3.11's
-        ``SharedMemory`` maps read-write, registers every segment it opens with the resource
-        tracker (which unlinks it when this process exits, taking the server's G2 with it), and
-        unlinks the segment itself when mapping fails. Unregistering afterwards is not enough
-        when client and server share a process: that would cancel the server's own registration.
-        A read-only mapping also means no client bug can write into the server's blocks.
-        """
-        if self._server_segment is not None and self._server_segment[0] == name:
-            return self._server_segment[1]
-        if "/" in name.strip("/"):
-            raise CorruptBlockError(f"the server named an odd shared-memory segment {name!r}")
-        try:
-            fd = os.open(_SHM_DIR / name.strip("/"), os.O_RDONLY)
-            try:
-                mapping = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
-            finally:
-                os.close(fd)
-        except (OSError, ValueError) as exc:
-            raise _SegmentUnusable(f"cannot map {name}: {exc}") from None
-        self._unmap_server_segment()
-        self._server_segment = (name, mapping)
-        return mapping
-
-    def _unmap_server_segment(self) -> None:
-        if self._server_segment is not None:
-            _, mapping = self._server_segment
-            self._server_segment = None
-            with contextlib.suppress(BufferError):  # a copy still running elsewhere
-                mapping.close()
 
     def reserve(
         self,
@@ -607,20 +609,26 @@ class _Reservation:
             await self._lease.__aexit__(exc_type, exc, tb)
 
 
-class _PutSegments:
-    """The shared-memory segments same-host puts write into, reused from one put to the next.
+@dataclass(slots=True, eq=False)
+class _Segment:
+    segment_id: int
+    size: int
+    mapping: mmap.mmap
 
-    One segment per put in flight (so concurrent puts do not share bytes); a free segment too
-    small for a put is replaced by one twice as large. Segments are created by ``SharedMemory``
-    on purpose: the resource tracker then unlinks them if this process dies; ``close`` unlinks
-    them otherwise.
+
+class _Segments:
+    """The server-issued segments of one client, reused from one same-host call to the next.
+
+    One segment per call in flight (so concurrent calls do not share bytes); when no free segment
+    is large enough, the largest free one is closed and one at least twice its size is opened.
     """
 
-    def __init__(self) -> None:
-        self._free: list[shared_memory.SharedMemory] = []
-        self._closed = False
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+        self._free: list[_Segment] = []
+        self._all: set[_Segment] = set()
 
-    def acquire(self, nbytes: int) -> shared_memory.SharedMemory:
+    async def acquire(self, nbytes: int) -> _Segment:
         for i, segment in enumerate(self._free):
             if segment.size >= nbytes:
                 return self._free.pop(i)
@@ -629,34 +637,85 @@ class _PutSegments:
             biggest = max(self._free, key=lambda s: s.size)
             self._free.remove(biggest)
             size = 2 * biggest.size
-            _drop(biggest)
-        while size < nbytes:
-            size *= 2
-        name = f"kvstore-put-{os.getpid()}-{secrets.token_hex(4)}"
-        return shared_memory.SharedMemory(name=name, create=True, size=size)
+            await self._close(biggest)
+        need = -(-nbytes // MiB) * MiB
+        try:
+            return await self._open(max(size, need))
+        except _SegmentBusy:
+            if size <= need:
+                raise
+            return await self._open(need)  # the doubled size passed the bound; the need may not
 
-    def release(self, segment: shared_memory.SharedMemory) -> None:
-        # A server in this same process (tests, an embedded server) unregisters the segment from
-        # the one resource tracker they share when it unmaps it; register it again, so that it is
-        # still cleaned up after a crash and unlink() finds it registered. Idempotent otherwise.
-        resource_tracker.register(segment._name, "shared_memory")  # type: ignore[attr-defined]
-        if self._closed:
-            _drop(segment)
-        else:
+    def release(self, segment: _Segment) -> None:
+        if segment in self._all:
             self._free.append(segment)
 
-    def close(self) -> None:
-        self._closed = True
-        for segment in self._free:
-            _drop(segment)
+    async def discard(self, segment: _Segment) -> None:
+        """Forget a segment the server no longer knows (it was closed for idleness)."""
+        self._all.discard(segment)
+        _unmap(segment)
+
+    async def close(self) -> None:
         self._free.clear()
+        for segment in list(self._all):
+            await self._close(segment)
+
+    async def _open(self, size: int) -> _Segment:
+        client = self._client
+        stub = client._connect()
+        request = pb.OpenSegmentRequest(size_bytes=size)
+        try:
+            reply = await client._retrying(
+                lambda: stub.OpenSegment(
+                    request, timeout=client.timeout_s, metadata=client._metadata
+                ),
+                raw=True,
+            )
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise _SegmentBusy(exc.details()) from None
+            if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED):
+                raise _SegmentUnusable(exc.details()) from None
+            raise error_from_rpc(exc, client.target) from None
+        try:
+            fd = await asyncio.to_thread(receive_segment_fd, reply.socket, reply.ticket)
+        except OSError as exc:
+            # Another host or network namespace: the socket is not reachable from here.
+            await self._close_remote(reply.segment_id)
+            raise _SegmentUnusable(f"cannot receive the segment: {exc}") from None
+        try:
+            mapping = mmap.mmap(fd, reply.size_bytes)
+        except (OSError, ValueError) as exc:
+            await self._close_remote(reply.segment_id)
+            raise _SegmentUnusable(f"cannot map the segment: {exc}") from None
+        finally:
+            os.close(fd)
+        segment = _Segment(reply.segment_id, reply.size_bytes, mapping)
+        self._all.add(segment)
+        return segment
+
+    async def _close(self, segment: _Segment) -> None:
+        self._all.discard(segment)
+        _unmap(segment)
+        await self._close_remote(segment.segment_id)
+
+    async def _close_remote(self, segment_id: int) -> None:
+        # Best effort: a segment the server never hears about is closed when idle.
+        client = self._client
+        if client._closed or client._stub is None:
+            return
+        with contextlib.suppress(grpc.aio.AioRpcError, KVStoreError):
+            await client._stub.CloseSegment(
+                pb.CloseSegmentRequest(segment_id=segment_id),
+                timeout=client.timeout_s,
+                metadata=client._metadata,
+            )
 
 
-def _drop(segment: shared_memory.SharedMemory) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        segment.unlink()
-    with contextlib.suppress(BufferError):
-        segment.close()
+def _unmap(segment: _Segment) -> None:
+    with contextlib.suppress(BufferError):  # a tensor over it is still referenced
+        segment.mapping.close()
 
 
 def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
@@ -687,20 +746,16 @@ def _pem(value: Pem, setting: str) -> bytes:
         raise ConfigError(f"{setting}: cannot read {value}: {exc.strerror}") from None
 
 
-def _segment_refused(exc: grpc.aio.AioRpcError) -> bool:
-    """Whether a same-host Put failed because the server cannot use our segment (it runs on
-    another host or in another container, or as a user who may not open it)."""
-    # The server reports this as INVALID_ARGUMENT naming the header field; a status of its own
-    # (FAILED_PRECONDITION) would be cleaner than reading the message.
-    return exc.code() in (
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.FAILED_PRECONDITION,
-    ) and "shm_segment" in (exc.details() or "")
+def _segment_gone(exc: grpc.aio.AioRpcError) -> bool:
+    """Whether a same-host call failed because the server closed the segment it named."""
+    return exc.code() == grpc.StatusCode.FAILED_PRECONDITION and "is not open for this tenant" in (
+        exc.details() or ""
+    )
 
 
-def _copy_slot(sink: BlockSink, segment: mmap.mmap | None, slot: Any) -> None:
-    """Copy one block out of the server's mapped segment into its place in the result."""
-    if segment is None or slot.offset + slot.length > len(segment):
+def _copy_slot(sink: BlockSink, segment: mmap.mmap, slot: Any) -> None:
+    """Copy one block out of this client's segment into its place in the result."""
+    if slot.offset + slot.length > len(segment):
         raise CorruptBlockError(
             f"slot [{slot.offset}, +{slot.length}) is outside the shared segment"
         )

@@ -86,6 +86,10 @@ class Tenants:
             self._by_token.append((c.token.encode(), Tenant(c.name, salt, c.quota_bytes, c.admin)))
         self.shared_models = frozenset(shared_models)
 
+    def all(self) -> list[Tenant]:
+        """Every configured tenant (none when tenants are off)."""
+        return [tenant for _, tenant in self._by_token]
+
     @property
     def enabled(self) -> bool:
         return bool(self._by_token)

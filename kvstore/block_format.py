@@ -239,6 +239,12 @@ def _copy_hash(src: memoryview, dst: memoryview) -> int:
     return hasher.intdigest()
 
 
+def copy_payload_and_checksum(src: memoryview, dst: memoryview) -> int:
+    """Copy a payload (flat byte views of one length) and return the xxh3-64 of what landed, in
+    one pass over memory: compare it with the header's ``payload_xxh3`` to verify the copy."""
+    return _copy_hash(_byte_view(src), _byte_view(dst))
+
+
 def _byte_view(buffer: Any) -> memoryview:
     """A flat ``B`` memoryview of any C-contiguous buffer (bytes, bytearray, numpy, memoryview)."""
     view = memoryview(buffer)

@@ -43,6 +43,7 @@ from kvstore.block_format import (
     NO_PARENT,
     Codec,
     check_block_tensor,
+    copy_payload_and_checksum,
     decode_block,
     encode_block_into,
     read_header,
@@ -170,6 +171,10 @@ class _Counters:
 
     def add(self, name: str, n: int = 1) -> None:
         self.values[name] = self.values.get(name, 0) + n
+
+
+# Blocks of one lookup looked up in the index between two yields to the event loop (~3 ms).
+_LOOKUP_SLICE = 16384
 
 
 class Engine:
@@ -377,11 +382,19 @@ class Engine:
 
     async def lookup_hashes(self, spec: ModelSpec, hashes: Sequence[BlockHash]) -> LookupResult:
         self.counters.add("lookups")
-        tiers = [self.index.hottest(h) for h in hashes]
+        tiers: list[str | None] = []
+        probe: list[int] = []
+        hottest = self.index.hottest
         # Blocks this node knows only in G4 are asked again, in the same round trip as the
         # unknown ones: G4 is shared, and a lost Redis Cluster shard, the TTL or another node's
         # eviction may have removed them since this node found them.
-        probe = [i for i, t in enumerate(tiers) if t is None or t == "G4"]
+        for start in range(0, len(hashes), _LOOKUP_SLICE):
+            if start:
+                # A huge prompt's index work in slices: other requests run in between.
+                await asyncio.sleep(0)
+            part = [hottest(h) for h in hashes[start : start + _LOOKUP_SLICE]]
+            probe += [start + i for i, t in enumerate(part) if t is None or t == "G4"]
+            tiers += part
         if probe and self.engine_config.g4_probe and "G4" in self.placement.order:
             g4 = self.tier("G4", spec.fingerprint)
             answered = True
@@ -407,8 +420,13 @@ class Engine:
                     if answered:
                         self.index.remove(hashes[i], "G4")
                         self.counters.add("g4_probe_gone")
-        present = [h for h, t in zip(hashes, tiers, strict=True) if t is not None]
-        self.index.touch(present)
+        for start in range(0, len(hashes), _LOOKUP_SLICE):
+            if start:
+                await asyncio.sleep(0)
+            end = start + _LOOKUP_SLICE
+            self.index.touch(
+                [h for h, t in zip(hashes[start:end], tiers[start:end], strict=True) if t]
+            )
         return LookupResult(list(hashes), tiers, spec.block_tokens)
 
     # -- put -----------------------------------------------------------------------------------
@@ -864,6 +882,56 @@ class Engine:
         self.counters.add("read_misses", len(hashes) - len(hits))
         return out
 
+    async def read_payloads_into(
+        self, spec: ModelSpec, keys: Sequence[bytes], views: Sequence[memoryview]
+    ) -> int:
+        """Copy the raw payloads of the leading blocks of ``keys`` into ``views`` (one per key,
+        ``spec.block_nbytes`` each), verified; returns how many leading blocks were copied.
+
+        G2 hits are copied and checksummed in one pass (the sum is of the bytes that landed), so
+        verifying costs no extra read of the block; a G2 copy that fails is dropped as corrupt
+        and the block read from the tiers below, as ``read`` does. The caller holds a lease."""
+        nbytes = spec.block_nbytes
+        g2 = self._tiers.get("G2")
+        done = 0
+        hits: list[BlockHash] = []
+        for raw, view in zip(keys, views, strict=True):
+            key = BlockHash(bytes(raw))
+            slot = (
+                g2.view_of(key)
+                if isinstance(g2, PinnedMemoryTier) and self.index.in_tier(key, "G2")
+                else None
+            )
+            if slot is not None and len(slot) == HEADER_BYTES + nbytes:
+                try:
+                    header = read_header(slot)
+                except CorruptBlockError:
+                    header = None
+                if header is not None and header.codec is Codec.RAW:
+                    got = copy_payload_and_checksum(slot[HEADER_BYTES:], view)
+                    if header.block_hash == key and got == header.payload_xxh3:
+                        hits.append(key)
+                        done += 1
+                        continue
+                    del slot
+                    assert g2 is not None
+                    await g2.delete([key])
+                    self._on_corrupt("G2", key, "payload checksum mismatch")
+            (data,) = await self.read(spec, [key], in_place=True)
+            if data is None:
+                break
+            if read_header(data).codec is not Codec.RAW:
+                data = transcode_block(data, Codec.RAW)
+            if len(data) != HEADER_BYTES + nbytes:
+                log.warning("block %s has an odd size; the hit ends there", key.hex())
+                break
+            view[:] = memoryview(data)[HEADER_BYTES:]
+            done += 1
+        if hits:
+            self.index.touch(hits, hit=True)
+            self.counters.add("read_hits", len(hits))
+        return done
+
     async def get(self, spec: ModelSpec, keys: Sequence[bytes]) -> list[torch.Tensor | None]:
         """Each block as a tensor ``[layers, 2, block_tokens, kv_heads, head_dim]``, or None."""
         out: list[torch.Tensor | None] = []
@@ -954,8 +1022,8 @@ class Engine:
     # -- same host -----------------------------------------------------------------------------
 
     async def stage(self, spec: ModelSpec, keys: Sequence[bytes]) -> list[bool]:
-        """Bring blocks into G2 now (not in the background), for a same-host reader that maps
-        G2's segment; returns which of them are in G2 afterwards."""
+        """Bring blocks into G2 now (not in the background), ahead of reads that should hit
+        memory; returns which of them are in G2 afterwards."""
         out = []
         for raw in keys:
             key = BlockHash(bytes(raw))
@@ -965,21 +1033,6 @@ class Engine:
                     await self._copy(key, spec.fingerprint, hottest, "G2")
             out.append(self.index.in_tier(key, "G2"))
         return out
-
-    def segment_name(self) -> str:
-        """The name of G2's shared-memory segment (``/dev/shm/<name>``)."""
-        g2 = self._tiers["G2"]
-        assert isinstance(g2, PinnedMemoryTier)
-        return g2.segment_name
-
-    def payload_slot(self, key: bytes) -> tuple[int, int] | None:
-        """``(offset, length)`` of a G2 block's payload (after its header) in G2's segment."""
-        g2 = self._tiers["G2"]
-        assert isinstance(g2, PinnedMemoryTier)
-        where = g2.slot_of(key)
-        if where is None:
-            return None
-        return where[0] + HEADER_BYTES, where[1] - HEADER_BYTES
 
     def usage_of(self, owner: str) -> int:
         """Bytes of the distinct blocks ``owner`` stored that are still held on this node."""

@@ -9,7 +9,8 @@ Operations, in the order a deployment uses them:
    set), mark the standard health service SERVING, export ``/metrics`` when
    ``server.metrics_listen`` is set. Returns the port.
 3. RPCs: Lookup, Reserve/Release, Put (client stream), Fetch (server stream), Pin/Unpin/Evict,
-   Repair (and Fetch with ``repair_holes``), Stats for every tenant; ListBlocks, Inspect, Watch,
+   Repair (and Fetch with ``repair_holes``), OpenSegment/CloseSegment (same-host shared memory,
+   kvstore/segments.py), Stats for every tenant; ListBlocks, Inspect, Watch,
    Flush and Work (model workers attach there) for admin tenants.
 4. ``await server.stop(grace_s)`` — health NOT_SERVING, refuse new RPCs, let running ones finish
    within the grace period, cancel the rest, close the engine.
@@ -21,9 +22,9 @@ lives in two wrappers (``_unary`` and ``_stream``), so no handler picks a status
 
 Validation happens before anything is stored: a request with a malformed field is refused with
 INVALID_ARGUMENT and a message that names the field, what was expected and what came. Put
-streams store blocks in batches as they complete; a stream that fails or breaks off keeps the
-batches already stored (whole, verified blocks of the chain) and drops the rest, never a partial
-block.
+streams store blocks in batches as they complete; a stream that fails or breaks off removes the
+blocks its earlier batches stored new (``_roll_back``), so a refused Put stores nothing, except
+blocks another Put stored too meanwhile (``_claim``).
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ import uuid
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -74,6 +74,13 @@ from kvstore.repair import (
     WorkerLostError,
     WorkerPool,
     repair_prompt,
+)
+from kvstore.segments import (
+    Segment,
+    SegmentClosedError,
+    SegmentLimitError,
+    SegmentRegistry,
+    SegmentsOffError,
 )
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
@@ -140,6 +147,21 @@ class ServerConfig:
     keepalive_s: float = 60.0
     keepalive_timeout_s: float = 20.0
     min_ping_interval_s: float = 10.0
+    # Same-host segments (OpenSegment): sealed memfds handed to one tenant by descriptor.
+    same_host: bool = True
+    tenant_segment_bytes: int = 2 << 30
+    segment_idle_s: float = 300.0
+    # What one tenant may hold against eviction (admins are not bounded): pinned blocks, and
+    # blocks under its Reserve leases, as counts and as bytes. The byte bounds are a share of G2's
+    # capacity, so that no tenant can pin or lease all of it away from the others.
+    max_pinned_blocks_per_tenant: int = 65536
+    pin_share: float = 0.25
+    max_leased_blocks_per_tenant: int = 65536
+    lease_share: float = 0.5
+    # Prompts longer than this are hashed off the event loop, at most max_heavy_requests at once
+    # (the others wait their turn without holding up small requests).
+    heavy_prompt_tokens: int = 65536
+    max_heavy_requests: int = 1
 
     def __post_init__(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -158,6 +180,20 @@ class ServerConfig:
             raise ConfigError("server.keepalive_s and server.keepalive_timeout_s must be positive")
         if not self.min_ping_interval_s >= 0:
             raise ConfigError("server.min_ping_interval_s must be >= 0")
+        if self.tenant_segment_bytes < 0:
+            raise ConfigError("server.tenant_segment_bytes must be >= 0")
+        if not self.segment_idle_s > 0:
+            raise ConfigError("server.segment_idle_s must be positive")
+        if self.max_pinned_blocks_per_tenant < 1 or self.max_leased_blocks_per_tenant < 1:
+            raise ConfigError(
+                "server.max_pinned_blocks_per_tenant and max_leased_blocks_per_tenant must be >= 1"
+            )
+        if self.heavy_prompt_tokens < 0 or self.max_heavy_requests < 1:
+            raise ConfigError(
+                "server.heavy_prompt_tokens must be >= 0 and server.max_heavy_requests >= 1"
+            )
+        if not (0 < self.pin_share <= 1 and 0 < self.lease_share <= 1):
+            raise ConfigError("server.pin_share and server.lease_share must be in (0, 1]")
 
 
 # -- errors -> status codes ---------------------------------------------------------------------
@@ -203,6 +239,9 @@ _STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (TierUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (NoWorkerError, grpc.StatusCode.FAILED_PRECONDITION),
+    (SegmentsOffError, grpc.StatusCode.FAILED_PRECONDITION),
+    (SegmentClosedError, grpc.StatusCode.FAILED_PRECONDITION),
+    (SegmentLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (WorkerLostError, grpc.StatusCode.UNAVAILABLE),
     (_WorkerFailedError, grpc.StatusCode.INTERNAL),
 )
@@ -473,60 +512,10 @@ def _event_message(event: Event) -> Any:
     )
 
 
-class _ClientSegment:
-    """The client's shared-memory segment of a same-host Put, mapped for the stream's length."""
-
-    def __init__(self, name: str, forbidden_prefix: str) -> None:
-        bare = name.lstrip("/")
-        if not bare or "/" in bare or len(bare) > 250:
-            raise InvalidArgumentError(
-                f"header.shm_segment {name!r} is not a shared-memory segment name"
-            )
-        if bare.startswith(forbidden_prefix):
-            # The server's own G2 segment holds every tenant's blocks; copying out of it would
-            # let one tenant read another's.
-            raise InvalidArgumentError(
-                f"header.shm_segment {name!r} is the server's own segment; name the segment "
-                "your client created"
-            )
-        try:
-            shm = shared_memory.SharedMemory(name=bare)
-        except FileNotFoundError:
-            raise InvalidArgumentError(
-                f"header.shm_segment {name!r} does not exist on the server's host; same-host "
-                "puts need the client on this host (otherwise send BlockChunk messages)"
-            ) from None
-        except (OSError, ValueError) as exc:
-            raise InvalidArgumentError(f"cannot map header.shm_segment {name!r}: {exc}") from None
-        # Python 3.11 registers every attached segment with the resource tracker, which would
-        # unlink the client's segment when this process exits: it is not ours to remove.
-        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
-        self.name = name
-        self._shm = shm
-
-    @property
-    def size(self) -> int:
-        return self._shm.size
-
-    def view(self, offset: int, length: int) -> memoryview:
-        buf = self._shm.buf
-        assert buf is not None
-        return buf[offset : offset + length]
-
-    def close(self) -> bool:
-        """Unmap; False while a tensor over the mapping is still referenced (the traceback of
-        an exception can hold one for a while): call again later."""
-        try:
-            self._shm.close()
-        except BufferError:
-            return False
-        return True
-
-
 class _PutAssembler:
     """Turns a Put stream's BlockChunk / SlotRef messages into whole block tensors, in order."""
 
-    def __init__(self, spec: ModelSpec, num_blocks: int, segment: _ClientSegment | None) -> None:
+    def __init__(self, spec: ModelSpec, num_blocks: int, segment: Segment | None) -> None:
         self.spec = spec
         self.num_blocks = num_blocks
         self.segment = segment
@@ -551,7 +540,7 @@ class _PutAssembler:
     def chunk(self, chunk: Any) -> torch.Tensor | None:
         if self.segment is not None:
             raise InvalidArgumentError(
-                "this stream named header.shm_segment, so blocks come as SlotRef messages, "
+                "this stream named header.segment_id, so blocks come as SlotRef messages, "
                 "not BlockChunk"
             )
         i = self._expect_block(chunk.block_index, "a chunk")
@@ -585,8 +574,8 @@ class _PutAssembler:
     def slot(self, slot: Any) -> torch.Tensor:
         if self.segment is None:
             raise InvalidArgumentError(
-                "SlotRef messages need header.shm_segment (the client's shared-memory segment); "
-                "without it, send BlockChunk messages"
+                "SlotRef messages need header.segment_id (a segment this tenant opened with "
+                "OpenSegment); without it, send BlockChunk messages"
             )
         i = self._expect_block(slot.block_index, "a SlotRef")
         if slot.block_index != i:
@@ -599,11 +588,7 @@ class _PutAssembler:
                 f"SlotRef of block {i} has length {slot.length}; a block payload of namespace "
                 f"{self.spec.name} is {self.nbytes} bytes"
             )
-        if slot.offset + slot.length > self.segment.size:
-            raise InvalidArgumentError(
-                f"SlotRef of block {i} covers [{slot.offset}, {slot.offset + slot.length}), "
-                f"outside the {self.segment.size}-byte segment {self.segment.name!r}"
-            )
+        self.segment.check_range(slot.offset, slot.length, f"SlotRef of block {i}")
         self.next_block += 1
         return self._tensor(self.segment.view(slot.offset, slot.length))
 
@@ -787,7 +772,17 @@ class _Servicer(pb_grpc.KVStoreServicer):  # type: ignore[misc]  # generated: An
         self.metrics = metrics
         self.stopping = False
         self._lease_owner: dict[int, str] = {}
-        self._unclosed: list[_ClientSegment] = []
+        cfg = config.server
+        self._pinned_by: dict[str, set[BlockHash]] = {}
+        self._new_by_put: dict[BlockHash, set[BlockHash]] = {}
+        self._heavy = asyncio.Semaphore(cfg.max_heavy_requests)
+        self._max_pinned_bytes = int(cfg.pin_share * config.g2.capacity_bytes)
+        self._max_leased_bytes = int(cfg.lease_share * config.g2.capacity_bytes)
+        self.segments = SegmentRegistry(
+            enabled=cfg.same_host,
+            max_bytes_per_tenant=cfg.tenant_segment_bytes,
+            idle_s=cfg.segment_idle_s,
+        )
         slots = [config.g2.slot_bytes] + ([config.g1.slot_bytes] if config.g1 else [])
         self._max_block_bytes = min(slots)
 
@@ -844,7 +839,7 @@ class _Servicer(pb_grpc.KVStoreServicer):  # type: ignore[misc]  # generated: An
 
     # -- parsing -------------------------------------------------------------------------------
 
-    def _prompt(self, prompt: Any, tenant: Tenant, where: str) -> _Prompt:
+    async def _prompt(self, prompt: Any, tenant: Tenant, where: str) -> _Prompt:
         if not prompt.HasField("namespace"):
             raise InvalidArgumentError(f"{where}.namespace is missing")
         spec = _spec_of(prompt.namespace, f"{where}.namespace")
@@ -878,7 +873,16 @@ class _Servicer(pb_grpc.KVStoreServicer):  # type: ignore[misc]  # generated: An
             ]
         salt = self.tenants.salt_for(tenant, spec)
         tokens = np.frombuffer(raw, dtype="<u4")
-        return _Prompt(spec, salt, self.engine.hashes(spec, tokens, salt=salt, extra_keys=extra))
+        if num_tokens <= self.server_config.heavy_prompt_tokens:
+            hashes = self.engine.hashes(spec, tokens, salt=salt, extra_keys=extra)
+            return _Prompt(spec, salt, hashes)
+        # A huge prompt is hashed on a thread, a bounded number at a time, so that the event loop
+        # keeps serving small requests meanwhile (a 2M-token prompt hashes for ~0.25 s here).
+        async with self._heavy:
+            hashes = await asyncio.to_thread(
+                self.engine.hashes, spec, tokens, salt=salt, extra_keys=extra
+            )
+        return _Prompt(spec, salt, hashes)
 
     @staticmethod
     def _num_blocks(value: int, prompt: _Prompt, where: str) -> int:
@@ -943,9 +947,9 @@ class _Servicer(pb_grpc.KVStoreServicer):  # type: ignore[misc]  # generated: An
             out.append(key)
         return out
 
-    def close_segments(self) -> None:
-        """Unmap the client segments that could not be unmapped when their stream ended."""
-        self._unclosed = [s for s in self._unclosed if not s.close()]
+    def _segment(self, segment_id: int, tenant: Tenant) -> Segment:
+        self.segments.unmap_pending()
+        return self.segments.get(segment_id, tenant.name)
 
     def _own_lease(self, lease_id: int, tenant: Tenant) -> None:
         self._lease_owner[lease_id] = tenant.name
@@ -960,26 +964,47 @@ class _Servicer(pb_grpc.KVStoreServicer):  # type: ignore[misc]  # generated: An
 
     @_unary("Lookup")
     async def Lookup(self, request: Any, call: _Call) -> Any:
-        p = self._prompt(request.prompt, call.who, "prompt")
+        p = await self._prompt(request.prompt, call.who, "prompt")
         found = await self.engine.lookup_hashes(p.spec, p.hashes)
         hit = found.hit_blocks
         self.metrics.lookup([t for t in found.tiers[:hit] if t], p.spec.block_tokens)
-        return pb.LookupResponse(
-            block_hashes=found.hashes,
-            tiers=[_TIER_ENUM[t] if t else pb.TIER_UNSPECIFIED for t in found.tiers],
-            hit_blocks=hit,
-            hit_tokens=found.hit_tokens,
-            holes=found.holes,
-            block_tokens=p.spec.block_tokens,
-        )
+
+        def reply() -> Any:
+            return pb.LookupResponse(
+                block_hashes=found.hashes,
+                tiers=[_TIER_ENUM[t] if t else pb.TIER_UNSPECIFIED for t in found.tiers],
+                hit_blocks=hit,
+                hit_tokens=found.hit_tokens,
+                holes=found.holes,
+                block_tokens=p.spec.block_tokens,
+            )
+
+        if len(found.hashes) * p.spec.block_tokens <= self.server_config.heavy_prompt_tokens:
+            return reply()
+        async with self._heavy:  # a reply of ~10 MiB: built off the event loop too
+            return await asyncio.to_thread(reply)
 
     @_unary("Reserve")
     async def Reserve(self, request: Any, call: _Call) -> Any:
-        p = self._prompt(request.prompt, call.who, "prompt")
+        p = await self._prompt(request.prompt, call.who, "prompt")
         n = self._num_blocks(request.num_blocks, p, "num_blocks")
         ttl = _seconds(request.ttl_s, "ttl_s", "the server default")
         found = await self.engine.lookup_hashes(p.spec, p.hashes[:n])
         present = [h for h, t in zip(found.hashes, found.tiers, strict=True) if t is not None]
+        tenant = call.who
+        if not tenant.admin:
+            index = self.engine.index
+            blocks, nbytes = self._leases_of(tenant.name)
+            held = list(dict.fromkeys(present))
+            self._check_bound(
+                "lease",
+                tenant,
+                blocks + len(held),
+                nbytes + sum(e.nbytes for k in held if (e := index.get(k)) is not None),
+                self.server_config.max_leased_blocks_per_tenant,
+                self._max_leased_bytes,
+                "server.max_leased_blocks_per_tenant / server.lease_share",
+            )
         lease = self.engine.reserve(present, ttl)
         self._own_lease(lease.lease_id, call.who)
         return pb.ReserveResponse(
@@ -1020,7 +1045,7 @@ class _Servicer(pb_grpc.KVStoreServicer):  # type: ignore[misc]  # generated: An
         assert first is not None
         header = first.header
         tenant = call.who
-        p = self._prompt(header.prompt, tenant, "header.prompt")
+        p = await self._prompt(header.prompt, tenant, "header.prompt")
         n = self._num_blocks(header.num_blocks, p, "header.num_blocks")
         spec = p.spec
         self._check_block_fits(spec)
@@ -1028,20 +1053,20 @@ class _Servicer(pb_grpc.KVStoreServicer):  # type: ignore[misc]  # generated: An
         hashes = p.hashes[:n]
         parents: list[bytes] = [root_hash(spec, p.salt), *hashes[:-1]]
         self._check_quota(tenant, spec, hashes)
-        segment = None
-        if header.shm_segment:
-            self.close_segments()
-            segment = _ClientSegment(header.shm_segment, self.config.g2.segment_prefix)
+        segment = self._segment(header.segment_id, tenant) if header.segment_id else None
         path = "stream" if segment is None else "shm"
         assembler = _PutAssembler(spec, n, segment)
         batch: list[tuple[BlockHash, bytes | None, torch.Tensor]] = []
         stored = already = 0
+        mine: set[BlockHash] = set()  # what this put stored new: removed again if it fails
 
         async def store() -> None:
             nonlocal stored, already
             if not batch:
                 return
-            self._check_quota(tenant, spec, [h for h, _, _ in batch])
+            keys = [h for h, _, _ in batch]
+            self._check_quota(tenant, spec, keys)
+            self._claim(keys, mine)
             result = await self.engine.put_blocks(
                 spec, batch, durable=header.durable, owner=tenant.name
             )
@@ -1070,19 +1095,55 @@ class _Servicer(pb_grpc.KVStoreServicer):  # type: ignore[misc]  # generated: An
                     await store()
             assembler.finish()
             await store()
-        finally:
-            # Tensors over the client's segment must be gone before it is unmapped.
+        except BaseException:
+            # A refused or broken-off Put stores nothing: the batches it stored go again.
             batch.clear()
             tensor = None
-            if segment is not None and not segment.close():
-                self._unclosed.append(segment)
+            await self._roll_back(mine)
+            raise
+        finally:
+            # Tensors over the segment must be gone before it can be unmapped.
+            batch.clear()
+            tensor = None
+            self._unclaim(mine)
         return pb.PutResponse(block_hashes=hashes, stored=stored, already=already)
+
+    def _claim(self, keys: list[BlockHash], mine: set[BlockHash]) -> None:
+        """Note which of a Put batch's blocks it stores new (``mine``, undone if the Put fails).
+        A block that another running Put stored new and this one stores too is no longer that
+        Put's to undo: this one may be acknowledged with it."""
+        for key in keys:
+            owner = self._new_by_put.get(key)
+            if owner is not None and owner is not mine:
+                owner.discard(key)
+                del self._new_by_put[key]
+            elif owner is None and key not in self.engine.index:
+                mine.add(key)
+                self._new_by_put[key] = mine
+
+    def _unclaim(self, mine: set[BlockHash]) -> None:
+        for key in mine:
+            if self._new_by_put.get(key) is mine:
+                del self._new_by_put[key]
+
+    async def _roll_back(self, mine: set[BlockHash]) -> None:
+        if not mine:
+            return
+        keys = list(mine)
+        self._unclaim(mine)
+        mine.clear()
+        # Shielded: a Put cancelled by its client still removes what it stored.
+        undo = asyncio.ensure_future(self.engine.evict(keys))
+        with contextlib.suppress(asyncio.CancelledError):
+            removed = await asyncio.shield(undo)
+            self.engine.counters.add("put_rollbacks")
+            self.engine.counters.add("put_rollback_blocks", removed)
 
     # -- fetch ---------------------------------------------------------------------------------
 
     @_stream("Fetch")
     async def Fetch(self, request: Any, call: _Call) -> AsyncGenerator[Any, None]:
-        p = self._prompt(request.prompt, call.who, "prompt")
+        p = await self._prompt(request.prompt, call.who, "prompt")
         chunk_bytes = self._chunk_bytes(request.max_chunk_bytes)
         if request.repair_holes:
             await self._repair(request.prompt, p, call.who, exact=False)
@@ -1094,9 +1155,9 @@ class _Servicer(pb_grpc.KVStoreServicer):  # type: ignore[misc]  # generated: An
             hit = min(hit, request.max_blocks)
         self.metrics.lookup([t for t in found.tiers[:hit] if t], spec.block_tokens)
         hashes = p.hashes[:hit]
-        if request.same_host:
-            async for message in self._fetch_same_host(spec, hashes, call.who):
-                yield message
+        if request.segment_id:
+            segment = self._segment(request.segment_id, call.who)
+            yield await self._fetch_into(spec, hashes, segment, request.segment_offset)
             return
         # Read first, then send: the header lists exactly the blocks that follow, so a block
         # that vanished between lookup and read ends the hit there. G2 blocks are sent from
@@ -1135,43 +1196,65 @@ class _Servicer(pb_grpc.KVStoreServicer):  # type: ignore[misc]  # generated: An
                 yield _chunk_message(i, offset, payload[offset : offset + chunk_bytes])
             self.metrics.bytes_out("stream", len(payload))
 
-    async def _fetch_same_host(
-        self, spec: ModelSpec, hashes: list[BlockHash], tenant: Tenant
-    ) -> AsyncIterator[Any]:
-        staged = await self.engine.stage(spec, hashes) if hashes else []
-        k = staged.index(False) if False in staged else len(staged)
-        # No await from here until the lease is taken and the slots are read: no other request
-        # can evict a staged block in between.
-        lease = self.engine.reserve(hashes[:k])
-        slots: list[tuple[int, int]] = []
-        for key in hashes[:k]:
-            where = self.engine.payload_slot(key)
-            if where is None or where[1] != spec.block_nbytes:
-                break  # gone from G2, or held there compressed (a copy from a G4 codec)
-            slots.append(where)
-        if len(slots) < k:
-            self.engine.release(lease.lease_id)
-            lease = self.engine.reserve(hashes[: len(slots)])
-        self._own_lease(lease.lease_id, tenant)
-        header = pb.FetchHeader(
-            block_hashes=hashes[: len(slots)],
-            block_tokens=spec.block_tokens,
-            block_bytes=spec.block_nbytes,
-            shm_segment=self.engine.segment_name(),
-            lease_id=lease.lease_id,
-            slots=[
-                pb.SlotRef(block_index=i, offset=off, length=length)
-                for i, (off, length) in enumerate(slots)
-            ],
+    async def _fetch_into(
+        self, spec: ModelSpec, hashes: list[BlockHash], segment: Segment, offset: int
+    ) -> Any:
+        """Copy the verified payloads of the hit into the caller's segment, from ``offset`` on,
+        as many as fit; the reply lists their slots. Nothing of another tenant's, nor any
+        memory of the server's, is handed out: the client reads only its own segment."""
+        size = spec.block_nbytes
+        segment.check_range(offset, 0, "segment_offset")
+        hashes = hashes[: (segment.size - offset) // size]
+        # Held while copied: no block can be evicted from under the copy.
+        lease = self.engine.reserve(hashes) if hashes else None
+        try:
+            with memoryview(segment.mapping) as whole:
+                views = [
+                    whole[offset + i * size : offset + (i + 1) * size] for i in range(len(hashes))
+                ]
+                try:
+                    n = await self.engine.read_payloads_into(spec, hashes, views) if hashes else 0
+                finally:
+                    for view in views:
+                        view.release()
+        finally:
+            if lease is not None:
+                self.engine.release(lease.lease_id)
+        slots = [pb.SlotRef(block_index=i, offset=offset + i * size, length=size) for i in range(n)]
+        self.metrics.bytes_out("shm", len(slots) * size)
+        return pb.FetchResponse(
+            header=pb.FetchHeader(
+                block_hashes=hashes[: len(slots)],
+                block_tokens=spec.block_tokens,
+                block_bytes=size,
+                slots=slots,
+            )
         )
-        self.metrics.bytes_out("shm", len(slots) * spec.block_nbytes)
-        yield pb.FetchResponse(header=header)
+
+    # -- same-host segments --------------------------------------------------------------------
+
+    @_unary("OpenSegment")
+    async def OpenSegment(self, request: Any, call: _Call) -> Any:
+        segment = self.segments.open(call.who.name, request.size_bytes)
+        return pb.OpenSegmentResponse(
+            segment_id=segment.segment_id,
+            size_bytes=segment.size,
+            socket=self.segments.socket_name,
+            ticket=segment.ticket,
+            idle_s=self.segments.idle_s,
+        )
+
+    @_unary("CloseSegment")
+    async def CloseSegment(self, request: Any, call: _Call) -> Any:
+        return pb.CloseSegmentResponse(
+            closed=self.segments.close(request.segment_id, call.who.name)
+        )
 
     # -- repair, and the workers that do it -----------------------------------------------------
 
     @_unary("Repair")
     async def Repair(self, request: Any, call: _Call) -> Any:
-        p = self._prompt(request.prompt, call.who, "prompt")
+        p = await self._prompt(request.prompt, call.who, "prompt")
         result = await self._repair(request.prompt, p, call.who, exact=request.exact)
         return pb.RepairResponse(
             repaired=result.repaired,
@@ -1260,11 +1343,90 @@ class _Servicer(pb_grpc.KVStoreServicer):  # type: ignore[misc]  # generated: An
 
     # -- pins, eviction ------------------------------------------------------------------------
 
+    def _usage(self, tenant: Tenant) -> Any:
+        segments, segment_bytes = self.segments.usage().get(tenant.name, (0, 0))
+        pinned, pinned_bytes = self._pins_of(tenant.name)
+        leased, leased_bytes = self._leases_of(tenant.name)
+        bounded = not tenant.admin
+        cfg = self.server_config
+        return pb.TenantUsage(
+            name=tenant.name,
+            stored_bytes=self.engine.usage_of(tenant.name),
+            quota_bytes=tenant.quota_bytes,
+            segments=segments,
+            segment_bytes=segment_bytes,
+            max_segment_bytes=self.segments.max_bytes_per_tenant,
+            pinned_blocks=pinned,
+            pinned_bytes=pinned_bytes,
+            max_pinned_blocks=cfg.max_pinned_blocks_per_tenant if bounded else 0,
+            max_pinned_bytes=self._max_pinned_bytes if bounded else 0,
+            leased_blocks=leased,
+            leased_bytes=leased_bytes,
+            max_leased_blocks=cfg.max_leased_blocks_per_tenant if bounded else 0,
+            max_leased_bytes=self._max_leased_bytes if bounded else 0,
+        )
+
     @_unary("Pin")
     async def Pin(self, request: Any, call: _Call) -> Any:
         ttl = _seconds(request.ttl_s, "ttl_s", "pinned until Unpin")
-        keys = self._own_blocks(request, call.who)
+        tenant = call.who
+        keys = self._own_blocks(request, tenant)
+        if not tenant.admin:
+            index = self.engine.index
+            entries = [index.get(k) for k in dict.fromkeys(keys)]
+            new = [e for e in entries if e is not None and not e.pins]
+            blocks, nbytes = self._pins_of(tenant.name)
+            self._check_bound(
+                "pin",
+                tenant,
+                blocks + len(new),
+                nbytes + sum(e.nbytes for e in new),
+                self.server_config.max_pinned_blocks_per_tenant,
+                self._max_pinned_bytes,
+                "server.max_pinned_blocks_per_tenant / server.pin_share",
+            )
+            self._pinned_by.setdefault(tenant.name, set()).update(keys)
         return pb.CountResponse(count=self.engine.pin(keys, ttl))
+
+    def _pins_of(self, name: str) -> tuple[int, int]:
+        """``(blocks, bytes)`` that tenant ``name`` holds pinned (pins expire in the engine, so
+        the set is pruned as it is counted)."""
+        mine = self._pinned_by.get(name)
+        if not mine:
+            return 0, 0
+        index = self.engine.index
+        live = {e.key: e for k in mine if (e := index.get(k)) is not None and e.pins}
+        self._pinned_by[name] = set(live)
+        return len(live), sum(e.nbytes for e in live.values())
+
+    def _leases_of(self, name: str) -> tuple[int, int]:
+        """``(blocks, bytes)`` under the live Reserve leases of tenant ``name``."""
+        index = self.engine.index
+        blocks = nbytes = 0
+        for lease_id, owner in self._lease_owner.items():
+            lease = index.lease(lease_id) if owner == name else None
+            if lease is not None:
+                blocks += len(lease.keys)
+                nbytes += sum(e.nbytes for k in lease.keys if (e := index.get(k)) is not None)
+        return blocks, nbytes
+
+    @staticmethod
+    def _check_bound(
+        what: str,
+        tenant: Tenant,
+        blocks: int,
+        nbytes: int,
+        max_blocks: int,
+        max_bytes: int,
+        settings: str,
+    ) -> None:
+        if blocks > max_blocks or nbytes > max_bytes:
+            advice = "unpin blocks first" if what == "pin" else "release leases first"
+            raise QuotaExceededError(
+                f"tenant {tenant.name!r} would {what} {blocks} blocks ({nbytes} bytes), past its "
+                f"bound of {max_blocks} blocks and {max_bytes} bytes ({settings}); nothing "
+                f"changed: {advice}"
+            )
 
     @_unary("Unpin")
     async def Unpin(self, request: Any, call: _Call) -> Any:
@@ -1287,6 +1449,7 @@ class _Servicer(pb_grpc.KVStoreServicer):  # type: ignore[misc]  # generated: An
     @_unary("Stats")
     async def Stats(self, request: Any, call: _Call) -> Any:
         tenant = call.who
+        self.segments.expire()
         if not tenant.admin:
             # Server-wide numbers are for admins; a tenant sees its own.
             mine = [e for e in self.engine.index.entries() if e.owner == tenant.name]
@@ -1298,9 +1461,12 @@ class _Servicer(pb_grpc.KVStoreServicer):  # type: ignore[misc]  # generated: An
                     "usage_bytes": self.engine.usage_of(tenant.name),
                     "quota_bytes": tenant.quota_bytes,
                 },
+                tenant=self._usage(tenant),
             )
         stats = await self.engine.stats()
         return pb.StatsResponse(
+            tenant=self._usage(tenant),
+            tenants=[self._usage(t) for t in self.tenants.all()],
             tiers=[
                 pb.TierStats(
                     tier=_TIER_ENUM.get(name.split("/")[0], pb.TIER_UNSPECIFIED),
@@ -1526,6 +1692,13 @@ class KVStoreServer:
             raise RuntimeError("the server is not started")
         return self._engine
 
+    @property
+    def segments(self) -> SegmentRegistry:
+        """The same-host segments this server has handed out."""
+        if self._servicer is None:
+            raise RuntimeError("the server is not started")
+        return self._servicer.segments
+
     async def start(self, *, progress: ProgressCallback | None = None) -> int:
         """Open the engine, bind ``server.listen`` and serve; returns the bound port."""
         if self._server is not None:
@@ -1621,7 +1794,7 @@ class KVStoreServer:
         try:
             await self._server.stop(grace)
         finally:
-            self._servicer.close_segments()
+            self._servicer.segments.shutdown()
             self.metrics.close()
             await self.engine.close()
             if self._data_lock is not None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import os
 import random
 import shutil
 import socket
@@ -117,9 +116,10 @@ def store_config(
     )
 
 
-def put_segments() -> list[Path]:
-    """The shared-memory segments this process's clients made for same-host puts."""
-    return sorted(Path("/dev/shm").glob(f"kvstore-put-{os.getpid()}-*"))
+def mapped_segments() -> list[str]:
+    """The same-host segments mapped in this process (by its clients or its servers)."""
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    return [line for line in maps if "memfd:kvstore-segment" in line]
 
 
 def free_port() -> int:
@@ -363,8 +363,11 @@ async def test_same_host_put_reuses_and_grows_its_segment(server: KVStoreServer)
             got, n = await remote.get_prefix(SPEC, tokens)
             assert n == blocks * BT
             assert torch.equal(got, kv)
-        assert len(put_segments()) == 1  # one segment, grown in place of the first
-    assert put_segments() == []  # unlinked on close
+        # One segment, grown in place of the first (the smaller one closed on the server too).
+        assert [n for n, _ in server.segments.usage().values()] == [1]
+        assert len(mapped_segments()) == 2  # the client's mapping and the server's
+    assert server.segments.usage() == {}  # closed with the client
+    assert mapped_segments() == []
 
 
 async def test_get_prefix_stops_at_the_first_hole(server: KVStoreServer) -> None:
@@ -673,4 +676,4 @@ def test_llama_cache_round_trip_keeps_generation_identical(
 @pytest.fixture(autouse=True)
 def _no_leaked_segments() -> Iterator[None]:
     yield
-    assert put_segments() == []
+    assert mapped_segments() == []

@@ -23,6 +23,7 @@ from test_server import (
     BIG,
     SPEC,
     _kvstore,
+    bearer,
     expect_status,
     fetch,
     payloads,
@@ -34,10 +35,12 @@ from test_server import (
     tokens_of,
 )
 
-from kvstore.block_format import Codec
+from kvstore.auth import TenantConfig
+from kvstore.block_format import HEADER_BYTES, Codec
 from kvstore.config import StoreConfig
 from kvstore.keys import block_hashes
 from kvstore.server import SERVICE_NAME as SERVICE
+from kvstore.server import ServerConfig
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
@@ -62,6 +65,8 @@ _UNARY = [
     "Stats",
     "ListBlocks",
     "Inspect",
+    "OpenSegment",
+    "CloseSegment",
 ]
 
 
@@ -136,8 +141,10 @@ async def test_durable_put_with_g4_down_is_unavailable_and_never_ok_on_retry(
                     put(stub, p, payloads(4, 3), durable=True), StatusCode.UNAVAILABLE, "G4"
                 )
                 assert time.monotonic() - started < 0.4  # < one G4 timeout: no round trip
+            # The refused puts stored nothing, not even in G2.
+            assert (await stub.Lookup(pb.LookupRequest(prompt=p))).hit_blocks == 0
             # A non-durable put does not need G4: acknowledged.
-            assert (await put(stub, prompt(tokens_of(8, 4)), payloads(2, 4))).stored == 2
+            assert (await put(stub, p, payloads(4, 3))).stored == 4
             # Reads still work with G4 gone.
             _, blocks, _ = await fetch(stub, p)
             assert blocks == payloads(4, 3)
@@ -280,3 +287,234 @@ def test_a_full_g3_capacity_keeps_the_newest_acknowledged_blocks_across_kill(
     # be there after the crash.
     newest = {seed: acked[seed] for seed in range(35, 40)}
     _check_after_restart(tmp_path, g3, newest)
+
+
+# -- pins and leases are bounded per tenant (item 10) --------------------------------------------
+
+TOKEN_A, TOKEN_B = "token-of-tenant-a-" + "x" * 16, "token-of-tenant-b-" + "y" * 16
+A, B = bearer(TOKEN_A), bearer(TOKEN_B)
+
+
+def tenant_config(tmp_path: Path, **server: Any) -> StoreConfig:
+    return store_config(
+        tmp_path,
+        tenants=[TenantConfig("a", TOKEN_A), TenantConfig("b", TOKEN_B)],
+        server=ServerConfig(
+            listen="127.0.0.1:0",
+            secret="a-server-secret-of-some-length",
+            max_prompt_tokens=1 << 14,
+            **server,
+        ),
+    )
+
+
+async def test_pins_are_bounded_per_tenant_in_blocks_and_bytes(tmp_path: Path) -> None:
+    async with running(tenant_config(tmp_path, max_pinned_blocks_per_tenant=10)) as (_, stub, _):
+        tokens = tokens_of(20 * 4, 30)
+        hashes = (await put(stub, prompt(tokens), payloads(20, 30), metadata=A)).block_hashes
+        pin = stub.Pin
+        assert (await pin(pb.BlocksRequest(block_hashes=hashes[:10]), metadata=A)).count == 10
+        await expect_status(
+            pin(pb.BlocksRequest(block_hashes=hashes[8:12]), metadata=A),
+            StatusCode.RESOURCE_EXHAUSTED,
+            "max_pinned_blocks_per_tenant",
+        )
+        usage = (await stub.Stats(pb.StatsRequest(), metadata=A)).tenant
+        assert (usage.pinned_blocks, usage.max_pinned_blocks) == (10, 10)
+        # Nothing of the refused request was pinned: block 10 can still go.
+        assert (await stub.Evict(pb.BlocksRequest(block_hashes=hashes[10:11]), metadata=A)).count
+        # Pinning again what is pinned costs nothing; unpinning makes room.
+        assert (await pin(pb.BlocksRequest(block_hashes=hashes[:10]), metadata=A)).count == 10
+        await stub.Unpin(pb.BlocksRequest(block_hashes=hashes[:2]), metadata=A)
+        assert (await pin(pb.BlocksRequest(block_hashes=hashes[11:13]), metadata=A)).count == 2
+        # Tenant b's bound is its own.
+        other = (await put(stub, prompt(tokens), payloads(20, 31), metadata=B)).block_hashes
+        assert (await pin(pb.BlocksRequest(block_hashes=other[:10]), metadata=B)).count == 10
+
+    # Bytes: G2 is 64 slots of 64 KiB (4 MiB); a share of 3 % is 3 blocks of BIG (32 KiB each).
+    async with running(tenant_config(tmp_path / "bytes", pin_share=0.03)) as (_, stub, _):
+        big = prompt(tokens_of(4 * 16, 32), BIG)
+        hashes = (await put(stub, big, payloads(4, 32, BIG), metadata=A)).block_hashes
+        await expect_status(
+            stub.Pin(pb.BlocksRequest(block_hashes=hashes), metadata=A),
+            StatusCode.RESOURCE_EXHAUSTED,
+            "pin_share",
+        )
+        assert (await stub.Pin(pb.BlocksRequest(block_hashes=hashes[:3]), metadata=A)).count == 3
+        usage = (await stub.Stats(pb.StatsRequest(), metadata=A)).tenant
+        assert usage.pinned_bytes == 3 * (HEADER_BYTES + BIG.block_nbytes)
+
+
+async def test_one_tenant_cannot_pin_g2_away_from_the_others(tmp_path: Path) -> None:
+    # The attack of the issue: pin forever (ttl 0) until G2 is all pinned. Defaults only.
+    async with running(tenant_config(tmp_path)) as (server, stub, _):
+        pinned, refused = 0, None
+        for seed in range(64):
+            p = prompt(tokens_of(16, 40 + seed), BIG)
+            hashes = (await put(stub, p, payloads(1, 40 + seed, BIG), metadata=A)).block_hashes
+            try:
+                pinned += (await stub.Pin(pb.BlocksRequest(block_hashes=hashes), metadata=A)).count
+            except grpc.aio.AioRpcError as exc:
+                refused = exc.code()
+                break
+        assert refused == StatusCode.RESOURCE_EXHAUSTED
+        assert 0 < pinned < 64
+        # Tenant b stores as much as before: G2 evicts a's unpinned blocks, not b's puts.
+        p = prompt(tokens_of(24 * 16, 99), BIG)
+        result = await put(stub, p, payloads(24, 99, BIG), metadata=B)
+        assert result.stored == 24
+        found = await stub.Lookup(pb.LookupRequest(prompt=p), metadata=B)
+        assert found.hit_blocks == 24
+        assert server.engine.index.num_in("G2") <= 64
+
+
+async def test_leases_are_bounded_per_tenant(tmp_path: Path) -> None:
+    async with running(tenant_config(tmp_path, max_leased_blocks_per_tenant=8)) as (_, stub, _):
+        p = prompt(tokens_of(6 * 4, 50))
+        await put(stub, p, payloads(6, 50), metadata=A)
+        first = await stub.Reserve(pb.ReserveRequest(prompt=p), metadata=A)
+        assert len(first.block_hashes) == 6
+        await expect_status(
+            stub.Reserve(pb.ReserveRequest(prompt=p), metadata=A),
+            StatusCode.RESOURCE_EXHAUSTED,
+            "max_leased_blocks_per_tenant",
+        )
+        usage = (await stub.Stats(pb.StatsRequest(), metadata=A)).tenant
+        assert (usage.leased_blocks, usage.max_leased_blocks) == (6, 8)
+        assert usage.leased_bytes == 6 * (HEADER_BYTES + SPEC.block_nbytes)
+        await stub.Release(pb.ReleaseRequest(lease_id=first.lease_id), metadata=A)
+        again = await stub.Reserve(pb.ReserveRequest(prompt=p, num_blocks=4), metadata=A)
+        assert len(again.block_hashes) == 4
+        # A Fetch's own lease is the server's, for the length of the copy: not bounded.
+        _, got, _ = await fetch(stub, p, metadata=A)
+        assert len(got) == 6
+
+
+# -- a refused Put stores nothing (item 7) -------------------------------------------------------
+
+# 600 blocks of 32 KiB: two 16 MiB store batches of the Put handler, the first stored before the
+# second arrives.
+_ROLL = 600
+
+
+def _roll_config(tmp_path: Path, **tenants: Any) -> StoreConfig:
+    return store_config(
+        tmp_path,
+        g2_blocks=2 * _ROLL,
+        g3=False,
+        server=ServerConfig(listen="127.0.0.1:0", max_prompt_tokens=1 << 14),
+        **tenants,
+    )
+
+
+async def wait_for(predicate: Any, what: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def _chunk(i: int, data: bytes, offset: int = 0) -> pb.PutRequest:
+    return pb.PutRequest(chunk=pb.BlockChunk(block_index=i, offset=offset, data=data))
+
+
+async def _write_blocks(call: Any, blocks: list[bytes], start: int = 0) -> None:
+    for i, data in enumerate(blocks, start):
+        await call.write(_chunk(i, data))
+
+
+async def test_a_put_refused_in_its_second_batch_stores_nothing(tmp_path: Path) -> None:
+    async with running(_roll_config(tmp_path)) as (server, stub, _):
+        p = prompt(tokens_of(_ROLL * 16, 60), BIG)
+        blocks = payloads(_ROLL, 60, BIG)
+        call = stub.Put()
+        await call.write(pb.PutRequest(header=pb.PutHeader(prompt=p)))
+        await _write_blocks(call, blocks[:550])
+        await wait_for(lambda: len(server.engine.index) >= 512, "the first batch to be stored")
+        await call.write(_chunk(550, blocks[550], offset=7))  # not where block 550 starts
+        await call.done_writing()
+        await expect_status(call, StatusCode.INVALID_ARGUMENT, "expected a chunk of block 550")
+        assert (await stub.Lookup(pb.LookupRequest(prompt=p))).hit_blocks == 0
+        assert len(server.engine.index) == 0
+        assert server.engine.counters.values["put_rollback_blocks"] >= 512
+
+
+async def test_a_put_broken_off_after_a_stored_batch_stores_nothing(tmp_path: Path) -> None:
+    async with running(_roll_config(tmp_path)) as (server, stub, _):
+        p = prompt(tokens_of(_ROLL * 16, 61), BIG)
+        call = stub.Put()
+        await call.write(pb.PutRequest(header=pb.PutHeader(prompt=p)))
+        await _write_blocks(call, payloads(550, 61, BIG))
+        await wait_for(lambda: len(server.engine.index) >= 512, "the first batch to be stored")
+        call.cancel()
+        await wait_for(lambda: len(server.engine.index) == 0, "the stored batch to be removed")
+        assert (await stub.Lookup(pb.LookupRequest(prompt=p))).hit_blocks == 0
+
+
+async def test_a_failed_put_keeps_what_another_put_was_acknowledged_for(tmp_path: Path) -> None:
+    async with running(_roll_config(tmp_path)) as (server, stub, _):
+        tokens = tokens_of(_ROLL * 16, 62)
+        blocks = payloads(_ROLL, 62, BIG)
+        p = prompt(tokens, BIG)
+        failing = stub.Put()
+        await failing.write(pb.PutRequest(header=pb.PutHeader(prompt=p)))
+        await _write_blocks(failing, blocks[:550])
+        await wait_for(lambda: len(server.engine.index) >= 512, "the first batch to be stored")
+        # Another client puts the first 512 blocks and is acknowledged: they stay hers.
+        done = await put(stub, p, blocks[:512], num_blocks=512)
+        assert (done.stored, done.already) == (0, 512)
+        await failing.write(_chunk(550, b""))  # a chunk without data
+        await failing.done_writing()
+        await expect_status(failing, StatusCode.INVALID_ARGUMENT, "no data")
+        found = await stub.Lookup(pb.LookupRequest(prompt=p))
+        assert found.hit_blocks == 512
+        assert len(server.engine.index) == 512
+        _, got, _ = await fetch(stub, p, max_blocks=512)
+        assert got == blocks[:512]
+
+
+async def test_a_put_past_the_quota_in_its_second_batch_stores_nothing(tmp_path: Path) -> None:
+    quota = 560 * (HEADER_BYTES + BIG.block_nbytes)
+    config = _roll_config(tmp_path, tenants=[TenantConfig("a", TOKEN_A, quota_bytes=quota)])
+    config = replace(config, server=replace(config.server, secret="a-server-secret-of-length"))
+    async with running(config) as (server, stub, _):
+        p = prompt(tokens_of(_ROLL * 16, 63), BIG)
+        reply = stub.Put(iter(put_messages(p, payloads(_ROLL, 63, BIG))), metadata=A)
+        await expect_status(reply, StatusCode.RESOURCE_EXHAUSTED, "quota")
+        assert len(server.engine.index) == 0
+        usage = (await stub.Stats(pb.StatsRequest(), metadata=A)).tenant
+        assert usage.stored_bytes == 0
+
+
+# -- heavy requests do not stall small ones (item 8) ---------------------------------------------
+
+
+async def test_small_lookups_complete_while_a_2m_token_lookup_runs(tmp_path: Path) -> None:
+    config = store_config(
+        tmp_path, server=ServerConfig(listen="127.0.0.1:0", max_prompt_tokens=1 << 21)
+    )
+    async with running(config) as (server, _, _):
+        options = [("grpc.max_receive_message_length", 64 << 20)]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=options) as ch:
+            stub = pb_grpc.KVStoreStub(ch)
+            small = prompt(tokens_of(16, 70))
+            await put(stub, small, payloads(4, 70))
+            huge = pb.Prompt(
+                namespace=small.namespace, tokens_u32le=bytes(range(256)) * (1 << 15)
+            )  # 2M tokens: 512K blocks of 4 tokens
+            registry = server.metrics.registry
+            big = asyncio.ensure_future(stub.Lookup(pb.LookupRequest(prompt=huge)))
+            await wait_for(
+                lambda: registry.get_sample_value("kvstore_rpcs_in_flight", {"method": "Lookup"}),
+                "the huge lookup to start",
+            )
+            for _ in range(2):
+                found = await stub.Lookup(pb.LookupRequest(prompt=small))
+                assert found.hit_blocks == 4
+            # The small lookups were answered while the huge one was still being worked on
+            # (before, its hashing and index work held the event loop until it was done).
+            assert not big.done()
+            reply = await big
+            assert len(reply.block_hashes) == 1 << 19
+            assert reply.hit_blocks == 0

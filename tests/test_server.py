@@ -313,119 +313,6 @@ async def test_prompt_with_a_hole_fetches_only_the_leading_hit(
     assert got == blocks[:1]
 
 
-async def test_fetch_same_host_hands_out_slots_of_the_g2_segment(
-    served: tuple[KVStoreServer, pb_grpc.KVStoreStub],
-) -> None:
-    _, stub = served
-    tokens = tokens_of(3 * 4, seed=4)
-    p = prompt(tokens)
-    blocks = payloads(3, seed=4)
-    await put(stub, p, blocks)
-
-    messages = [m async for m in stub.Fetch(pb.FetchRequest(prompt=p, same_host=True))]
-    assert messages[0].WhichOneof("msg") == "header"
-    header = messages[0].header
-    assert header.shm_segment.startswith(SEGMENT_PREFIX)
-    assert header.lease_id > 0
-    assert list(header.block_hashes) == block_hashes(SPEC, tokens)
-    assert len(messages) == 1  # the slots travel in the header: one message per reply
-    slots = list(header.slots)
-    assert [s.block_index for s in slots] == [0, 1, 2]
-    segment = attach(header.shm_segment)
-    try:
-        buf = segment.buf
-        assert buf is not None
-        got = [bytes(buf[s.offset : s.offset + s.length]) for s in slots]
-        del buf
-    finally:
-        segment.close()
-    assert got == blocks
-
-    # The lease holds the blocks until released; it belongs to whoever fetched.
-    assert (await stub.Stats(pb.StatsRequest())).num_leases == 1
-    evicted = await stub.Evict(pb.BlocksRequest(block_hashes=list(header.block_hashes)))
-    assert evicted.count == 0
-    released = await stub.Release(pb.ReleaseRequest(lease_id=header.lease_id))
-    assert released.released
-    assert (await stub.Stats(pb.StatsRequest())).num_leases == 0
-    await expect_status(
-        stub.Release(pb.ReleaseRequest(lease_id=header.lease_id)), StatusCode.NOT_FOUND, "lease"
-    )
-
-
-async def test_fetch_same_host_stages_blocks_from_g3(tmp_path: Path) -> None:
-    async with running(store_config(tmp_path)) as (server, stub, _):
-        tokens = tokens_of(2 * 4, seed=5)
-        p = prompt(tokens)
-        blocks = payloads(2, seed=5)
-        await put(stub, p, blocks)
-        await server.engine.drain()
-        hashes = block_hashes(SPEC, tokens)
-        await stub.Evict(pb.BlocksRequest(block_hashes=hashes[::-1], tier=pb.TIER_G2))
-        found = await stub.Lookup(pb.LookupRequest(prompt=p))
-        assert list(found.tiers) == [pb.TIER_G3] * 2
-        messages = [m async for m in stub.Fetch(pb.FetchRequest(prompt=p, same_host=True))]
-        header = messages[0].header
-        assert len(header.block_hashes) == 2
-        segment = attach(header.shm_segment)
-        try:
-            buf = segment.buf
-            assert buf is not None
-            got = [bytes(buf[s.offset : s.offset + s.length]) for s in header.slots]
-            del buf
-        finally:
-            segment.close()
-        assert got == blocks
-        await stub.Release(pb.ReleaseRequest(lease_id=header.lease_id))
-
-
-async def test_put_from_a_client_shared_memory_segment(tmp_path: Path) -> None:
-    blocks = payloads(3, seed=6)
-    nbytes = SPEC.block_nbytes
-    name = f"kvstore-client-{uuid.uuid4().hex[:8]}"
-    segment = shared_memory.SharedMemory(name=name, create=True, size=4 * nbytes + 100)
-    try:
-        buf = segment.buf
-        assert buf is not None
-        # Out of order in the segment, at offsets that are not block-aligned.
-        offsets = [100 + 2 * nbytes, 100, 100 + nbytes]
-        for off, data in zip(offsets, blocks, strict=True):
-            buf[off : off + nbytes] = data
-        del buf
-        tokens = tokens_of(3 * 4, seed=6)
-        p = prompt(tokens)
-        async with running(store_config(tmp_path)) as (_, stub, _):
-            messages = [pb.PutRequest(header=pb.PutHeader(prompt=p, shm_segment=name))] + [
-                pb.PutRequest(slot=pb.SlotRef(block_index=i, offset=off, length=nbytes))
-                for i, off in enumerate(offsets)
-            ]
-            result = await stub.Put(iter(messages))
-            assert (result.stored, result.already) == (3, 0)
-            _, got, _ = await fetch(stub, p)
-            assert got == blocks
-
-            # Refused: a ref outside the segment, a segment that does not exist, the server's own.
-            bad = [
-                messages[0],
-                pb.PutRequest(slot=pb.SlotRef(block_index=0, offset=4 * nbytes, length=nbytes)),
-            ]
-            await expect_status(stub.Put(iter(bad)), StatusCode.INVALID_ARGUMENT, "outside")
-            missing = pb.PutRequest(header=pb.PutHeader(prompt=p, shm_segment="kvstore-nope-x"))
-            await expect_status(
-                stub.Put(iter([missing])), StatusCode.INVALID_ARGUMENT, "does not exist"
-            )
-            same_host = [m async for m in stub.Fetch(pb.FetchRequest(prompt=p, same_host=True))]
-            own = pb.PutRequest(
-                header=pb.PutHeader(prompt=p, shm_segment=same_host[0].header.shm_segment)
-            )
-            await expect_status(stub.Put(iter([own])), StatusCode.INVALID_ARGUMENT, "server's own")
-        # The server did not unlink the client's segment.
-        assert await asyncio.to_thread(Path("/dev/shm", name).exists)
-    finally:
-        segment.close()
-        segment.unlink()
-
-
 async def test_durable_put_is_in_g3_and_g4_when_put_returns(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
@@ -900,7 +787,7 @@ ERROR_CASES: list[tuple[str, Any, grpc.StatusCode, str]] = [
         "slot without segment",
         _put([HEADER, pb.PutRequest(slot=pb.SlotRef(block_index=0, offset=0, length=N))]),
         INVALID,
-        "SlotRef messages need header.shm_segment",
+        "SlotRef messages need header.segment_id",
     ),
     (
         "tiny chunks",

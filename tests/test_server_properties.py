@@ -42,6 +42,7 @@ ALLOWED = {
     grpc.StatusCode.OK,
     grpc.StatusCode.INVALID_ARGUMENT,
     grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION,  # a segment id that is not open
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.UNIMPLEMENTED,
 }
@@ -99,6 +100,12 @@ STORED_BLOCKS = [rng.randbytes(N) for _ in range(3)]
 class Harness:
     def __init__(self, stub: pb_grpc.KVStoreStub) -> None:
         self.stub = stub
+        # A real segment: strategies draw the id REAL_SEGMENT to mean this one.
+        self.segment_id = stub.OpenSegment(pb.OpenSegmentRequest(size_bytes=4 * N)).segment_id
+
+    def real_segment(self, message: Any) -> None:
+        if message.segment_id == REAL_SEGMENT:
+            message.segment_id = self.segment_id
 
     def code(self, fn: Any, *args: Any) -> grpc.StatusCode:
         """Call, drain a stream, and return the status code; fail on INTERNAL and the like."""
@@ -158,6 +165,8 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
 # -- strategies -----------------------------------------------------------------------------------
 
 text = st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=12)
+REAL_SEGMENT = 1
+segment_ids = st.one_of(st.just(REAL_SEGMENT), st.integers(1, 2**64 - 1))
 small_or_any = st.one_of(st.integers(0, 5), st.integers(0, 2**32 - 1))
 random_namespace = st.builds(
     pb.Namespace,
@@ -223,12 +232,11 @@ def put_streams(draw: st.DrawFn) -> list[pb.PutRequest]:
     else:
         prompt = draw(prompts)
         num_blocks = draw(st.one_of(st.integers(0, 4), st.integers(0, 2**32 - 1)))
-    segments = st.sampled_from(["kvstore-nope", "a/b", "/", "x" * 300, "kvstore-ptest-1-x"])
     header = pb.PutHeader(
         prompt=prompt,
         durable=draw(st.booleans()),
         num_blocks=num_blocks,
-        shm_segment=draw(st.one_of(segments, text)) if not draw(st.integers(0, 5)) else "",
+        segment_id=draw(segment_ids) if not draw(st.integers(0, 5)) else 0,
     )
     out = [pb.PutRequest(header=header)] if draw(st.integers(0, 9)) else []
     if draw(st.booleans()):
@@ -282,7 +290,8 @@ def put_streams(draw: st.DrawFn) -> list[pb.PutRequest]:
     ttl_s=seconds,
     max_blocks=st.integers(0, 2**32 - 1),
     max_chunk_bytes=st.one_of(st.just(0), st.integers(0, 2**32 - 1)),
-    same_host=st.booleans(),
+    segment_id=st.one_of(st.just(0), segment_ids),
+    segment_offset=st.integers(0, 2**64 - 1),
     repair_holes=st.booleans(),
 )
 def test_lookups_leases_and_fetches(
@@ -292,7 +301,8 @@ def test_lookups_leases_and_fetches(
     ttl_s: float,
     max_blocks: int,
     max_chunk_bytes: int,
-    same_host: bool,
+    segment_id: int,
+    segment_offset: int,
     repair_holes: bool,
 ) -> None:
     stub = harness.stub
@@ -305,14 +315,12 @@ def test_lookups_leases_and_fetches(
         prompt=prompt,
         max_blocks=max_blocks,
         max_chunk_bytes=max_chunk_bytes,
-        same_host=same_host,
+        segment_id=segment_id,
+        segment_offset=segment_offset,
         repair_holes=repair_holes,
     )
-    if harness.code(stub.Fetch, request) == grpc.StatusCode.OK and same_host:
-        # Each same-host fetch takes a lease; give them back.
-        for message in stub.Fetch(request):
-            if message.WhichOneof("msg") == "header":
-                assert stub.Release(pb.ReleaseRequest(lease_id=message.header.lease_id)).released
+    harness.real_segment(request)
+    harness.code(stub.Fetch, request)
     harness.code(stub.Release, pb.ReleaseRequest(lease_id=2**63))
     harness.code(stub.Repair, pb.RepairRequest(prompt=prompt))
     harness.intact()
@@ -321,6 +329,9 @@ def test_lookups_leases_and_fetches(
 @PROPERTY
 @given(stream=put_streams())
 def test_put_streams(harness: Harness, stream: list[pb.PutRequest]) -> None:
+    for message in stream:
+        if message.WhichOneof("msg") == "header":
+            harness.real_segment(message.header)
     harness.code(harness.stub.Put, iter(stream))
     harness.intact()
 

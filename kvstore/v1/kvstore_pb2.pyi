@@ -134,16 +134,16 @@ class ReleaseResponse(_message.Message):
     def __init__(self, released: _Optional[bool] = ...) -> None: ...
 
 class PutHeader(_message.Message):
-    __slots__ = ("prompt", "durable", "num_blocks", "shm_segment")
+    __slots__ = ("prompt", "durable", "num_blocks", "segment_id")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     DURABLE_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
-    SHM_SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_ID_FIELD_NUMBER: _ClassVar[int]
     prompt: Prompt
     durable: bool
     num_blocks: int
-    shm_segment: str
-    def __init__(self, prompt: _Optional[_Union[Prompt, _Mapping]] = ..., durable: _Optional[bool] = ..., num_blocks: _Optional[int] = ..., shm_segment: _Optional[str] = ...) -> None: ...
+    segment_id: int
+    def __init__(self, prompt: _Optional[_Union[Prompt, _Mapping]] = ..., durable: _Optional[bool] = ..., num_blocks: _Optional[int] = ..., segment_id: _Optional[int] = ...) -> None: ...
 
 class BlockChunk(_message.Message):
     __slots__ = ("block_index", "offset", "data")
@@ -186,34 +186,32 @@ class PutResponse(_message.Message):
     def __init__(self, block_hashes: _Optional[_Iterable[bytes]] = ..., stored: _Optional[int] = ..., already: _Optional[int] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
-    __slots__ = ("prompt", "max_blocks", "repair_holes", "same_host", "max_chunk_bytes")
+    __slots__ = ("prompt", "max_blocks", "repair_holes", "max_chunk_bytes", "segment_id", "segment_offset")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     REPAIR_HOLES_FIELD_NUMBER: _ClassVar[int]
-    SAME_HOST_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_OFFSET_FIELD_NUMBER: _ClassVar[int]
     prompt: Prompt
     max_blocks: int
     repair_holes: bool
-    same_host: bool
     max_chunk_bytes: int
-    def __init__(self, prompt: _Optional[_Union[Prompt, _Mapping]] = ..., max_blocks: _Optional[int] = ..., repair_holes: _Optional[bool] = ..., same_host: _Optional[bool] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
+    segment_id: int
+    segment_offset: int
+    def __init__(self, prompt: _Optional[_Union[Prompt, _Mapping]] = ..., max_blocks: _Optional[int] = ..., repair_holes: _Optional[bool] = ..., max_chunk_bytes: _Optional[int] = ..., segment_id: _Optional[int] = ..., segment_offset: _Optional[int] = ...) -> None: ...
 
 class FetchHeader(_message.Message):
-    __slots__ = ("block_hashes", "block_tokens", "block_bytes", "shm_segment", "lease_id", "slots")
+    __slots__ = ("block_hashes", "block_tokens", "block_bytes", "slots")
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     BLOCK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
-    SHM_SEGMENT_FIELD_NUMBER: _ClassVar[int]
-    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
     block_tokens: int
     block_bytes: int
-    shm_segment: str
-    lease_id: int
     slots: _containers.RepeatedCompositeFieldContainer[SlotRef]
-    def __init__(self, block_hashes: _Optional[_Iterable[bytes]] = ..., block_tokens: _Optional[int] = ..., block_bytes: _Optional[int] = ..., shm_segment: _Optional[str] = ..., lease_id: _Optional[int] = ..., slots: _Optional[_Iterable[_Union[SlotRef, _Mapping]]] = ...) -> None: ...
+    def __init__(self, block_hashes: _Optional[_Iterable[bytes]] = ..., block_tokens: _Optional[int] = ..., block_bytes: _Optional[int] = ..., slots: _Optional[_Iterable[_Union[SlotRef, _Mapping]]] = ...) -> None: ...
 
 class FetchResponse(_message.Message):
     __slots__ = ("header", "chunk", "slot")
@@ -347,6 +345,38 @@ class FlushRequest(_message.Message):
     tier: Tier
     def __init__(self, tier: _Optional[_Union[Tier, str]] = ...) -> None: ...
 
+class OpenSegmentRequest(_message.Message):
+    __slots__ = ("size_bytes",)
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    size_bytes: int
+    def __init__(self, size_bytes: _Optional[int] = ...) -> None: ...
+
+class OpenSegmentResponse(_message.Message):
+    __slots__ = ("segment_id", "size_bytes", "socket", "ticket", "idle_s")
+    SEGMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SOCKET_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    IDLE_S_FIELD_NUMBER: _ClassVar[int]
+    segment_id: int
+    size_bytes: int
+    socket: str
+    ticket: bytes
+    idle_s: float
+    def __init__(self, segment_id: _Optional[int] = ..., size_bytes: _Optional[int] = ..., socket: _Optional[str] = ..., ticket: _Optional[bytes] = ..., idle_s: _Optional[float] = ...) -> None: ...
+
+class CloseSegmentRequest(_message.Message):
+    __slots__ = ("segment_id",)
+    SEGMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    segment_id: int
+    def __init__(self, segment_id: _Optional[int] = ...) -> None: ...
+
+class CloseSegmentResponse(_message.Message):
+    __slots__ = ("closed",)
+    CLOSED_FIELD_NUMBER: _ClassVar[int]
+    closed: bool
+    def __init__(self, closed: _Optional[bool] = ...) -> None: ...
+
 class StatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -372,7 +402,7 @@ class TierStats(_message.Message):
     def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., name: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., num_blocks: _Optional[int] = ..., num_hits: _Optional[int] = ..., num_misses: _Optional[int] = ..., num_corrupt: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("tiers", "num_blocks", "num_leases", "queue_depth", "counters", "workers")
+    __slots__ = ("tiers", "num_blocks", "num_leases", "queue_depth", "counters", "workers", "tenant", "tenants")
     class CountersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -386,13 +416,49 @@ class StatsResponse(_message.Message):
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
     tiers: _containers.RepeatedCompositeFieldContainer[TierStats]
     num_blocks: int
     num_leases: int
     queue_depth: int
     counters: _containers.ScalarMap[str, int]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
-    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., num_blocks: _Optional[int] = ..., num_leases: _Optional[int] = ..., queue_depth: _Optional[int] = ..., counters: _Optional[_Mapping[str, int]] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ...) -> None: ...
+    tenant: TenantUsage
+    tenants: _containers.RepeatedCompositeFieldContainer[TenantUsage]
+    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., num_blocks: _Optional[int] = ..., num_leases: _Optional[int] = ..., queue_depth: _Optional[int] = ..., counters: _Optional[_Mapping[str, int]] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., tenant: _Optional[_Union[TenantUsage, _Mapping]] = ..., tenants: _Optional[_Iterable[_Union[TenantUsage, _Mapping]]] = ...) -> None: ...
+
+class TenantUsage(_message.Message):
+    __slots__ = ("name", "stored_bytes", "quota_bytes", "segments", "segment_bytes", "max_segment_bytes", "pinned_blocks", "pinned_bytes", "max_pinned_blocks", "max_pinned_bytes", "leased_blocks", "leased_bytes", "max_leased_blocks", "max_leased_bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STORED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    QUOTA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEGMENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PINNED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PINNED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_PINNED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    MAX_PINNED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LEASED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    LEASED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_LEASED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    MAX_LEASED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    stored_bytes: int
+    quota_bytes: int
+    segments: int
+    segment_bytes: int
+    max_segment_bytes: int
+    pinned_blocks: int
+    pinned_bytes: int
+    max_pinned_blocks: int
+    max_pinned_bytes: int
+    leased_blocks: int
+    leased_bytes: int
+    max_leased_blocks: int
+    max_leased_bytes: int
+    def __init__(self, name: _Optional[str] = ..., stored_bytes: _Optional[int] = ..., quota_bytes: _Optional[int] = ..., segments: _Optional[int] = ..., segment_bytes: _Optional[int] = ..., max_segment_bytes: _Optional[int] = ..., pinned_blocks: _Optional[int] = ..., pinned_bytes: _Optional[int] = ..., max_pinned_blocks: _Optional[int] = ..., max_pinned_bytes: _Optional[int] = ..., leased_blocks: _Optional[int] = ..., leased_bytes: _Optional[int] = ..., max_leased_blocks: _Optional[int] = ..., max_leased_bytes: _Optional[int] = ...) -> None: ...
 
 class BlockInfo(_message.Message):
     __slots__ = ("block_hash", "parent_hash", "namespace_fingerprint", "tiers", "nbytes", "hits", "pinned", "leases")

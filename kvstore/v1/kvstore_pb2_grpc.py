@@ -109,6 +109,16 @@ class KVStoreStub:
                 request_serializer=kvstore_dot_v1_dot_kvstore__pb2.WorkRequest.SerializeToString,
                 response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.WorkResponse.FromString,
                 _registered_method=True)
+        self.OpenSegment = channel.unary_unary(
+                '/kvstore.v1.KVStore/OpenSegment',
+                request_serializer=kvstore_dot_v1_dot_kvstore__pb2.OpenSegmentRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.OpenSegmentResponse.FromString,
+                _registered_method=True)
+        self.CloseSegment = channel.unary_unary(
+                '/kvstore.v1.KVStore/CloseSegment',
+                request_serializer=kvstore_dot_v1_dot_kvstore__pb2.CloseSegmentRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.CloseSegmentResponse.FromString,
+                _registered_method=True)
 
 
 class KVStoreServicer:
@@ -205,6 +215,18 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenSegment(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseSegment(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -282,6 +304,16 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.Work,
                     request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.WorkRequest.FromString,
                     response_serializer=kvstore_dot_v1_dot_kvstore__pb2.WorkResponse.SerializeToString,
+            ),
+            'OpenSegment': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenSegment,
+                    request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.OpenSegmentRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_kvstore__pb2.OpenSegmentResponse.SerializeToString,
+            ),
+            'CloseSegment': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseSegment,
+                    request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.CloseSegmentRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_kvstore__pb2.CloseSegmentResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -689,6 +721,60 @@ class KVStore:
             '/kvstore.v1.KVStore/Work',
             kvstore_dot_v1_dot_kvstore__pb2.WorkRequest.SerializeToString,
             kvstore_dot_v1_dot_kvstore__pb2.WorkResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenSegment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/OpenSegment',
+            kvstore_dot_v1_dot_kvstore__pb2.OpenSegmentRequest.SerializeToString,
+            kvstore_dot_v1_dot_kvstore__pb2.OpenSegmentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseSegment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/CloseSegment',
+            kvstore_dot_v1_dot_kvstore__pb2.CloseSegmentRequest.SerializeToString,
+            kvstore_dot_v1_dot_kvstore__pb2.CloseSegmentResponse.FromString,
             options,
             channel_credentials,
             insecure,

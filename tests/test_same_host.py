@@ -1,0 +1,377 @@
+"""The same-host protocol against a real server (issue J, items 1-4): server-owned sealed memfd
+segments, handed to one tenant by descriptor with a one-time ticket.
+
+What was broken before, and is tested here: a same-host Fetch handed out the server's whole G2
+segment (every tenant's blocks); a Put could name any shared-memory segment on the host for the
+server to open; truncating a segment under a same-host Put killed the server with SIGBUS; and a
+corrupt G2 block reached the client on the same-host path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import mmap
+import os
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import torch
+from test_server import (
+    SPEC,
+    bearer,
+    expect_status,
+    fetch,
+    payloads,
+    prompt,
+    put,
+    running,
+    store_config,
+    tokens_of,
+)
+
+from client import AsyncClient
+from kvstore.auth import TenantConfig
+from kvstore.block_format import HEADER_BYTES
+from kvstore.keys import block_hashes
+from kvstore.segments import SegmentRegistry, receive_segment_fd
+from kvstore.server import SERVICE_NAME as SERVICE
+from kvstore.server import ServerConfig
+from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+
+StatusCode = grpc.StatusCode
+NBYTES = SPEC.block_nbytes
+TOKEN_A, TOKEN_B = "token-of-tenant-a-" + "x" * 16, "token-of-tenant-b-" + "y" * 16
+A, B = bearer(TOKEN_A), bearer(TOKEN_B)
+
+
+def tenant_config(tmp_path: Path, **server: Any) -> Any:
+    return store_config(
+        tmp_path,
+        tenants=[TenantConfig("a", TOKEN_A), TenantConfig("b", TOKEN_B)],
+        server=ServerConfig(
+            listen="127.0.0.1:0", secret="a-server-secret-of-some-length", **server
+        ),
+    )
+
+
+@contextmanager
+def mapped(reply: Any) -> Iterator[mmap.mmap]:
+    """The client's side of OpenSegment: receive the descriptor with the ticket and map it."""
+    fd = receive_segment_fd(reply.socket, reply.ticket)
+    try:
+        mapping = mmap.mmap(fd, reply.size_bytes)
+    finally:
+        os.close(fd)
+    try:
+        yield mapping
+    finally:
+        mapping.close()
+
+
+@asynccontextmanager
+async def segment(
+    stub: pb_grpc.KVStoreStub, size: int, metadata: Any = None
+) -> AsyncIterator[tuple[int, mmap.mmap]]:
+    reply = await stub.OpenSegment(pb.OpenSegmentRequest(size_bytes=size), metadata=metadata)
+    assert reply.size_bytes == size
+    try:
+        with await asyncio.to_thread(lambda: mapped(reply)) as mapping:
+            yield reply.segment_id, mapping
+    finally:
+        close = pb.CloseSegmentRequest(segment_id=reply.segment_id)
+        await stub.CloseSegment(close, metadata=metadata)
+
+
+def slots_of(mapping: mmap.mmap, header: pb.FetchHeader) -> list[bytes]:
+    return [bytes(mapping[s.offset : s.offset + s.length]) for s in header.slots]
+
+
+async def fetch_into(
+    stub: pb_grpc.KVStoreStub, p: pb.Prompt, segment_id: int, metadata: Any = None, **kw: Any
+) -> pb.FetchHeader:
+    request = pb.FetchRequest(prompt=p, segment_id=segment_id, **kw)
+    messages = [m async for m in stub.Fetch(request, metadata=metadata)]
+    assert len(messages) == 1  # the slots travel in the header: one message per reply
+    assert messages[0].WhichOneof("msg") == "header"
+    return messages[0].header
+
+
+def slot_puts(p: pb.Prompt, segment_id: int, offsets: list[int]) -> list[pb.PutRequest]:
+    return [pb.PutRequest(header=pb.PutHeader(prompt=p, segment_id=segment_id))] + [
+        pb.PutRequest(slot=pb.SlotRef(block_index=i, offset=off, length=NBYTES))
+        for i, off in enumerate(offsets)
+    ]
+
+
+# -- fetch into the caller's own segment --------------------------------------------------------
+
+
+async def test_fetch_copies_the_blocks_into_the_callers_segment(tmp_path: Path) -> None:
+    async with running(store_config(tmp_path)) as (server, stub, _):
+        tokens = tokens_of(3 * 4, seed=4)
+        p = prompt(tokens)
+        blocks = payloads(3, seed=4)
+        await put(stub, p, blocks)
+        async with segment(stub, 100 + 3 * NBYTES) as (sid, mapping):
+            header = await fetch_into(stub, p, sid, segment_offset=100)
+            assert list(header.block_hashes) == block_hashes(SPEC, tokens)
+            assert [(s.block_index, s.offset) for s in header.slots] == [
+                (i, 100 + i * NBYTES) for i in range(3)
+            ]
+            assert slots_of(mapping, header) == blocks
+            # Copied, not lent: no lease is left behind, and the blocks may go at once.
+            assert (await server.engine.stats()).num_leases == 0
+            assert (await stub.Evict(pb.BlocksRequest(block_hashes=header.block_hashes))).count == 3
+
+            # As many as fit: a segment of 2.5 blocks from offset 0 takes two.
+            await put(stub, p, blocks)
+        async with segment(stub, 2 * NBYTES + NBYTES // 2) as (sid, mapping):
+            header = await fetch_into(stub, p, sid)
+            assert slots_of(mapping, header) == blocks[:2]
+            await expect_status(
+                stub.Fetch(pb.FetchRequest(prompt=p, segment_id=sid, segment_offset=3 * NBYTES)),
+                StatusCode.INVALID_ARGUMENT,
+                "outside",
+            )
+
+
+async def test_fetch_into_a_segment_reads_lower_tiers(tmp_path: Path) -> None:
+    async with running(store_config(tmp_path)) as (server, stub, _):
+        tokens = tokens_of(2 * 4, seed=5)
+        p = prompt(tokens)
+        blocks = payloads(2, seed=5)
+        await put(stub, p, blocks)
+        await server.engine.drain()
+        hashes = block_hashes(SPEC, tokens)
+        await stub.Evict(pb.BlocksRequest(block_hashes=hashes[::-1], tier=pb.TIER_G2))
+        found = await stub.Lookup(pb.LookupRequest(prompt=p))
+        assert list(found.tiers) == [pb.TIER_G3] * 2
+        async with segment(stub, 2 * NBYTES) as (sid, mapping):
+            header = await fetch_into(stub, p, sid)
+            assert slots_of(mapping, header) == blocks
+
+
+async def test_a_corrupt_g2_block_never_reaches_the_same_host_client(tmp_path: Path) -> None:
+    async with running(store_config(tmp_path)) as (server, stub, _):
+        tokens = tokens_of(3 * 4, seed=8)
+        blocks = payloads(3, seed=8)
+        await put(stub, prompt(tokens), blocks, durable=True)  # a good copy in G3
+        hashes = block_hashes(SPEC, tokens)
+        g2 = server.engine.tier("G2", SPEC.fingerprint)
+        view = g2.view_of(hashes[1])  # type: ignore[attr-defined]
+        view[HEADER_BYTES + 5] ^= 0x10  # one flipped payload byte in G2
+        del view
+        async with AsyncClient(f"127.0.0.1:{server.port}", same_host=True) as client:
+            kv, n = await client.get_prefix(SPEC, tokens)
+        assert n == 12
+        got = [
+            kv[:, :, 4 * i : 4 * i + 4].contiguous().view(torch.uint8).numpy().tobytes()
+            for i in range(3)
+        ]
+        assert got == blocks  # block 1 came from G3; the flipped copy was dropped
+        assert (await server.engine.stats()).counters["corrupt"] == 1
+
+
+# -- put from the caller's own segment ----------------------------------------------------------
+
+
+async def test_put_reads_only_segments_the_server_issued(tmp_path: Path) -> None:
+    async with running(store_config(tmp_path)) as (_, stub, channel):
+        blocks = payloads(3, seed=6)
+        p = prompt(tokens_of(3 * 4, seed=6))
+        async with segment(stub, 4 * NBYTES + 100) as (sid, mapping):
+            # Out of order in the segment, at offsets that are not block-aligned.
+            offsets = [100 + 2 * NBYTES, 100, 100 + NBYTES]
+            for off, data in zip(offsets, blocks, strict=True):
+                mapping[off : off + NBYTES] = data
+            result = await stub.Put(iter(slot_puts(p, sid, offsets)))
+            assert (result.stored, result.already) == (3, 0)
+            _, got, _ = await fetch(stub, p)
+            assert got == blocks
+
+            q = prompt(tokens_of(3 * 4, seed=7))
+            outside = slot_puts(q, sid, [4 * NBYTES])
+            await expect_status(stub.Put(iter(outside)), StatusCode.INVALID_ARGUMENT, "outside")
+            unknown = slot_puts(q, sid + 1000, [0])
+            await expect_status(stub.Put(iter(unknown)), StatusCode.FAILED_PRECONDITION, "not open")
+        # Closed with the context: its id is refused from now on.
+        gone = slot_puts(q, sid, [0])
+        await expect_status(stub.Put(iter(gone)), StatusCode.FAILED_PRECONDITION, "not open")
+        # The old field named a segment of the client's choosing (any /dev/shm name, another
+        # tenant's, another program's): it is no field any more, so slots need a segment id.
+        header = pb.PutHeader(prompt=q).SerializeToString()
+        name = b"otherapp-secret-seg"
+        header += b"\x22" + bytes([len(name)]) + name  # field 4, length-delimited
+        raw_put = channel.stream_unary(f"/{SERVICE}/Put")
+        messages = [
+            b"\x0a" + bytes([len(header)]) + header if len(header) < 128 else b"",
+            pb.PutRequest(
+                slot=pb.SlotRef(block_index=0, offset=0, length=NBYTES)
+            ).SerializeToString(),
+        ]
+        assert messages[0]
+        await expect_status(
+            raw_put(iter(messages)), StatusCode.INVALID_ARGUMENT, "need header.segment_id"
+        )
+        assert (await stub.Lookup(pb.LookupRequest(prompt=q))).hit_blocks == 0
+
+
+async def test_a_client_cannot_shrink_a_segment_under_the_server(tmp_path: Path) -> None:
+    async with running(store_config(tmp_path)) as (_, stub, _):
+        reply = await stub.OpenSegment(pb.OpenSegmentRequest(size_bytes=4 * NBYTES))
+        fd = await asyncio.to_thread(receive_segment_fd, reply.socket, reply.ticket)
+        try:
+            # Truncating the segment while the server read it killed the server (SIGBUS).
+            for size in (0, NBYTES, 8 * NBYTES):
+                with pytest.raises(PermissionError):
+                    os.ftruncate(fd, size)
+            assert os.fstat(fd).st_size == 4 * NBYTES
+            blocks = payloads(4, seed=9)
+            os.pwrite(fd, b"".join(blocks), 0)
+            p = prompt(tokens_of(4 * 4, seed=9))
+            result = await stub.Put(
+                iter(slot_puts(p, reply.segment_id, [i * NBYTES for i in range(4)]))
+            )
+            assert result.stored == 4
+            assert (await fetch(stub, p))[1] == blocks
+        finally:
+            os.close(fd)
+
+
+# -- tickets and tenants ------------------------------------------------------------------------
+
+
+async def test_a_ticket_hands_over_its_segment_once(tmp_path: Path) -> None:
+    async with running(store_config(tmp_path)) as (_, stub, _):
+        reply = await stub.OpenSegment(pb.OpenSegmentRequest(size_bytes=NBYTES))
+        fd = await asyncio.to_thread(receive_segment_fd, reply.socket, reply.ticket)
+        os.close(fd)
+        with pytest.raises(PermissionError):
+            await asyncio.to_thread(receive_segment_fd, reply.socket, reply.ticket)
+        with pytest.raises(PermissionError):
+            await asyncio.to_thread(receive_segment_fd, reply.socket, secrets.token_bytes(32))
+
+
+def test_an_unclaimed_ticket_expires() -> None:
+    registry = SegmentRegistry(ticket_s=0.05)
+    try:
+        seg = registry.open("t", 4096)
+        registry.expire(now=seg.ticket_expires + 1)
+        with pytest.raises(PermissionError):
+            receive_segment_fd(registry.socket_name, seg.ticket)
+        assert registry.get(seg.segment_id, "t") is seg  # the segment itself stays open
+    finally:
+        registry.shutdown()
+
+
+async def test_tenants_cannot_name_or_read_each_others_segments(tmp_path: Path) -> None:
+    async with running(tenant_config(tmp_path)) as (_, stub, _):
+        tokens = tokens_of(3 * 4, seed=10)
+        a_blocks = payloads(3, seed=10)
+        await put(stub, prompt(tokens), a_blocks, metadata=A)
+        async with (
+            segment(stub, 3 * NBYTES, A) as (a_sid, _),
+            segment(stub, 3 * NBYTES, B) as (b_sid, b_map),
+        ):
+            # B names A's segment: refused as if it did not exist, and nothing is stored.
+            q = prompt(tokens_of(3 * 4, seed=11))
+            await expect_status(
+                stub.Put(iter(slot_puts(q, a_sid, [0])), metadata=B),
+                StatusCode.FAILED_PRECONDITION,
+                "not open for this tenant",
+            )
+            await expect_status(
+                stub.Fetch(pb.FetchRequest(prompt=prompt(tokens), segment_id=a_sid), metadata=B),
+                StatusCode.FAILED_PRECONDITION,
+                "not open for this tenant",
+            )
+            closed = await stub.CloseSegment(pb.CloseSegmentRequest(segment_id=a_sid), metadata=B)
+            assert not closed.closed
+            assert (await stub.Lookup(pb.LookupRequest(prompt=q), metadata=B)).hit_blocks == 0
+            # B fetches the same tokens into its own segment: its salt gives other blocks (none
+            # stored), and its segment holds nothing of A's.
+            header = await fetch_into(stub, prompt(tokens), b_sid, metadata=B)
+            assert list(header.block_hashes) == []
+            whole = bytes(b_map)
+            assert not any(block[:64] in whole for block in a_blocks)
+            # A's own fetch into A's segment works.
+            header = await fetch_into(stub, prompt(tokens), a_sid, metadata=A)
+            assert len(header.slots) == 3
+        assert await stub.CloseSegment(pb.CloseSegmentRequest(segment_id=a_sid), metadata=A)
+
+
+# -- bounds, expiry, off ------------------------------------------------------------------------
+
+
+async def test_segment_bytes_are_bounded_per_tenant(tmp_path: Path) -> None:
+    config = tenant_config(tmp_path, tenant_segment_bytes=4 << 20)
+    async with running(config) as (server, stub, _):
+        first = await stub.OpenSegment(pb.OpenSegmentRequest(size_bytes=3 << 20), metadata=A)
+        await expect_status(
+            stub.OpenSegment(pb.OpenSegmentRequest(size_bytes=2 << 20), metadata=A),
+            StatusCode.RESOURCE_EXHAUSTED,
+            "tenant_segment_bytes",
+        )
+        # Another tenant's bound is its own.
+        other = await stub.OpenSegment(pb.OpenSegmentRequest(size_bytes=3 << 20), metadata=B)
+        mine = (await stub.Stats(pb.StatsRequest(), metadata=A)).tenant
+        assert (mine.name, mine.segments, mine.segment_bytes) == ("a", 1, 3 << 20)
+        assert mine.max_segment_bytes == 4 << 20
+        closed = await stub.CloseSegment(
+            pb.CloseSegmentRequest(segment_id=first.segment_id), metadata=A
+        )
+        assert closed.closed
+        await stub.OpenSegment(pb.OpenSegmentRequest(size_bytes=2 << 20), metadata=A)
+        assert server.segments.usage() == {"a": (1, 2 << 20), "b": (1, 3 << 20)}
+        await expect_status(
+            stub.OpenSegment(pb.OpenSegmentRequest(size_bytes=0), metadata=A),
+            StatusCode.INVALID_ARGUMENT,
+            "size_bytes",
+        )
+        assert other.segment_id != first.segment_id
+
+
+async def test_an_idle_segment_is_closed_and_the_client_opens_another(tmp_path: Path) -> None:
+    config = store_config(tmp_path, server=ServerConfig(listen="127.0.0.1:0", segment_idle_s=0.2))
+    async with (
+        running(config) as (server, _stub, _),
+        AsyncClient(f"127.0.0.1:{server.port}", same_host=True) as client,
+    ):
+        tokens = tokens_of(3 * 4, seed=12)
+        kv = torch.randn(2, 2, 12, 2, 8).to(torch.float16)
+        assert (await client.put(SPEC, tokens, kv)).stored == 3
+        (first,) = server.segments.usage().values()
+        await asyncio.sleep(0.4)
+        server.segments.expire()
+        assert server.segments.usage() == {}
+        got, n = await client.get_prefix(SPEC, tokens)  # the closed segment is replaced
+        assert n == 12
+        assert torch.equal(got, kv)
+        assert list(server.segments.usage().values()) == [first]
+        metric = "kvstore_payload_bytes_out_total"
+        shm = server.metrics.registry.get_sample_value(metric, {"path": "shm"})
+        assert shm == 3 * NBYTES
+
+
+async def test_segments_off_means_bytes(tmp_path: Path) -> None:
+    config = store_config(tmp_path, server=ServerConfig(listen="127.0.0.1:0", same_host=False))
+    async with running(config) as (server, stub, _):
+        await expect_status(
+            stub.OpenSegment(pb.OpenSegmentRequest(size_bytes=NBYTES)),
+            StatusCode.FAILED_PRECONDITION,
+            "off",
+        )
+        async with AsyncClient(f"127.0.0.1:{server.port}", same_host=True) as client:
+            tokens = tokens_of(2 * 4, seed=13)
+            kv = torch.randn(2, 2, 8, 2, 8).to(torch.float16)
+            assert (await client.put(SPEC, tokens, kv)).stored == 2
+            got, _n = await client.get_prefix(SPEC, tokens)
+            assert torch.equal(got, kv)
+        metric = "kvstore_payload_bytes_in_total"
+        assert server.metrics.registry.get_sample_value(metric, {"path": "stream"}) == 2 * NBYTES
