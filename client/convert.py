@@ -357,6 +357,10 @@ def put_result_of(reply: pb.PutResponse) -> PutResult:
     )
 
 
+def _usage_of(usage: pb.TenantUsage) -> dict[str, int | str]:
+    return {f.name: getattr(usage, f.name) for f in usage.DESCRIPTOR.fields}
+
+
 def stats_of(reply: pb.StatsResponse) -> Stats:
     return Stats(
         tiers=[
@@ -388,6 +392,8 @@ def stats_of(reply: pb.StatsResponse) -> Stats:
             )
             for w in reply.workers
         ],
+        tenant=_usage_of(reply.tenant) if reply.HasField("tenant") else {},
+        tenants=[_usage_of(t) for t in reply.tenants],
     )
 
 

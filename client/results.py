@@ -139,6 +139,11 @@ class Stats:
     queue_depth: int  # background copies waiting
     counters: dict[str, int]
     workers: list[WorkerInfo] = field(default_factory=list)
+    # What the calling tenant holds against its bounds (names as in the proto's TenantUsage:
+    # stored_bytes, quota_bytes, segments, segment_bytes, max_segment_bytes, pinned_blocks,
+    # pinned_bytes, max_pinned_blocks, ..., leased_bytes, max_leased_bytes; 0 in a max_: none).
+    tenant: dict[str, int | str] = field(default_factory=dict)
+    tenants: list[dict[str, int | str]] = field(default_factory=list)  # admins: every tenant's
 
 
 @dataclass(frozen=True, slots=True)

@@ -347,6 +347,8 @@ async def test_an_idle_segment_is_closed_and_the_client_opens_another(tmp_path: 
         kv = torch.randn(2, 2, 12, 2, 8).to(torch.float16)
         assert (await client.put(SPEC, tokens, kv)).stored == 3
         (first,) = server.segments.usage().values()
+        mine = (await client.stats()).tenant
+        assert (mine["segments"], mine["segment_bytes"]) == (1, first[1])
         await asyncio.sleep(0.4)
         server.segments.expire()
         assert server.segments.usage() == {}
