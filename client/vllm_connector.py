@@ -50,19 +50,23 @@ Configuration (``kv_connector_extra_config``): ``server`` (``host:port``, defaul
 model worker of the same weights repairs vLLM's holes), ``lease_ttl_s`` and ``stats_path``
 (a folder: each connector writes its counters there as ``<role>-<pid>.json``).
 
-Layout. kvstore blocks are ``[layers, 2 (K,V), block_tokens, kv_heads, head_dim]``. vLLM's CPU
-attention backend keeps one tensor per layer, ``[num_blocks, kv_heads, block_size, 2 * head_dim]``,
-whose block interior depends on the kernel's instruction set: on x86 (the ``vec`` kernels) each
+Layout. kvstore blocks are ``[layers, 2 (K,V), block_tokens, kv_heads, head_dim]``. Each layer's
+attention backend decides how vLLM's paged cache holds them (``layout_for``). The GPU backends
+read a logical view ``[num_blocks, kv_heads, block_size, 2 * head_dim]`` (K, then V, in the last
+axis) whose physical strides follow vLLM's ``KVCacheLayout``: ``ViewLayout`` copies through a
+strided view of the same memory. vLLM's CPU attention backend has the same shape, but the
+interior of its blocks depends on the kernel's instruction set: on x86 (the ``vec`` kernels) each
 head holds its block's K transposed, ``[head_dim, block_size]``, then its V as ``[block_size,
 head_dim]``. Rather than hard-coding that, the worker side asks the backend at start
 (``BlockLayout.probe``: it writes a known pattern through the layer's own ``do_kv_cache_update``)
-and copies by the offsets it finds; a cache that is not whole blocks at dim 0 is refused at start
-rather than misread. The tests compare what vLLM saves with the K/V transformers computes for the
+and copies by the offsets it finds. A cache the connector cannot map is refused at start rather
+than misread. The tests compare what vLLM saves with the K/V transformers computes for the
 same prompt, and feed vLLM blocks computed by transformers.
 
 Limits: one KV cache group (no hybrid models), tensor and pipeline parallel size 1, no
 multimodal prompts or prompt embeddings (their K/V depends on more than the token ids), no fp8
-KV cache. LoRA and ``cache_salt`` requests get their own chains (an extra key on block 0).
+KV cache, no MLA latent caches. LoRA and ``cache_salt`` requests get their own chains (an extra
+key on block 0).
 """
 
 from __future__ import annotations
@@ -431,8 +435,8 @@ class KVStoreConnector(_ConnectorBase):
         self._repairs: dict[str, Future[int]] = {}  # req_id -> the hit once holes are filled
         self._repairer: ThreadPoolExecutor | None = None
         # worker side
-        self._layers: dict[str, tuple[int, torch.Tensor]] = {}  # name -> (index, 2-d view)
-        self._layout: BlockLayout | None = None
+        self._layers: dict[str, tuple[int, torch.Tensor]] = {}  # name -> (index, layout view)
+        self._layout: BlockLayout | ViewLayout | None = None
         self._fetched: list[tuple[_Transfer, torch.Tensor, int]] = []  # load, K/V, start
         self._injected: set[str] = set()
         self._staged: list[tuple[_Transfer, torch.Tensor, set[str]]] = []
@@ -705,11 +709,11 @@ class KVStoreConnector(_ConnectorBase):
         head_dim = int(model_config.get_head_size())
         modules = self._vllm_config.compilation_config.static_forward_context
         layers: dict[str, tuple[int, torch.Tensor]] = {}
-        layout: BlockLayout | None = None
+        layout: BlockLayout | ViewLayout | None = None
         for name, cache in kv_caches.items():
-            if layout is None or tuple(cache.shape[1:]) != layout.block_shape:
-                layout = BlockLayout.probe(modules[name], cache, self._block_size, heads, head_dim)
-            layers[name] = (_layer_index(name), cache.view(cache.shape[0], -1))
+            if layout is None or not layout.fits(cache):
+                layout = layout_for(modules[name], cache, self._block_size, heads, head_dim)
+            layers[name] = (_layer_index(name), layout.prepare(cache))
         indices = sorted(i for i, _ in layers.values())
         if layout is None or indices != list(range(num_layers)):
             raise ConfigError(
@@ -976,6 +980,15 @@ class BlockLayout:
             raise ConfigError("KVStoreConnector: the backend's block layout is not a permutation")
         return cls(positions.view(2, block_size, heads, head_dim).to(cache.device), block_shape)
 
+    def fits(self, cache: torch.Tensor) -> bool:
+        """Whether ``cache`` has the block shape this layout was probed on."""
+        return tuple(cache.shape[1:]) == self.block_shape
+
+    @staticmethod
+    def prepare(cache: torch.Tensor) -> torch.Tensor:
+        """The layer's cache as ``[blocks, elements of one block]``, what gather/scatter use."""
+        return cache.view(cache.shape[0], -1)
+
     def describe(self) -> str:
         k = self.positions[0]
         if self.block_size > 1 and int(k[1, 0, 0] - k[0, 0, 0]) == 1:
@@ -1015,3 +1028,96 @@ class BlockLayout:
                 continue
             where = self.positions[:, lo - block * b : hi - block * b].reshape(-1)
             cache[block_ids[block], where] = kv[:, lo:hi].reshape(-1)
+
+
+# The backends whose block interior is opaque (the kernel decides where each element goes):
+# their layout is probed. Every other backend reads its layer cache through the logical view
+# ``[blocks, kv_heads, block_size, 2 * head_dim]`` with K in the first ``head_dim`` of the last
+# axis and V in the second (``kv_cache.transpose(1, 2).split(head_size, -1)`` in FlashAttention,
+# Triton, FlexAttention, ROCm), whatever the physical strides (vLLM's ``KVCacheLayout``).
+_PROBED_BACKENDS = frozenset({"CPU_ATTN"})
+
+
+def layout_for(
+    layer: Any, cache: torch.Tensor, block_size: int, heads: int, head_dim: int
+) -> BlockLayout | ViewLayout:
+    """The layout of one layer's paged cache, from the layer's attention backend: probed where
+    the backend's block interior is opaque, read from the logical view everywhere else."""
+    backend = getattr(layer, "attn_backend", None)
+    name = ""
+    if backend is not None:
+        with contextlib.suppress(Exception):
+            name = str(backend.get_name())
+    if name in _PROBED_BACKENDS or (not name and cache.device.type == "cpu"):
+        return BlockLayout.probe(layer, cache, block_size, heads, head_dim)
+    return ViewLayout.of(cache, block_size, heads, head_dim, name or type(layer).__name__)
+
+
+class ViewLayout:
+    """A paged cache read through vLLM's logical per-layer view ``[blocks, kv_heads,
+    block_size, 2 * head_dim]`` (K: ``[..., :head_dim]``, V: ``[..., head_dim:]``), with any
+    physical strides: layer-compact or block-outermost, head-major or token-major (vLLM's
+    ``KVCacheLayout`` LBHNC, LBNHC, LHBNC, BLHNC, BLNHC, BHLNC). Blocks are gathered and
+    scattered through a strided ``[blocks, 2, block_size, kv_heads, head_dim]`` view of the
+    same memory: one ``index_select`` / ``index_copy_`` per layer, no element index."""
+
+    def __init__(self, shape: tuple[int, ...], strides: tuple[int, ...], backend: str) -> None:
+        self.shape = shape[1:]
+        self.strides = strides
+        self.backend = backend
+        self.block_size = int(shape[2])
+
+    @classmethod
+    def of(
+        cls, cache: torch.Tensor, block_size: int, heads: int, head_dim: int, backend: str
+    ) -> ViewLayout:
+        want = (heads, block_size, 2 * head_dim)
+        if cache.dim() != 4 or tuple(cache.shape[1:]) != want or cache.dtype not in _TORCH_DTYPES:
+            raise ConfigError(
+                f"KVStoreConnector: attention backend {backend} keeps a KV cache of shape "
+                f"{list(cache.shape)}, {cache.dtype}; only [blocks, {heads} KV heads, "
+                f"{block_size} tokens, 2 x {head_dim}] caches of K and V in "
+                f"{sorted(str(d).removeprefix('torch.') for d in _TORCH_DTYPES)} are mapped "
+                "(MLA's latent caches and quantized caches are not)"
+            )
+        return cls(tuple(cache.shape), tuple(cache.stride()), backend)
+
+    def fits(self, cache: torch.Tensor) -> bool:
+        return tuple(cache.shape[1:]) == self.shape and tuple(cache.stride()) == self.strides
+
+    @staticmethod
+    def prepare(cache: torch.Tensor) -> torch.Tensor:
+        """``[blocks, 2, block_size, kv_heads, head_dim]``, a view of the same memory."""
+        blocks, heads, tokens, content = cache.shape
+        split = cache.view(blocks, heads, tokens, 2, content // 2)
+        return split.permute(0, 3, 2, 1, 4)
+
+    def describe(self) -> str:
+        return f"block layout from backend {self.backend}: logical view, strides {self.strides}"
+
+    def gather(self, blocks: torch.Tensor, block_ids: list[int], *, out: torch.Tensor) -> None:
+        """Tokens ``[0, n)`` of one layer into ``out`` ``[2, n, kv_heads, head_dim]``."""
+        n, b = out.shape[1], self.block_size
+        num_blocks = -(-n // b)
+        index = torch.tensor(block_ids[:num_blocks], dtype=torch.long, device=blocks.device)
+        got = blocks.index_select(0, index)  # [n_blocks, 2, B, H, D], contiguous
+        out.copy_(got.transpose(0, 1).reshape(2, num_blocks * b, *out.shape[2:])[:, :n])
+
+    def scatter(
+        self, blocks: torch.Tensor, block_ids: list[int], kv: torch.Tensor, start: int
+    ) -> None:
+        """Tokens ``[start, end)`` of one layer's ``kv`` ``[2, end, kv_heads, head_dim]`` into
+        their slots, and nothing else (see ``BlockLayout.scatter``)."""
+        end, b = kv.shape[1], self.block_size
+        first_full, last_full = -(-start // b), end // b
+        if first_full < last_full:
+            count = last_full - first_full
+            ids = torch.tensor(block_ids[first_full:last_full], dtype=torch.long)
+            src = kv[:, first_full * b : last_full * b].reshape(2, count, b, *kv.shape[2:])
+            blocks.index_copy_(0, ids.to(blocks.device), src.transpose(0, 1).to(blocks.device))
+        edges = {start // b, (end - 1) // b} - set(range(first_full, last_full))
+        for block in sorted(edges):
+            lo, hi = max(start, block * b), min(end, (block + 1) * b)
+            if lo < hi:
+                base = block * b
+                blocks[block_ids[block], :, lo - base : hi - base] = kv[:, lo:hi].to(blocks.device)
