@@ -286,13 +286,23 @@ def run_all(lengths: list[int], repeats: int, work: Path, model: Path) -> dict[s
                 "kv_connector_module_path": "client.vllm_connector",
                 "kv_role": "kv_both",
                 "kv_load_failure_policy": "recompute",
-                "kv_connector_extra_config": {"server": service.target},
+                "kv_connector_extra_config": {
+                    "server": service.target,
+                    "stats_path": str(work / "kvstore-stats"),
+                },
             },
         )
         try:
             engine.run([warm, warm])
             stores["kvstore"] = engine.run(ids)
+            before = _phase_seconds(work / "kvstore-stats")
             rows["kvstore G2"] = engine.run(ids)
+            after = _phase_seconds(work / "kvstore-stats")
+            phases = {k: (after[k] - before.get(k, 0.0)) / len(ids) for k in after}
+            log(
+                "kvstore G2 load pass, connector seconds per prompt: "
+                + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in phases.items())
+            )
             log("restarting the kvstore service (G2 empty, G3 kept)")
             service.stop()
             service.start()
@@ -322,6 +332,16 @@ def run_all(lengths: list[int], repeats: int, work: Path, model: Path) -> dict[s
         "engine_start_s": starts,
         "shape": SHAPE,
     }
+
+
+def _phase_seconds(folder: Path) -> dict[str, float]:
+    """The connectors' summed ``*_s`` counters (scheduler and worker), from their stats files."""
+    out: dict[str, float] = {}
+    for path in sorted(folder.glob("*.json")):
+        for key, value in json.loads(path.read_text()).items():
+            if key.endswith("_s"):
+                out[key] = out.get(key, 0.0) + float(value)
+    return out
 
 
 def medians(data: dict[str, Any], rows: dict[str, list[dict[str, Any]]]) -> dict[str, list[float]]:

@@ -74,9 +74,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -396,6 +398,13 @@ class _Counters:
     stored_blocks: int = 0
     already_stored_blocks: int = 0
     save_errors: int = 0
+    # Seconds spent in each part of the hit and store paths, summed over calls.
+    lookup_s: float = 0.0
+    reserve_s: float = 0.0
+    fetch_s: float = 0.0
+    inject_s: float = 0.0
+    gather_s: float = 0.0
+    put_s: float = 0.0
 
 
 # -- the connector ---------------------------------------------------------------------------------
@@ -440,6 +449,10 @@ class KVStoreConnector(_ConnectorBase):
         self._fetched: list[tuple[_Transfer, torch.Tensor, int]] = []  # load, K/V, start
         self._injected: set[str] = set()
         self._staged: list[tuple[_Transfer, torch.Tensor, set[str]]] = []
+        # Reused from step to step: a fresh tensor per load page-faults on every byte (8 ms of
+        # a 24 MiB load here), a warm one does not.
+        self._load_arena = _Arena()
+        self._save_arena = _Arena()
         self._load_errors: set[int] = set()
         self._write_stats()
 
@@ -502,8 +515,11 @@ class KVStoreConnector(_ConnectorBase):
         limit = (len(tokens) - 1) // spec.block_tokens * spec.block_tokens
         if limit <= num_computed_tokens:
             return 0, False
-        prompt = list(tokens[:limit])
-        extra_keys = _extra_keys(request, limit // spec.block_tokens)
+        # The lookup covers every full block, the last one too: when kvstore has them all, the
+        # request's save after its prefill is skipped (it would store nothing new).
+        full = len(tokens) // spec.block_tokens * spec.block_tokens
+        prompt = list(tokens[:full])
+        extra_keys = _extra_keys(request, full // spec.block_tokens)
         repair = self._repairs.get(request.request_id)
         if repair is not None:
             if not repair.done():
@@ -512,6 +528,7 @@ class KVStoreConnector(_ConnectorBase):
             hit = repair.result()
         else:
             self.counters.lookups += 1
+            started = time.perf_counter()
             try:
                 found = self._kv().lookup(spec, prompt, extra_keys=extra_keys)
             except KVStoreError as exc:
@@ -523,6 +540,7 @@ class KVStoreConnector(_ConnectorBase):
                 self._write_stats()
                 return 0, False
             hit = found.hit_tokens
+            self.counters.lookup_s += time.perf_counter() - started
             if self.config.repair_holes and found.holes:
                 # The model worker's time must not stall the scheduler (every running request
                 # waits on it): the repair runs aside, and this request waits for it alone.
@@ -531,6 +549,9 @@ class KVStoreConnector(_ConnectorBase):
                 )
                 return None, False
         self.counters.lookup_hit_tokens += hit
+        state = self._requests.get(request.request_id)
+        if state is not None:
+            state.stored_end = max(state.stored_end, hit)
         hit = min(hit, limit)
         if hit <= num_computed_tokens:
             self._write_stats()
@@ -580,6 +601,7 @@ class KVStoreConnector(_ConnectorBase):
         state.stored_end = max(state.stored_end, end)
         # Hold the blocks until the worker has read them (or the TTL passes): an eviction in
         # between would turn the hit into a recompute.
+        started = time.perf_counter()
         with contextlib.suppress(KVStoreError):
             lease = self._kv().reserve(
                 self._spec,
@@ -591,6 +613,7 @@ class KVStoreConnector(_ConnectorBase):
             if state.lease_id:
                 self._release(state.lease_id)
             state.lease_id = lease.lease_id
+        self.counters.reserve_s += time.perf_counter() - started
 
     def on_new_request(self, request: Any) -> None:
         """Track a request whose K/V depends on its token ids alone (and on the extra keys)."""
@@ -754,16 +777,21 @@ class KVStoreConnector(_ConnectorBase):
                 )
             return
         kv = self._kv()
-        for load in meta.loads:
-            buffer = torch.empty(
-                (spec.num_layers, 2, load.end, spec.num_kv_heads, spec.head_dim),
-                dtype=_torch_dtype(spec.dtype),
-            )
+        buffers = self._load_arena.views(
+            [
+                (spec.num_layers, 2, load.end, spec.num_kv_heads, spec.head_dim)
+                for load in meta.loads
+            ],
+            _torch_dtype(spec.dtype),
+        )
+        for load, buffer in zip(meta.loads, buffers, strict=True):
+            started = time.perf_counter()
             try:
                 _, got = kv.get_prefix(spec, load.tokens, out=buffer, extra_keys=load.extra_keys)
             except KVStoreError as exc:
                 log.warning("KVStoreConnector: fetch for %s failed: %s", load.req_id, exc)
                 got = 0
+            self.counters.fetch_s += time.perf_counter() - started
             self.counters.loads += 1
             if got < load.end:
                 # Evicted since the lookup, or unreachable: vLLM recomputes from the first
@@ -792,9 +820,11 @@ class KVStoreConnector(_ConnectorBase):
             return
         index, cache = entry
         assert self._layout is not None
+        started = time.perf_counter()
         for load, kv, start in self._fetched:
             self._layout.scatter(cache, load.block_ids, kv[index], start)
         self._injected.add(layer_name)
+        self.counters.inject_s += time.perf_counter() - started
 
     def save_kv_layer(
         self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
@@ -808,19 +838,24 @@ class KVStoreConnector(_ConnectorBase):
         if entry is None:
             return
         if not self._staged:
-            spec = self._worker_spec(meta)
-            for save in meta.saves:
-                staging = torch.empty(
-                    (spec.num_layers, 2, save.end, spec.num_kv_heads, spec.head_dim),
-                    dtype=_torch_dtype(spec.dtype),
-                )
-                self._staged.append((save, staging, set()))
+            self._stage(meta)
         index, cache = entry
+        started = time.perf_counter()
         for save, staging, done in self._staged:
             if layer_name not in done:
                 assert self._layout is not None
                 self._layout.gather(cache, save.block_ids, out=staging[index])
                 done.add(layer_name)
+        self.counters.gather_s += time.perf_counter() - started
+
+    def _stage(self, meta: KVStoreConnectorMetadata) -> None:
+        """Staging tensors for this step's saves, in the reused save arena."""
+        spec = self._worker_spec(meta)
+        shapes = [
+            (spec.num_layers, 2, save.end, spec.num_kv_heads, spec.head_dim) for save in meta.saves
+        ]
+        views = self._save_arena.views(shapes, _torch_dtype(spec.dtype))
+        self._staged = [(save, view, set()) for save, view in zip(meta.saves, views, strict=True)]
 
     def wait_for_save(self) -> None:
         """Put this step's saves (all layers copied by now) into kvstore, then check that every
@@ -832,7 +867,7 @@ class KVStoreConnector(_ConnectorBase):
         if not isinstance(meta, KVStoreConnectorMetadata) or not meta.saves or not self._layers:
             return
         if not self._staged:  # no save_kv_layer call at all (no attention this step)
-            self._staged = [(save, torch.empty(0), set()) for save in meta.saves]
+            self._stage(meta)
         spec = self._worker_spec(meta)
         kv = self._kv()
         for save, staging, done in self._staged:
@@ -840,17 +875,14 @@ class KVStoreConnector(_ConnectorBase):
             if missing:
                 # A layer vLLM ran without the save hook: its K/V is in the paged cache all
                 # the same, so copy it from there.
-                if staging.numel() == 0:
-                    staging = torch.empty(
-                        (spec.num_layers, 2, save.end, spec.num_kv_heads, spec.head_dim),
-                        dtype=_torch_dtype(spec.dtype),
-                    )
                 assert self._layout is not None
                 for name in missing:
                     index, cache = self._layers[name]
                     self._layout.gather(cache, save.block_ids, out=staging[index])
+            started = time.perf_counter()
             try:
                 result = kv.put(spec, save.tokens, staging, extra_keys=save.extra_keys)
+                self.counters.put_s += time.perf_counter() - started
             except KVStoreError as exc:
                 # A lost save is a future miss, not an error of this request.
                 self.counters.save_errors += 1
@@ -906,6 +938,28 @@ def _layer_index(name: str) -> int:
     if len(numbers) != 1:
         raise ConfigError(f"KVStoreConnector: cannot tell the layer index of {name!r}")
     return numbers[0]
+
+
+class _Arena:
+    """One pre-faulted host buffer that a step's loads (or saves) are carved from; it grows to the
+    largest step seen and is reused, so the copies of a hit write into warm pages."""
+
+    def __init__(self) -> None:
+        self._buf = torch.empty(0, dtype=torch.uint8)
+
+    def views(self, shapes: Sequence[tuple[int, ...]], dtype: torch.dtype) -> list[torch.Tensor]:
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        sizes = [-(-math.prod(shape) * itemsize // 64) * 64 for shape in shapes]
+        total = sum(sizes)
+        if self._buf.numel() < total:
+            # zeros, not empty: the pages are touched here, once.
+            self._buf = torch.zeros(max(total, 2 * self._buf.numel()), dtype=torch.uint8)
+        out, offset = [], 0
+        for shape, size in zip(shapes, sizes, strict=True):
+            count = math.prod(shape) * itemsize
+            out.append(self._buf[offset : offset + count].view(dtype).view(shape))
+            offset += size
+        return out
 
 
 class BlockLayout:
