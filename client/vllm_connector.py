@@ -986,6 +986,12 @@ class BlockLayout:
         # written as one gather of the source and one row copy per block (index_copy_), 3x
         # faster here than an element-wise index_put over [blocks, elements].
         self._inverse = torch.argsort(self._flat)
+        # Where K and V are each an affine map of (token, head, dim) inside the block, as in
+        # every layout the CPU backend has used, a block is read and written through one
+        # strided view per kind: two index_copy_ calls per layer, no element index (1.9 ms
+        # against 4.0-6.3 ms per layer of 255 blocks in a micro-benchmark).
+        maps = [_affine(positions[kv]) for kv in range(2)]
+        self._affine = [m for m in maps if m is not None] if None not in maps else []
 
     @classmethod
     def probe(
@@ -1051,12 +1057,30 @@ class BlockLayout:
             kind = "K token-major ([block_size, head_dim] per head)"
         return f"block layout probed from the backend: {kind}"
 
+    def _views(self, cache: torch.Tensor) -> list[torch.Tensor]:
+        """K and V of every block as ``[blocks, block_size, kv_heads, head_dim]`` strided
+        views of ``cache`` (``[blocks, elements]``); only for affine layouts."""
+        _, b, h, d = self.positions.shape
+        return [
+            cache.as_strided(
+                (cache.shape[0], b, h, d),
+                (cache.stride(0), *strides),
+                cache.storage_offset() + base,
+            )
+            for base, strides in self._affine
+        ]
+
     def gather(self, cache: torch.Tensor, block_ids: list[int], *, out: torch.Tensor) -> None:
         """Tokens ``[0, n)`` of one layer into ``out`` ``[2, n, kv_heads, head_dim]``, from
         the paged cache as ``[blocks, elements]`` (token ``t`` is in ``block_ids[t // B]``)."""
         n, b = out.shape[1], self.block_size
         num_blocks = -(-n // b)
         index = torch.tensor(block_ids[:num_blocks], dtype=torch.long, device=cache.device)
+        if self._affine:
+            for kv, view in enumerate(self._views(cache)):
+                got = view.index_select(0, index)  # [n_blocks, B, H, D]
+                out[kv].copy_(got.reshape(num_blocks * b, *out.shape[2:])[:n])
+            return
         blocks = cache.index_select(0, index)[:, self._flat]  # [n_blocks, 2 * B * H * D]
         blocks = blocks.view(num_blocks, *self.positions.shape).transpose(0, 1)
         out.copy_(blocks.reshape(2, num_blocks * b, *out.shape[2:])[:, :n])
@@ -1073,8 +1097,12 @@ class BlockLayout:
             ids = torch.tensor(block_ids[first_full:last_full], dtype=torch.long)
             count = last_full - first_full
             src = kv[:, first_full * b : last_full * b].reshape(2, count, b, *kv.shape[2:])
-            rows = src.transpose(0, 1).reshape(count, -1)
-            cache.index_copy_(0, ids.to(cache.device), rows.index_select(1, self._inverse))
+            if self._affine:
+                for which, view in enumerate(self._views(cache)):
+                    view.index_copy_(0, ids.to(cache.device), src[which].to(cache.device))
+            else:
+                rows = src.transpose(0, 1).reshape(count, -1)
+                cache.index_copy_(0, ids.to(cache.device), rows.index_select(1, self._inverse))
         edges = {start // b, (end - 1) // b} - set(range(first_full, last_full))
         for block in sorted(edges):
             lo, hi = max(start, block * b), min(end, (block + 1) * b)
@@ -1082,6 +1110,25 @@ class BlockLayout:
                 continue
             where = self.positions[:, lo - block * b : hi - block * b].reshape(-1)
             cache[block_ids[block], where] = kv[:, lo:hi].reshape(-1)
+
+
+def _affine(positions: torch.Tensor) -> tuple[int, tuple[int, int, int]] | None:
+    """``(base, (token, head, dim) strides)`` if ``positions`` ``[B, H, D]`` is
+    ``base + t * st + h * sh + d * sd`` for every element, else None."""
+    b, h, d = positions.shape
+    p = positions.to("cpu", torch.int64)
+    base = int(p[0, 0, 0])
+    strides = tuple(
+        int(p[tuple(1 if i == axis else 0 for i in range(3))]) - base if n > 1 else 0
+        for axis, n in enumerate((b, h, d))
+    )
+    st, sh, sd = strides
+    t_idx = torch.arange(b).view(b, 1, 1)
+    h_idx = torch.arange(h).view(1, h, 1)
+    d_idx = torch.arange(d).view(1, 1, d)
+    if min(strides) < 0 or not torch.equal(p, base + t_idx * st + h_idx * sh + d_idx * sd):
+        return None
+    return base, (st, sh, sd)
 
 
 # The backends whose block interior is opaque (the kernel decides where each element goes):

@@ -77,6 +77,7 @@ def test_layout_inverts_the_kernel(isa: str, dtype: torch.dtype) -> None:
     layer = _layer(isa)
     cache = _cache(dtype)
     layout = BlockLayout.probe(layer, cache, BLOCK, HEADS, HEAD_DIM)
+    assert layout._affine, "every CPU kernel layout is affine: the strided path must run"
     kv = torch.randn(2, 3 * BLOCK - 5, HEADS, HEAD_DIM).to(dtype)
     block_ids = [4, 9, 1]
     _write(layer, cache, kv, block_ids)
@@ -236,3 +237,22 @@ def test_extra_config_is_checked() -> None:
         ConnectorConfig.from_extra({"repair_holes": "yes"})
     with pytest.raises(ConfigError, match="timeout_s"):
         ConnectorConfig.from_extra({"timeout_s": 0})
+
+
+def test_a_layout_that_is_not_affine_still_round_trips() -> None:
+    # A permutation no strided view expresses: the element-index path does the copy.
+    size = 2 * BLOCK * HEADS * HEAD_DIM
+    generator = torch.Generator().manual_seed(3)
+    positions = torch.randperm(size, generator=generator).view(2, BLOCK, HEADS, HEAD_DIM)
+    layout = BlockLayout(positions, (HEADS, BLOCK, 2 * HEAD_DIM))
+    assert not layout._affine
+    flat = _cache(torch.float32).view(NUM_BLOCKS, -1)
+    kv = torch.randn(2, 3 * BLOCK - 5, HEADS, HEAD_DIM, generator=generator)
+    block_ids = [4, 9, 1]
+    layout.scatter(flat, block_ids, kv, 0)
+    for t in (0, BLOCK + 3, 3 * BLOCK - 6):
+        block = flat[block_ids[t // BLOCK]]
+        assert torch.equal(block[positions[:, t % BLOCK].reshape(-1)], kv[:, t].reshape(-1))
+    out = torch.empty_like(kv)
+    layout.gather(flat, block_ids, out=out)
+    assert torch.equal(out, kv)
