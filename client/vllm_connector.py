@@ -990,8 +990,8 @@ class BlockLayout:
         # every layout the CPU backend has used, a block is read and written through one
         # strided view per kind: two index_copy_ calls per layer, no element index (1.9 ms
         # against 4.0-6.3 ms per layer of 255 blocks in a micro-benchmark).
-        maps = [_affine(positions[kv]) for kv in range(2)]
-        self._affine = [m for m in maps if m is not None] if None not in maps else []
+        k, v = _affine(positions[0]), _affine(positions[1])
+        self._affine = [k, v] if k is not None and v is not None else []
 
     @classmethod
     def probe(
@@ -1098,8 +1098,9 @@ class BlockLayout:
             count = last_full - first_full
             src = kv[:, first_full * b : last_full * b].reshape(2, count, b, *kv.shape[2:])
             if self._affine:
+                ids = ids.to(cache.device)
                 for which, view in enumerate(self._views(cache)):
-                    view.index_copy_(0, ids.to(cache.device), src[which].to(cache.device))
+                    view.index_copy_(0, ids, src[which].to(cache.device))
             else:
                 rows = src.transpose(0, 1).reshape(count, -1)
                 cache.index_copy_(0, ids.to(cache.device), rows.index_select(1, self._inverse))
