@@ -15,7 +15,10 @@ With a connector every prompt is generated twice: a store pass over all prompts 
 stores them (timed, not the TTFT of the table), then a load pass over all prompts loads every
 full block but the one holding the last token, and is timed. For kvstore the service is then
 restarted (same G3, G2 empty) and every prompt generated once more by the same engine: the G3
-hit. The first token must be the same in every configuration. Writes
+hit. The first no-connector engine caches prefixes (vLLM's own) and generates every prompt a
+second time: the floor, the step of the last block alone on a cached prefix, to which the table
+adds one memcpy of the hit's K/V (measured here). The first token must be the same in every
+configuration. Writes
 ``benchmarks/vllm_ttft.png`` and prints a Markdown table; raw results go to a temporary folder
 (printed).
 """
@@ -161,7 +164,14 @@ class Service:
 class Engine:
     """``vllm_ttft_engine.py`` in a subprocess; ``run`` sends one round of prompts."""
 
-    def __init__(self, folder: Path, model: Path, kv_transfer: dict[str, Any] | None) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        model: Path,
+        kv_transfer: dict[str, Any] | None,
+        *,
+        prefix_caching: bool = False,
+    ) -> None:
         self.folder = folder
         folder.mkdir(parents=True)
         spec = {
@@ -169,6 +179,7 @@ class Engine:
             "block_size": BLOCK_SIZE,
             "max_model_len": MAX_MODEL_LEN,
             "kv_transfer": kv_transfer,
+            "prefix_caching": prefix_caching,
         }
         (folder / "spec.json").write_text(json.dumps(spec))
         self.log_path = folder / "engine.log"
@@ -239,18 +250,23 @@ def run_all(lengths: list[int], repeats: int, work: Path, model: Path) -> dict[s
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
-    def recompute(name: str) -> None:
+    def recompute(name: str, *, floor: bool = False) -> None:
         log(f"engine: no connector ({name})")
-        engine = Engine(work / name.replace(" ", "-"), model, None)
+        engine = Engine(work / name.replace(" ", "-"), model, None, prefix_caching=floor)
         try:
             engine.run([warm])
             rows[name] = engine.run(ids)
+            if floor:
+                # The same prompts again: vLLM's own prefix cache holds every full block but
+                # the last one's, so this is the step alone, with no K/V to bring in.
+                rows["floor"] = engine.run(ids)
             starts[name] = engine.start_s
         finally:
             engine.close()
 
-    # (a) no connector, first and last: the machine's load moves over a run
-    recompute("recompute")
+    # (a) no connector, first and last: the machine's load moves over a run. The first one
+    # also measures the floor (the last block computed on vLLM's own cached prefix).
+    recompute("recompute", floor=True)
 
     # (b) ExampleConnector: store pass, then load pass
     log("engine: ExampleConnector")
@@ -323,15 +339,42 @@ def run_all(lengths: list[int], repeats: int, work: Path, model: Path) -> dict[s
         for c in CONFIGS[2:]:
             cached = rows[c][i]["num_cached_tokens"]
             assert cached == expected_hit(n), f"{c}, repeat {r}, {n} tokens: {cached} cached"
+        assert rows["floor"][i]["num_cached_tokens"] == expected_hit(n)
+        assert rows["floor"][i]["token"] == tokens["recompute"]
     return {
         "lengths": lengths,
         "repeats": repeats,
+        "memcpy_ms": memcpy_ms(lengths),
         "prompts": [(r, n) for r, n, _ in prompts],
         "rows": rows,
         "stores": stores,
         "engine_start_s": starts,
         "shape": SHAPE,
     }
+
+
+def memcpy_ms(lengths: list[int], repeats: int = 9) -> list[float]:
+    """Median ms of one copy of a hit's K/V (``expected_hit(n)`` tokens of every layer) between
+    two warm tensors, one thread: the copy every load has to make at least."""
+    import torch
+
+    per_token = 2 * SHAPE["num_hidden_layers"] * SHAPE["num_key_value_heads"] * SHAPE["head_dim"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = []
+    try:
+        for n in lengths:
+            src = torch.rand(expected_hit(n) * per_token)
+            dst = torch.zeros_like(src)
+            times = []
+            for _ in range(repeats):
+                began = time.perf_counter()
+                dst.copy_(src)
+                times.append((time.perf_counter() - began) * 1000)
+            out.append(statistics.median(times))
+    finally:
+        torch.set_num_threads(threads)
+    return out
 
 
 def _phase_seconds(folder: Path) -> dict[str, float]:
@@ -371,6 +414,23 @@ def table(data: dict[str, Any]) -> str:
         cells += [f"{med[c][i]:,.0f} ms ({base / med[c][i]:.1f}×)" for c in CONFIGS[2:]]
         cells += [f"{store[c][i]:,.0f} ms" for c in ("example", "kvstore")]
         lines.append(f"| {n:,} | {expected_hit(n):,} | " + " | ".join(cells) + " |")
+    # The targets: kvstore against ExampleConnector and against the floor, in the same run.
+    lines += [
+        "",
+        "| prompt tokens | floor: last block on a cached prefix + memcpy of the hit | "
+        "G2 hit / ExampleConnector | G3 hit / ExampleConnector | G2 hit / floor | "
+        "store pass: kvstore / ExampleConnector |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for i, n in enumerate(data["lengths"]):
+        floor = med["floor"][i] + data["memcpy_ms"][i]
+        example = med["example"][i]
+        lines.append(
+            f"| {n:,} | {med['floor'][i]:,.0f} + {data['memcpy_ms'][i]:.1f} = {floor:,.0f} ms | "
+            f"{med['kvstore G2'][i] / example:.2f}× | {med['kvstore G3'][i] / example:.2f}× | "
+            f"{med['kvstore G2'][i] / floor:.2f}× | "
+            f"{store['kvstore'][i] / store['example'][i]:.2f}× |"
+        )
     return "\n".join(lines)
 
 

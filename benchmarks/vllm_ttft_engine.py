@@ -2,8 +2,9 @@
 
     python benchmarks/vllm_ttft_engine.py FOLDER
 
-``FOLDER/spec.json``: ``model``, ``block_size``, ``max_model_len`` and ``kv_transfer``
-(``KVTransferConfig`` keyword arguments, or null for plain vLLM). Each line of standard input is
+``FOLDER/spec.json``: ``model``, ``block_size``, ``max_model_len``, ``kv_transfer``
+(``KVTransferConfig`` keyword arguments, or null for plain vLLM) and ``prefix_caching``
+(vLLM's own, default false). Each line of standard input is
 one round, a JSON list of prompts (token ids); every prompt is generated on its own, greedy, one
 token, and timed. The round's results go to ``FOLDER/round-<i>.json``: per prompt the seconds
 ``llm.generate`` took, the token and ``num_cached_tokens``. At the end of input the engine exits.
@@ -39,7 +40,8 @@ def main(folder: Path) -> None:
         max_num_batched_tokens=spec["max_model_len"],
         max_num_seqs=4,
         enforce_eager=True,
-        enable_prefix_caching=False,  # a hit comes from the connector or not at all
+        # a hit comes from the connector or not at all; the floor's engine caches prefixes
+        enable_prefix_caching=bool(spec.get("prefix_caching", False)),
         seed=0,
         kv_transfer_config=kv_transfer,
     )

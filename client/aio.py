@@ -77,6 +77,7 @@ from client.convert import (
 )
 from client.errors import NotFoundError, error_from_rpc
 from client.results import BlockInfo, Event, Lease, Lookup, PutResult, Repair, Stats
+from kvstore.block_format import torch_dtype
 from kvstore.errors import ConfigError, CorruptBlockError, InvalidArgumentError, KVStoreError
 from kvstore.keys import BlockHash, ModelSpec
 from kvstore.segments import receive_segment_fd
@@ -408,6 +409,100 @@ class AsyncClient:
             return sink.result()
         finally:
             call.cancel()  # a no-op once the stream is done; else stops the server sending
+
+    async def get_prefix_by_layer(
+        self,
+        spec: ModelSpec,
+        tokens: Tokens,
+        on_layer: Callable[[int, torch.Tensor], None],
+        *,
+        max_blocks: int = 0,
+        extra_keys: ExtraKeys = None,
+    ) -> int:
+        """The leading hit of ``tokens``, handed over layer by layer; returns its verified length
+        in tokens.
+
+        ``on_layer(layer, kv)`` is called once per layer, in order, as soon as that layer is
+        here: ``kv`` is ``[2, tokens, kv_heads, head_dim]`` and valid only during the call (on the
+        same host it is a view of this client's shared segment, which the server fills with the
+        next layers meanwhile; copy out what you keep). Its ``tokens`` can exceed the returned
+        length: a block that failed its checksum ends the hit, and bytes from there on must not
+        be used. Where the same-host path is not available, the whole hit is fetched first and
+        then handed over layer by layer. ``on_layer`` runs in the client's event loop (the
+        ``Client``'s thread); a call may be repeated for a layer when the fetch is retried."""
+        if max_blocks < 0:
+            raise InvalidArgumentError(f"max_blocks must be >= 0, got {max_blocks}")
+        request = pb.FetchRequest(
+            prompt=prompt_of(spec, tokens, extra_keys),
+            max_blocks=max_blocks,
+            max_chunk_bytes=self.max_chunk_bytes,
+            by_layer=True,
+        )
+        most = len(request.prompt.tokens_u32le) // 4 // spec.block_tokens
+        most = min(most, max_blocks) if max_blocks else most
+        if self._shm_fetch and most:
+
+            def attempt(segment: _Segment) -> Awaitable[int]:
+                shared = pb.FetchRequest()
+                shared.CopyFrom(request)
+                shared.segment_id = segment.segment_id
+                return self._retrying(
+                    lambda: self._fetch_layers(spec, shared, segment, on_layer), raw=True
+                )
+
+            try:
+                return await self._with_segment(most * spec.block_nbytes, attempt)
+            except _SegmentUnusable as exc:
+                log.info("%s: same-host fetch unavailable, receiving bytes: %s", self.target, exc)
+                self._shm_fetch = False
+            except _SegmentBusy as exc:
+                log.info("%s: no segment for this fetch, receiving bytes: %s", self.target, exc)
+        kv, hit = await self.get_prefix(spec, tokens, max_blocks=max_blocks, extra_keys=extra_keys)
+        for layer in range(kv.shape[0]):
+            on_layer(layer, kv[layer])
+        return hit
+
+    async def _fetch_layers(
+        self,
+        spec: ModelSpec,
+        request: pb.FetchRequest,
+        segment: _Segment,
+        on_layer: Callable[[int, torch.Tensor], None],
+    ) -> int:
+        """One attempt of a layer-by-layer Fetch into ``segment``; the verified tokens."""
+        call = self._connect().Fetch(request, timeout=self.timeout_s, metadata=self._metadata)
+        kv: torch.Tensor | None = None
+        done, layers = 0, spec.num_layers
+        try:
+            async for reply in call:
+                kind = reply.WhichOneof("msg")
+                if kind == "header":
+                    header = reply.header
+                    if kv is not None or not header.by_layer:
+                        raise CorruptBlockError("the server did not answer layer by layer")
+                    if header.block_bytes and header.block_bytes != spec.block_nbytes:
+                        raise CorruptBlockError(
+                            f"the server sends blocks of {header.block_bytes} bytes, namespace "
+                            f"{spec.name} has {spec.block_nbytes}"
+                        )
+                    kv = _segment_kv(spec, segment, len(header.block_hashes))
+                    continue
+                if kind != "progress" or kv is None:
+                    raise CorruptBlockError(f"unexpected {kind} message in a layer-by-layer Fetch")
+                progress = reply.progress
+                upto = min(progress.layers_done, layers)
+                for layer in range(done, upto):
+                    on_layer(layer, kv[layer])
+                done = max(done, upto)
+                if progress.done:
+                    if done != layers:
+                        raise CorruptBlockError(f"the Fetch ended after {done} of {layers} layers")
+                    blocks = kv.shape[2] // spec.block_tokens
+                    return int(min(progress.verified_blocks, blocks)) * spec.block_tokens
+            raise CorruptBlockError("the layer-by-layer Fetch ended before its last message")
+        finally:
+            del kv  # the segment can be closed only when no view of it is left
+            call.cancel()
 
     def reserve(
         self,
@@ -751,6 +846,22 @@ def _segment_gone(exc: grpc.aio.AioRpcError) -> bool:
     return exc.code() == grpc.StatusCode.FAILED_PRECONDITION and "is not open for this tenant" in (
         exc.details() or ""
     )
+
+
+def _segment_kv(spec: ModelSpec, segment: _Segment, num_blocks: int) -> torch.Tensor:
+    """The leading bytes of ``segment`` as ``[layers, 2, tokens, kv_heads, head_dim]``."""
+    tokens = num_blocks * spec.block_tokens
+    shape = (spec.num_layers, 2, tokens, spec.num_kv_heads, spec.head_dim)
+    if num_blocks * spec.block_nbytes > segment.size:
+        raise CorruptBlockError(
+            f"{num_blocks} blocks of {spec.block_nbytes} bytes do not fit the {segment.size}-byte "
+            "shared segment"
+        )
+    dtype = torch_dtype(spec.dtype)
+    if not num_blocks:
+        return torch.empty(shape, dtype=dtype)
+    count = num_blocks * spec.block_nbytes // dtype.itemsize
+    return torch.frombuffer(segment.mapping, dtype=dtype, count=count).view(shape)
 
 
 def _copy_slot(sink: BlockSink, segment: mmap.mmap, slot: Any) -> None:

@@ -21,7 +21,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Coroutine, Iterator
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterator,
+)
 from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, Literal, TypeVar
@@ -82,6 +89,14 @@ class Client:
         self._closed = False
 
     def _run(self, awaitable: Awaitable[T]) -> T:
+        future = self._start(awaitable)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()  # interrupted (KeyboardInterrupt): stop the call on the loop too
+            raise
+
+    def _start(self, awaitable: Awaitable[T]) -> Future[T]:
         problem = None
         if self._closed:
             problem = "this client is closed"
@@ -91,12 +106,7 @@ class Client:
             if isinstance(awaitable, Coroutine):
                 awaitable.close()  # made by the caller's method call; never to run
             raise RuntimeError(problem)
-        future: Future[T] = asyncio.run_coroutine_threadsafe(_awaited(awaitable), self._loop)
-        try:
-            return future.result()
-        except BaseException:
-            future.cancel()  # interrupted (KeyboardInterrupt): stop the call on the loop too
-            raise
+        return asyncio.run_coroutine_threadsafe(_awaited(awaitable), self._loop)
 
     def _iterate(self, items: AsyncIterator[T]) -> Iterator[T]:
         try:
@@ -156,6 +166,18 @@ class Client:
     ) -> PutResult:
         return self._run(self._aio.put(spec, tokens, kv, durable=durable, extra_keys=extra_keys))
 
+    def start_put(
+        self,
+        spec: ModelSpec,
+        tokens: Tokens,
+        kv: torch.Tensor,
+        *,
+        durable: bool = False,
+        extra_keys: ExtraKeys = None,
+    ) -> Future[PutResult]:
+        """``put`` without waiting; ``kv`` must stay unchanged until the future is done."""
+        return self._start(self._aio.put(spec, tokens, kv, durable=durable, extra_keys=extra_keys))
+
     def get_prefix(
         self,
         spec: ModelSpec,
@@ -174,6 +196,37 @@ class Client:
                 out=out,
                 extra_keys=extra_keys,
                 repair_holes=repair_holes,
+            )
+        )
+
+    def get_prefix_by_layer(
+        self,
+        spec: ModelSpec,
+        tokens: Tokens,
+        on_layer: Callable[[int, torch.Tensor], None],
+        *,
+        max_blocks: int = 0,
+        extra_keys: ExtraKeys = None,
+    ) -> int:
+        """As ``AsyncClient.get_prefix_by_layer``; ``on_layer`` runs on this client's thread."""
+        return self.start_get_prefix_by_layer(
+            spec, tokens, on_layer, max_blocks=max_blocks, extra_keys=extra_keys
+        ).result()
+
+    def start_get_prefix_by_layer(
+        self,
+        spec: ModelSpec,
+        tokens: Tokens,
+        on_layer: Callable[[int, torch.Tensor], None],
+        *,
+        max_blocks: int = 0,
+        extra_keys: ExtraKeys = None,
+    ) -> Future[int]:
+        """``get_prefix_by_layer`` without waiting: the caller goes on (computing layer 0, say)
+        while the layers arrive; the future holds the verified hit in tokens."""
+        return self._start(
+            self._aio.get_prefix_by_layer(
+                spec, tokens, on_layer, max_blocks=max_blocks, extra_keys=extra_keys
             )
         )
 

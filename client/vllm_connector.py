@@ -30,14 +30,19 @@ scheduler side (once per request unless noted)
     ``update_connector_output``     every step: blocks the worker could not load are recomputed by
                                     vLLM, and their prompt is saved again once they are.
     ``request_finished``            forget the request, release its lease; blocks are freed at once
-                                    (saves finish inside the step, see below).
+                                    (saves are copied out inside the step, see below).
 worker side (every step)
-    ``start_load_kv``               fetch each load's prefix once (``get_prefix`` into one buffer).
-    ``wait_for_layer_load``         copy that layer's K/V into vLLM's paged cache, layer by layer.
+    ``start_load_kv``               start each load's fetch and return: layer by layer (the
+                                    service copies one layer at a time into this process's
+                                    shared segment, ``get_prefix_by_layer``), each layer copied
+                                    into vLLM's paged cache on the client's thread as it comes.
+    ``wait_for_layer_load``         wait for that layer alone: later layers arrive meanwhile.
     ``save_kv_layer``               copy that layer's K/V of each save out of the paged cache.
-    ``wait_for_save``               put the saves' full blocks (all layers) into kvstore.
+    ``wait_for_save``               start putting the saves' full blocks (all layers) into
+                                    kvstore, in the background (the next step's saves wait).
     ``get_block_ids_with_load_errors``  vLLM blocks whose K/V could not be loaded (evicted between
-                                    lookup and fetch, failed its checksum, service down) or was
+                                    lookup and fetch, failed its checksum, found after the step
+                                    on the layer-by-layer path, service down) or was
                                     fetched for a layer vLLM never asked for: vLLM recomputes them
                                     (with ``kv_load_failure_policy="recompute"``), never uses what
                                     the cache held.
@@ -72,6 +77,7 @@ key on block 0).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -401,10 +407,22 @@ class _Counters:
     # Seconds spent in each part of the hit and store paths, summed over calls.
     lookup_s: float = 0.0
     reserve_s: float = 0.0
-    fetch_s: float = 0.0
-    inject_s: float = 0.0
+    fetch_s: float = 0.0  # start of the fetch to the end of the step's loads
+    inject_s: float = 0.0  # copies into vLLM's paged cache (on the client's thread)
+    load_wait_s: float = 0.0  # vLLM's forward waiting for a layer to arrive
     gather_s: float = 0.0
     put_s: float = 0.0
+
+
+@dataclass(eq=False)
+class _Loading:
+    """One load of this step while its layers arrive."""
+
+    load: _Transfer
+    started: float
+    future: Future[int] | None = None  # the verified tokens fetched
+    layers: int = 0  # layers [0, layers) are in the paged cache
+    tokens: int = 0  # tokens each of them holds
 
 
 # -- the connector ---------------------------------------------------------------------------------
@@ -445,13 +463,15 @@ class KVStoreConnector(_ConnectorBase):
         self._repairer: ThreadPoolExecutor | None = None
         # worker side
         self._layers: dict[str, tuple[int, torch.Tensor]] = {}  # name -> (index, layout view)
+        self._caches: list[torch.Tensor] = []  # layer index -> layout view
         self._layout: BlockLayout | ViewLayout | None = None
-        self._fetched: list[tuple[_Transfer, torch.Tensor, int]] = []  # load, K/V, start
-        self._injected: set[str] = set()
+        self._loading: list[_Loading] = []  # this step's loads, arriving layer by layer
+        self._arrived = threading.Condition()
+        self._injected: set[str] = set()  # layers vLLM waited for
         self._staged: list[tuple[_Transfer, torch.Tensor, set[str]]] = []
-        # Reused from step to step: a fresh tensor per load page-faults on every byte (8 ms of
-        # a 24 MiB load here), a warm one does not.
-        self._load_arena = _Arena()
+        self._putting: list[tuple[_Transfer, float, Future[Any]]] = []  # puts in flight
+        # Reused from step to step: a fresh tensor per save page-faults on every byte (8 ms of
+        # 24 MiB here), a warm one does not.
         self._save_arena = _Arena()
         self._load_errors: set[int] = set()
         self._write_stats()
@@ -486,6 +506,7 @@ class KVStoreConnector(_ConnectorBase):
         tmp.replace(target)  # a reader never sees half a file
 
     def shutdown(self) -> None:
+        self.finish_puts()
         self._write_stats()
         if self._repairer is not None:
             self._repairer.shutdown(wait=False, cancel_futures=True)
@@ -744,6 +765,7 @@ class KVStoreConnector(_ConnectorBase):
                 f"{num_layers} layers one by one"
             )
         self._layers = layers
+        self._caches = [cache for _, cache in sorted(layers.values(), key=lambda e: e[0])]
         self._layout = layout
         log.info(
             "KVStoreConnector: %d layers, paged cache %s per layer; %s",
@@ -759,9 +781,15 @@ class KVStoreConnector(_ConnectorBase):
         return self._spec
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
-        """Fetch every load of this step; the copies into the paged cache are per layer."""
-        self._fetched = []
+        """Start fetching every load of this step, layer by layer; return at once.
+
+        The fetches run on the client's thread: as each layer of a load arrives (the service
+        copies the hit into this process's shared segment one layer at a time), it is copied
+        into vLLM's paged cache there, while vLLM computes the layers before it.
+        ``wait_for_layer_load`` waits for that layer only."""
+        self._loading = []
         self._injected = set()
+        self.finish_puts(wait=False)
         if not self.has_connector_metadata():
             return
         meta = self._get_connector_metadata()
@@ -777,54 +805,53 @@ class KVStoreConnector(_ConnectorBase):
                 )
             return
         kv = self._kv()
-        buffers = self._load_arena.views(
-            [
-                (spec.num_layers, 2, load.end, spec.num_kv_heads, spec.head_dim)
-                for load in meta.loads
-            ],
-            _torch_dtype(spec.dtype),
-        )
-        for load, buffer in zip(meta.loads, buffers, strict=True):
-            started = time.perf_counter()
-            try:
-                _, got = kv.get_prefix(spec, load.tokens, out=buffer, extra_keys=load.extra_keys)
-            except KVStoreError as exc:
-                log.warning("KVStoreConnector: fetch for %s failed: %s", load.req_id, exc)
-                got = 0
-            self.counters.fetch_s += time.perf_counter() - started
-            self.counters.loads += 1
-            if got < load.end:
-                # Evicted since the lookup, or unreachable: vLLM recomputes from the first
-                # block that did not arrive (that block may hold a few good tokens; all of it
-                # is recomputed).
-                bad = _blocks_of(load.block_ids, max(got, load.start), load.end, self._block_size)
-                self._load_errors |= bad
-                self.counters.load_error_blocks += len(bad)
-                log.warning(
-                    "KVStoreConnector: %s: %d of %d tokens arrived; %d blocks to recompute",
-                    load.req_id,
-                    got,
-                    load.end,
-                    len(bad),
-                )
-            if got > load.start:
-                self.counters.loaded_tokens += got - load.start
-                self._fetched.append((load, buffer[:, :, :got], load.start))
-        self._write_stats()
+        for load in meta.loads:
+            loading = _Loading(load, time.perf_counter())
+            self._loading.append(loading)
+            loading.future = kv.start_get_prefix_by_layer(
+                spec,
+                load.tokens,
+                functools.partial(self._arrive, loading),
+                extra_keys=load.extra_keys,
+            )
+            loading.future.add_done_callback(lambda _: self._notify())
+
+    def _arrive(self, loading: _Loading, layer: int, kv: torch.Tensor) -> None:
+        """One layer of one load is here (the client's thread): into the paged cache with it."""
+        assert self._layout is not None
+        load, started = loading.load, time.perf_counter()
+        if kv.shape[1] > load.start:
+            self._layout.scatter(self._caches[layer], load.block_ids, kv, load.start)
+        self.counters.inject_s += time.perf_counter() - started
+        with self._arrived:
+            # A retried fetch hands layer 0 on again: never fewer layers than vLLM was told.
+            loading.tokens = kv.shape[1] if layer == 0 else min(loading.tokens, kv.shape[1])
+            loading.layers = max(loading.layers, layer + 1)
+            self._arrived.notify_all()
+
+    def _notify(self) -> None:
+        with self._arrived:
+            self._arrived.notify_all()
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        if not self._fetched or layer_name in self._injected:
+        """Wait until that layer of every load of this step is in the paged cache (or its fetch
+        has ended: what did not arrive is reported by ``get_block_ids_with_load_errors``)."""
+        if not self._loading or layer_name in self._injected:
             return
         entry = self._layers.get(layer_name)
         if entry is None:
             return
-        index, cache = entry
-        assert self._layout is not None
+        index = entry[0]
         started = time.perf_counter()
-        for load, kv, start in self._fetched:
-            self._layout.scatter(cache, load.block_ids, kv[index], start)
+        with self._arrived:
+            self._arrived.wait_for(
+                lambda: all(
+                    x.layers > index or (x.future is not None and x.future.done())
+                    for x in self._loading
+                )
+            )
         self._injected.add(layer_name)
-        self.counters.inject_s += time.perf_counter() - started
+        self.counters.load_wait_s += time.perf_counter() - started
 
     def save_kv_layer(
         self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
@@ -849,7 +876,9 @@ class KVStoreConnector(_ConnectorBase):
         self.counters.gather_s += time.perf_counter() - started
 
     def _stage(self, meta: KVStoreConnectorMetadata) -> None:
-        """Staging tensors for this step's saves, in the reused save arena."""
+        """Staging tensors for this step's saves, in the reused save arena (once the puts of
+        the steps before, which read from it, are done)."""
+        self.finish_puts()
         spec = self._worker_spec(meta)
         shapes = [
             (spec.num_layers, 2, save.end, spec.num_kv_heads, spec.head_dim) for save in meta.saves
@@ -879,35 +908,76 @@ class KVStoreConnector(_ConnectorBase):
                 for name in missing:
                     index, cache = self._layers[name]
                     self._layout.gather(cache, save.block_ids, out=staging[index])
-            started = time.perf_counter()
+            # In the background: the step (and the next request's) need not wait for the
+            # service. The staging copy is ours until the put is done (see ``_stage``).
+            future = kv.start_put(spec, save.tokens, staging, extra_keys=save.extra_keys)
+            self._putting.append((save, time.perf_counter(), future))
+        self._staged = []
+
+    def finish_puts(self, *, wait: bool = True) -> None:
+        """Count the background puts that are done; with ``wait``, wait for all of them first
+        (the next step's saves and ``shutdown`` do)."""
+        if wait:
+            putting, self._putting = self._putting, []
+        else:
+            putting = [p for p in self._putting if p[2].done()]
+            self._putting = [p for p in self._putting if not p[2].done()]
+        for save, started, future in putting:
             try:
-                result = kv.put(spec, save.tokens, staging, extra_keys=save.extra_keys)
-                self.counters.put_s += time.perf_counter() - started
-            except KVStoreError as exc:
+                result = future.result()
+            except Exception as exc:  # KVStoreError, or a client closed under it
                 # A lost save is a future miss, not an error of this request.
                 self.counters.save_errors += 1
                 log.warning("KVStoreConnector: put for %s failed: %s", save.req_id, exc)
                 continue
+            self.counters.put_s += time.perf_counter() - started
             self.counters.saves += 1
             self.counters.saved_tokens += save.end - save.start
             self.counters.stored_blocks += result.stored
             self.counters.already_stored_blocks += result.already
-        self._staged = []
-        self._write_stats()
+        if putting:
+            self._write_stats()
 
     def _check_loads(self) -> None:
-        """Loads of layers vLLM never asked for (``wait_for_layer_load`` not called): the
-        forward ran on what the cache held, so those blocks are reported for recompute."""
-        if not self._fetched:
+        """End this step's loads: wait for their fetches (nothing may write into the paged cache
+        after the step), and report for recompute the blocks that did not arrive whole and
+        verified, and every block of a load of a layer vLLM never waited for (the forward ran
+        on what the cache held then)."""
+        if not self._loading:
             return
         missed = [name for name in self._layers if name not in self._injected]
         if missed:
             log.warning("KVStoreConnector: layers %s were not loaded; recomputing", missed)
-            for load, kv, start in self._fetched:
-                bad = _blocks_of(load.block_ids, start, kv.shape[2], self._block_size)
+        for loading in self._loading:
+            load = loading.load
+            assert loading.future is not None
+            try:
+                got = loading.future.result()
+            except Exception as exc:  # KVStoreError, or a scatter that failed
+                log.warning("KVStoreConnector: fetch for %s failed: %s", load.req_id, exc)
+                got = 0
+            self.counters.fetch_s += time.perf_counter() - loading.started
+            self.counters.loads += 1
+            got = min(got, loading.tokens if loading.layers == len(self._caches) else 0)
+            bad = _blocks_of(load.block_ids, max(got, load.start), load.end, self._block_size)
+            if missed:
+                bad = _blocks_of(load.block_ids, load.start, load.end, self._block_size)
+            elif got > load.start:
+                self.counters.loaded_tokens += got - load.start
+            if bad:
+                # Evicted since the lookup, unreachable, or failed its checksum: vLLM recomputes
+                # from the first block that did not arrive (all of that block).
                 self._load_errors |= bad
                 self.counters.load_error_blocks += len(bad)
-        self._fetched = []
+                log.warning(
+                    "KVStoreConnector: %s: %d of %d tokens arrived; %d blocks to recompute",
+                    load.req_id,
+                    got,
+                    load.end,
+                    len(bad),
+                )
+        self._loading = []
+        self._write_stats()
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         self._check_loads()

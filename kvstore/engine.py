@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+import xxhash
 
 from kvstore.block_format import (
     HEADER_BYTES,
@@ -882,6 +883,41 @@ class Engine:
         self.counters.add("read_misses", len(hashes) - len(hits))
         return out
 
+    def _g2_payload(self, key: BlockHash, nbytes: int) -> tuple[memoryview, int] | None:
+        """A raw G2 block's payload, as a view of its slot, and the checksum that a copy of it
+        must match: the header's, or -1 (never matches) when the slot holds another block."""
+        g2 = self._tiers.get("G2")
+        if not isinstance(g2, PinnedMemoryTier) or not self.index.in_tier(key, "G2"):
+            return None
+        slot = g2.view_of(key)
+        if slot is None or len(slot) != HEADER_BYTES + nbytes:
+            return None
+        try:
+            header = read_header(slot)
+        except CorruptBlockError:
+            return None
+        if header.codec is not Codec.RAW:
+            return None
+        return slot[HEADER_BYTES:], header.payload_xxh3 if header.block_hash == key else -1
+
+    async def _drop_corrupt_g2(self, key: BlockHash) -> None:
+        g2 = self._tiers.get("G2")
+        assert g2 is not None
+        await g2.delete([key])
+        self._on_corrupt("G2", key, "payload checksum mismatch")
+
+    async def _lower_payload(self, spec: ModelSpec, key: BlockHash) -> memoryview | None:
+        """A block's raw payload read (and verified) from wherever it is, or None."""
+        (data,) = await self.read(spec, [key], in_place=True)
+        if data is None:
+            return None
+        if read_header(data).codec is not Codec.RAW:
+            data = transcode_block(data, Codec.RAW)
+        if len(data) != HEADER_BYTES + spec.block_nbytes:
+            log.warning("block %s has an odd size; the hit ends there", key.hex())
+            return None
+        return memoryview(data)[HEADER_BYTES:]
+
     async def read_payloads_into(
         self, spec: ModelSpec, keys: Sequence[bytes], views: Sequence[memoryview]
     ) -> int:
@@ -892,45 +928,62 @@ class Engine:
         verifying costs no extra read of the block; a G2 copy that fails is dropped as corrupt
         and the block read from the tiers below, as ``read`` does. The caller holds a lease."""
         nbytes = spec.block_nbytes
-        g2 = self._tiers.get("G2")
         done = 0
         hits: list[BlockHash] = []
         for raw, view in zip(keys, views, strict=True):
             key = BlockHash(bytes(raw))
-            slot = (
-                g2.view_of(key)
-                if isinstance(g2, PinnedMemoryTier) and self.index.in_tier(key, "G2")
-                else None
-            )
-            if slot is not None and len(slot) == HEADER_BYTES + nbytes:
-                try:
-                    header = read_header(slot)
-                except CorruptBlockError:
-                    header = None
-                if header is not None and header.codec is Codec.RAW:
-                    got = copy_payload_and_checksum(slot[HEADER_BYTES:], view)
-                    if header.block_hash == key and got == header.payload_xxh3:
-                        hits.append(key)
-                        done += 1
-                        continue
-                    del slot
-                    assert g2 is not None
-                    await g2.delete([key])
-                    self._on_corrupt("G2", key, "payload checksum mismatch")
-            (data,) = await self.read(spec, [key], in_place=True)
+            g2 = self._g2_payload(key, nbytes)
+            if g2 is not None:
+                payload, expected = g2
+                got = copy_payload_and_checksum(payload, view)
+                # A mismatch is G2's copy gone bad, or the destination written to during the copy
+                # (a client's own segment): only the first drops the block.
+                intact = got == expected or xxhash.xxh3_64_intdigest(payload) == expected
+                del payload, g2
+                if intact:
+                    hits.append(key)
+                    done += 1
+                    continue
+                await self._drop_corrupt_g2(key)
+            data = await self._lower_payload(spec, key)
             if data is None:
                 break
-            if read_header(data).codec is not Codec.RAW:
-                data = transcode_block(data, Codec.RAW)
-            if len(data) != HEADER_BYTES + nbytes:
-                log.warning("block %s has an odd size; the hit ends there", key.hex())
-                break
-            view[:] = memoryview(data)[HEADER_BYTES:]
+            view[:] = data
             done += 1
+        self._g2_hits(hits)
+        return done
+
+    def _g2_hits(self, hits: list[BlockHash]) -> None:
         if hits:
             self.index.touch(hits, hit=True)
             self.counters.add("read_hits", len(hits))
-        return done
+
+    async def payload_sources(
+        self, spec: ModelSpec, keys: Sequence[bytes]
+    ) -> list[tuple[BlockHash, memoryview, int | None]]:
+        """The raw payloads of the leading blocks of ``keys``, for a caller that copies them
+        itself (layer by layer): ``(key, payload, checksum)``. A G2 block is a view of its slot
+        with the checksum that the caller's copy must match (``settle_payloads`` then); a block
+        from a lower tier is read and verified here, checksum None. The caller holds a lease."""
+        out: list[tuple[BlockHash, memoryview, int | None]] = []
+        for raw in keys:
+            key = BlockHash(bytes(raw))
+            g2 = self._g2_payload(key, spec.block_nbytes)
+            if g2 is not None:
+                out.append((key, g2[0], g2[1]))
+                continue
+            data = await self._lower_payload(spec, key)
+            if data is None:
+                break
+            out.append((key, data, None))
+        return out
+
+    async def settle_payloads(self, hits: list[BlockHash], corrupt: list[BlockHash]) -> None:
+        """After copies from ``payload_sources``: count the G2 blocks that verified as hits, drop
+        the ones that did not as corrupt."""
+        self._g2_hits(hits)
+        for key in corrupt:
+            await self._drop_corrupt_g2(key)
 
     async def get(self, spec: ModelSpec, keys: Sequence[bytes]) -> list[torch.Tensor | None]:
         """Each block as a tensor ``[layers, 2, block_tokens, kv_heads, head_dim]``, or None."""

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import numpy as np
 import torch
+import xxhash
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
@@ -1157,6 +1158,12 @@ class _Servicer(pb_grpc.KVStoreServicer):  # type: ignore[misc]  # generated: An
         hashes = p.hashes[:hit]
         if request.segment_id:
             segment = self._segment(request.segment_id, call.who)
+            if request.by_layer:
+                async for message in self._fetch_by_layer(
+                    spec, hashes, segment, request.segment_offset
+                ):
+                    yield message
+                return
             yield await self._fetch_into(spec, hashes, segment, request.segment_offset)
             return
         # Read first, then send: the header lists exactly the blocks that follow, so a block
@@ -1230,6 +1237,75 @@ class _Servicer(pb_grpc.KVStoreServicer):  # type: ignore[misc]  # generated: An
                 slots=slots,
             )
         )
+
+    async def _fetch_by_layer(
+        self, spec: ModelSpec, hashes: list[BlockHash], segment: Segment, offset: int
+    ) -> AsyncIterator[Any]:
+        """Copy the hit into the caller's segment layer by layer, as ``[layers, 2, tokens,
+        kv_heads, head_dim]`` from ``offset`` on, with a ``FetchProgress`` after each layer: the
+        client puts layer ``l`` in place while the server copies the next ones. Each G2 block's
+        checksum is taken over the bytes that landed, in payload order as the layers go by; the
+        last message says how many leading blocks passed (a block that did not is dropped from
+        G2 as corrupt). Blocks from lower tiers were verified as they were read."""
+        size = spec.block_nbytes
+        segment.check_range(offset, 0, "segment_offset")
+        hashes = hashes[: (segment.size - offset) // size]
+        piece = size // (2 * spec.num_layers)  # the K (or V) of one layer of one block
+        lease = self.engine.reserve(hashes) if hashes else None
+        sources: list[tuple[BlockHash, memoryview, int | None]] = []
+        try:
+            sources = await self.engine.payload_sources(spec, hashes) if hashes else []
+            n = len(sources)
+            yield pb.FetchResponse(
+                header=pb.FetchHeader(
+                    block_hashes=[key for key, _, _ in sources],
+                    block_tokens=spec.block_tokens,
+                    block_bytes=size,
+                    by_layer=True,
+                )
+            )
+            hashers = [None if want is None else xxhash.xxh3_64() for _, _, want in sources]
+            with memoryview(segment.mapping) as whole:
+                dst = np.frombuffer(
+                    whole, dtype=np.uint8, count=2 * spec.num_layers * n * piece, offset=offset
+                ).reshape(2 * spec.num_layers, n, piece)
+                src = [np.frombuffer(payload, dtype=np.uint8) for _, payload, _ in sources]
+                try:
+                    for layer in range(spec.num_layers):
+                        for row in (2 * layer, 2 * layer + 1):
+                            at = row * piece
+                            for i, hasher in enumerate(hashers):
+                                dst[row, i] = src[i][at : at + piece]
+                                if hasher is not None:
+                                    hasher.update(dst[row, i])
+                        if layer + 1 < spec.num_layers:
+                            yield pb.FetchResponse(progress=pb.FetchProgress(layers_done=layer + 1))
+                finally:
+                    del dst, src
+            verified, hits, corrupt = n, [], []
+            for i, ((key, _, want), hasher) in enumerate(zip(sources, hashers, strict=True)):
+                if hasher is None:
+                    continue
+                if hasher.intdigest() == want:
+                    hits.append(key)
+                    continue
+                verified = min(verified, i)
+                # The bytes that landed differ: G2's copy is corrupt, or the client wrote into
+                # its own segment during the copy (then G2's copy is kept).
+                if xxhash.xxh3_64_intdigest(sources[i][1]) != want:
+                    corrupt.append(key)
+            sources = []
+            await self.engine.settle_payloads(hits, corrupt)
+            self.metrics.bytes_out("shm", verified * size)
+            yield pb.FetchResponse(
+                progress=pb.FetchProgress(
+                    layers_done=spec.num_layers, done=True, verified_blocks=verified
+                )
+            )
+        finally:
+            sources = []
+            if lease is not None:
+                self.engine.release(lease.lease_id)
 
     # -- same-host segments --------------------------------------------------------------------
 

