@@ -22,9 +22,12 @@ scheduler side (once per request unless noted)
                                     compute one); with ``repair_holes`` the service's model worker
                                     first recomputes holes (missing blocks with stored ones after),
                                     aside: the request answers "not yet" until that is done.
+                                    A hit with a block below G2 loads asynchronously
+                                    (``load_async``): the request waits aside for it.
     ``update_state_after_alloc``    the hit vLLM accepted: a lease on its blocks, so that they are
                                     not evicted before the worker reads them.
-    ``build_connector_meta``        every step: the loads of newly scheduled requests, and the
+    ``build_connector_meta``        every step: the async loads just accepted and the loads of
+                                    newly scheduled requests, and the
                                     saves of requests whose prompt's full blocks are all computed
                                     by the end of this step (with chunked prefill: the last chunk).
     ``update_connector_output``     every step: blocks the worker could not load are recomputed by
@@ -36,10 +39,13 @@ worker side (every step)
                                     service copies one layer at a time into this process's
                                     shared segment, ``get_prefix_by_layer``), each layer copied
                                     into vLLM's paged cache on the client's thread as it comes.
+                                    An async load arrives the same way; no step waits for it.
     ``wait_for_layer_load``         wait for that layer alone: later layers arrive meanwhile.
     ``save_kv_layer``               copy that layer's K/V of each save out of the paged cache.
     ``wait_for_save``               start putting the saves' full blocks (all layers) into
                                     kvstore, in the background (the next step's saves wait).
+    ``get_finished``                the async loads that are done (their errors are reported by
+                                    the next call, in the same step).
     ``get_block_ids_with_load_errors``  vLLM blocks whose K/V could not be loaded (evicted between
                                     lookup and fetch, failed its checksum, found after the step
                                     on the layer-by-layer path, service down) or was
@@ -52,8 +58,9 @@ Configuration (``kv_connector_extra_config``): ``server`` (``host:port``, defaul
 ``block_tokens`` (kvstore's tokens per block: vLLM's block size, the default, or a divisor of it),
 ``revision`` (names the weights; default: a digest of the model folder, see ``weights_revision``),
 ``model_spec`` (a ``kvstore worker --spec-out`` file whose namespace to use instead, so that a
-model worker of the same weights repairs vLLM's holes), ``lease_ttl_s`` and ``stats_path``
-(a folder: each connector writes its counters there as ``<role>-<pid>.json``).
+model worker of the same weights repairs vLLM's holes), ``lease_ttl_s``, ``load_async``
+(``"lower"``: hits with a block below G2 load aside, the default; ``"always"``; ``"never"``) and
+``stats_path`` (a folder: each connector writes its counters there as ``<role>-<pid>.json``).
 
 Layout. kvstore blocks are ``[layers, 2 (K,V), block_tokens, kv_heads, head_dim]``. Each layer's
 attention backend decides how vLLM's paged cache holds them (``layout_for``). The GPU backends
@@ -68,10 +75,10 @@ and copies by the offsets it finds. A cache the connector cannot map is refused 
 than misread. The tests compare what vLLM saves with the K/V transformers computes for the
 same prompt, and feed vLLM blocks computed by transformers.
 
-Limits: one KV cache group (no hybrid models), tensor and pipeline parallel size 1, no
-multimodal prompts or prompt embeddings (their K/V depends on more than the token ids), no fp8
-KV cache, no MLA latent caches. LoRA and ``cache_salt`` requests get their own chains (an extra
-key on block 0).
+Limits: one KV cache group (a hybrid model is refused at start naming its groups), tensor and
+pipeline parallel size 1, no multimodal prompts or prompt embeddings (their K/V depends on more
+than the token ids), no fp8 KV cache, no MLA latent caches. LoRA and ``cache_salt`` requests
+get their own chains (an extra key on block 0).
 """
 
 from __future__ import annotations
@@ -167,6 +174,10 @@ _DOWN_BACKOFF_S = 5.0
 # -- configuration ---------------------------------------------------------------------------------
 
 
+_LOAD_ASYNC = ("lower", "always", "never")
+_MEMORY_TIERS = ("G1", "G2")
+
+
 @dataclass(frozen=True, slots=True)
 class ConnectorConfig:
     """``kv_connector_extra_config``, checked once (see the module docstring)."""
@@ -181,6 +192,9 @@ class ConnectorConfig:
     model_spec: str = ""
     lease_ttl_s: float = 60.0
     stats_path: str = ""
+    # Which hits load asynchronously (the request waits aside, the other requests' steps go
+    # on): "lower" those with a block below G2 (G3, G4: slow reads), "always", "never".
+    load_async: str = "lower"
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any] | None) -> ConnectorConfig:
@@ -210,6 +224,11 @@ class ConnectorConfig:
         if config.timeout_s <= 0 or config.lease_ttl_s <= 0 or config.block_tokens < 0:
             raise ConfigError(
                 "KVStoreConnector: timeout_s and lease_ttl_s must be > 0, block_tokens >= 0"
+            )
+        if config.load_async not in _LOAD_ASYNC:
+            raise ConfigError(
+                f"KVStoreConnector: load_async must be one of {list(_LOAD_ASYNC)}, "
+                f"got {config.load_async!r}"
             )
         return config
 
@@ -335,6 +354,24 @@ def _namespace(vllm_config: Any, config: ConnectorConfig) -> ModelSpec:
     return spec
 
 
+def _check_groups(kv_cache_config: Any) -> None:
+    """One KV cache group, or a refusal that names the model's groups: a hybrid model (sliding
+    window beside full attention, Mamba beside attention) keeps each group in blocks of its
+    own, and a kvstore chain holds the K/V of every layer of one group."""
+    groups = list(getattr(kv_cache_config, "kv_cache_groups", None) or [])
+    if len(groups) <= 1:
+        return
+    named = "; ".join(
+        f"group {i}: {type(g.kv_cache_spec).__name__} over {len(g.layer_names)} layers "
+        f"({', '.join(g.layer_names[:2])}{', ...' if len(g.layer_names) > 2 else ''})"
+        for i, g in enumerate(groups)
+    )
+    raise ConfigError(
+        f"KVStoreConnector: the model has {len(groups)} KV cache groups ({named}); kvstore "
+        "stores one group (models whose layers all use one kind of attention)"
+    )
+
+
 def _extra_keys(request: Any, num_blocks: int) -> list[list[ExtraKey]] | None:
     """Keys that make the chain differ where the same tokens give other K/V: a LoRA adapter,
     a ``cache_salt``. On block 0 only: every later hash chains from it."""
@@ -365,6 +402,9 @@ class _Transfer:
     end: int
     block_ids: list[int]
     extra_keys: list[list[ExtraKey]] | None = None
+    # A load that vLLM does not wait for in a step: the request waits aside until
+    # ``get_finished`` reports it.
+    async_load: bool = False
 
 
 @dataclass
@@ -397,6 +437,7 @@ class _Counters:
     repairs: int = 0
     repaired_blocks: int = 0
     loads: int = 0
+    async_loads: int = 0  # of them, loads the request waited for aside (``load_async``)
     loaded_tokens: int = 0
     load_error_blocks: int = 0
     saves: int = 0
@@ -433,6 +474,7 @@ class KVStoreConnector(_ConnectorBase):
 
     def __init__(self, vllm_config: Any, role: Any, kv_cache_config: Any = None) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
+        _check_groups(kv_cache_config)
         transfer = self._kv_transfer_config
         self.config = ConnectorConfig.from_extra(transfer.kv_connector_extra_config)
         self._is_scheduler = role == _SCHEDULER
@@ -457,8 +499,9 @@ class KVStoreConnector(_ConnectorBase):
                 )
         # scheduler side
         self._requests: dict[str, _Request] = {}
-        self._matched: dict[str, tuple[int, int]] = {}  # req_id -> (local computed, hit end)
-        self._pending_loads: dict[str, tuple[int, int]] = {}  # req_id -> (start, end)
+        # req_id -> (local computed, hit end, load asynchronously)
+        self._matched: dict[str, tuple[int, int, bool]] = {}
+        self._pending_loads: dict[str, tuple[int, int, bool]] = {}  # req_id -> (start, end, async)
         self._repairs: dict[str, Future[int]] = {}  # req_id -> the hit once holes are filled
         self._repairer: ThreadPoolExecutor | None = None
         # worker side
@@ -466,6 +509,8 @@ class KVStoreConnector(_ConnectorBase):
         self._caches: list[torch.Tensor] = []  # layer index -> layout view
         self._layout: BlockLayout | ViewLayout | None = None
         self._loading: list[_Loading] = []  # this step's loads, arriving layer by layer
+        self._async: dict[str, _Loading] = {}  # req_id -> an async load, until get_finished
+        self._finished_async: set[str] = set()  # async loads that ended without a fetch
         self._arrived = threading.Condition()
         self._injected: set[str] = set()  # layers vLLM waited for
         self._staged: list[tuple[_Transfer, torch.Tensor, set[str]]] = []
@@ -542,6 +587,7 @@ class KVStoreConnector(_ConnectorBase):
         prompt = list(tokens[:full])
         extra_keys = _extra_keys(request, full // spec.block_tokens)
         repair = self._repairs.get(request.request_id)
+        tiers: list[str | None] = []  # per block, where the lookup found it
         if repair is not None:
             if not repair.done():
                 return None, False  # vLLM asks again at its next step
@@ -561,6 +607,7 @@ class KVStoreConnector(_ConnectorBase):
                 self._write_stats()
                 return 0, False
             hit = found.hit_tokens
+            tiers = found.tiers
             self.counters.lookup_s += time.perf_counter() - started
             if self.config.repair_holes and found.holes:
                 # The model worker's time must not stall the scheduler (every running request
@@ -577,10 +624,16 @@ class KVStoreConnector(_ConnectorBase):
         if hit <= num_computed_tokens:
             self._write_stats()
             return 0, False
-        self._matched[request.request_id] = (num_computed_tokens, hit)
+        mode = self.config.load_async
+        slow = any(
+            tier not in _MEMORY_TIERS
+            for tier in tiers[num_computed_tokens // spec.block_tokens : hit // spec.block_tokens]
+        )
+        load_async = mode == "always" or (mode == "lower" and slow)
+        self._matched[request.request_id] = (num_computed_tokens, hit, load_async)
         self.counters.matched_tokens += hit - num_computed_tokens
         self._write_stats()
-        return hit - num_computed_tokens, False
+        return hit - num_computed_tokens, load_async
 
     def _repair(
         self,
@@ -613,12 +666,15 @@ class KVStoreConnector(_ConnectorBase):
         matched = self._matched.pop(req_id, None)
         if num_external_tokens <= 0 or matched is None or self._spec is None:
             return
-        _, end = matched
+        _, end, load_async = matched
         start = end - num_external_tokens
         state = self._requests.get(req_id)
         if state is None:
             return
-        self._pending_loads[req_id] = (start, end)
+        if load_async:
+            # The request is not scheduled until the load is done: its blocks are known now.
+            state.block_ids = list(blocks.get_block_ids()[0])
+        self._pending_loads[req_id] = (start, end, load_async)
         state.stored_end = max(state.stored_end, end)
         # Hold the blocks until the worker has read them (or the TTL passes): an eviction in
         # between would turn the hit into a recompute.
@@ -679,11 +735,27 @@ class KVStoreConnector(_ConnectorBase):
             elif new_ids is not None:
                 state.block_ids.extend(new_ids[0])
             steps.append((req_id, cached.num_computed_tokens[i] + scheduled.get(req_id, 0)))
+        # Async loads first: their requests wait aside, so none of them is in ``steps``.
+        for req_id, (start, end, load_async) in list(self._pending_loads.items()):
+            state = self._requests.get(req_id)
+            if load_async and state is not None:
+                del self._pending_loads[req_id]
+                meta.loads.append(
+                    _Transfer(
+                        req_id,
+                        state.tokens[:end],
+                        start,
+                        end,
+                        list(state.block_ids),
+                        state.extra_keys,
+                        async_load=True,
+                    )
+                )
         for req_id, computed in steps:
             state = self._requests[req_id]
             load = self._pending_loads.pop(req_id, None)
             if load is not None:
-                start, end = load
+                start, end, _ = load
                 meta.loads.append(
                     _Transfer(
                         req_id,
@@ -786,7 +858,8 @@ class KVStoreConnector(_ConnectorBase):
         The fetches run on the client's thread: as each layer of a load arrives (the service
         copies the hit into this process's shared segment one layer at a time), it is copied
         into vLLM's paged cache there, while vLLM computes the layers before it.
-        ``wait_for_layer_load`` waits for that layer only."""
+        ``wait_for_layer_load`` waits for that layer only. An async load (its request is not
+        in this step) lands the same way, and ``get_finished`` reports it once it is done."""
         self._loading = []
         self._injected = set()
         self.finish_puts(wait=False)
@@ -803,11 +876,16 @@ class KVStoreConnector(_ConnectorBase):
                 self._load_errors |= _blocks_of(
                     load.block_ids, load.start, load.end, self._block_size
                 )
+                if load.async_load:
+                    self._finished_async.add(load.req_id)
             return
         kv = self._kv()
         for load in meta.loads:
             loading = _Loading(load, time.perf_counter())
-            self._loading.append(loading)
+            if load.async_load:
+                self._async[load.req_id] = loading
+            else:
+                self._loading.append(loading)
             loading.future = kv.start_get_prefix_by_layer(
                 spec,
                 load.tokens,
@@ -949,40 +1027,64 @@ class KVStoreConnector(_ConnectorBase):
         if missed:
             log.warning("KVStoreConnector: layers %s were not loaded; recomputing", missed)
         for loading in self._loading:
-            load = loading.load
-            assert loading.future is not None
-            try:
-                got = loading.future.result()
-            except Exception as exc:  # KVStoreError, or a scatter that failed
-                log.warning("KVStoreConnector: fetch for %s failed: %s", load.req_id, exc)
-                got = 0
-            self.counters.fetch_s += time.perf_counter() - loading.started
-            self.counters.loads += 1
-            got = min(got, loading.tokens if loading.layers == len(self._caches) else 0)
-            bad = _blocks_of(load.block_ids, max(got, load.start), load.end, self._block_size)
-            if missed:
-                bad = _blocks_of(load.block_ids, load.start, load.end, self._block_size)
-            elif got > load.start:
-                self.counters.loaded_tokens += got - load.start
-            if bad:
-                # Evicted since the lookup, unreachable, or failed its checksum: vLLM recomputes
-                # from the first block that did not arrive (all of that block).
-                self._load_errors |= bad
-                self.counters.load_error_blocks += len(bad)
-                log.warning(
-                    "KVStoreConnector: %s: %d of %d tokens arrived; %d blocks to recompute",
-                    load.req_id,
-                    got,
-                    load.end,
-                    len(bad),
-                )
+            self._settle(loading, missed=bool(missed))
         self._loading = []
         self._write_stats()
+
+    def _settle(self, loading: _Loading, *, missed: bool = False) -> None:
+        """Count a load whose fetch is done, and report for recompute what did not arrive."""
+        load = loading.load
+        assert loading.future is not None
+        try:
+            got = loading.future.result()
+        except Exception as exc:  # KVStoreError, or a scatter that failed
+            log.warning("KVStoreConnector: fetch for %s failed: %s", load.req_id, exc)
+            got = 0
+        self.counters.fetch_s += time.perf_counter() - loading.started
+        self.counters.loads += 1
+        self.counters.async_loads += load.async_load
+        got = min(got, loading.tokens if loading.layers == len(self._caches) else 0)
+        bad = _blocks_of(load.block_ids, max(got, load.start), load.end, self._block_size)
+        if missed:
+            bad = _blocks_of(load.block_ids, load.start, load.end, self._block_size)
+        elif got > load.start:
+            self.counters.loaded_tokens += got - load.start
+        if bad:
+            # Evicted since the lookup, unreachable, or failed its checksum: vLLM recomputes
+            # from the first block that did not arrive (all of that block).
+            self._load_errors |= bad
+            self.counters.load_error_blocks += len(bad)
+            log.warning(
+                "KVStoreConnector: %s: %d of %d tokens arrived; %d blocks to recompute",
+                load.req_id,
+                got,
+                load.end,
+                len(bad),
+            )
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """The async loads that are done (their blocks are in the paged cache, or reported by
+        ``get_block_ids_with_load_errors``, which vLLM asks next): (sending, receiving).
+
+        A request that finished meanwhile (aborted while it waited) is reported all the same:
+        vLLM frees its blocks then, and not before, so the fetch never writes into blocks
+        that another request has been given."""
+        done = {r for r, x in self._async.items() if x.future is not None and x.future.done()}
+        for req_id in done:
+            self._settle(self._async.pop(req_id))
+        done |= self._finished_async
+        self._finished_async = set()
+        if done:
+            self._write_stats()
+        return None, done or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         self._check_loads()
         errors, self._load_errors = self._load_errors, set()
         return errors
+
+    def get_loaded_kv_cache_group_ids(self, request: Any) -> tuple[int, ...]:
+        return (0,)  # one KV cache group (see ``_check_groups``)
 
 
 # -- layout ----------------------------------------------------------------------------------------

@@ -66,7 +66,7 @@ from kvstore.events import EventLog
 from kvstore.index import TIER_NAMES, BlockIndex, Lease
 from kvstore.keys import DIGEST_BYTES, BlockHash, ExtraKey, ModelSpec, block_hashes, root_hash
 from kvstore.placement import Placement
-from tiers.base import Tier, TierStats
+from tiers.base import BlockBytes, Tier, TierStats
 from tiers.gpu_memory import GpuMemoryTier
 from tiers.lmdb_store import LmdbTier
 from tiers.pinned_memory import PinnedMemoryTier
@@ -164,6 +164,15 @@ class _Move:
     src: str
     dst: str
     done: asyncio.Future[bool] | None = None
+    # A promotion of a block just read (and verified) carries its bytes: the copy then need not
+    # read the source tier again, which competes with the reads of the hits (LMDB's page-ins, a
+    # fresh buffer per block).
+    data: bytes | None = None
+
+
+# Bytes of the promotions queued with their data (``_Move.data``); the ones beyond it read their
+# source again when their turn comes.
+_PROMOTE_DATA_BYTES = 256 << 20
 
 
 @dataclass(slots=True)
@@ -209,6 +218,7 @@ class Engine:
         self.events = EventLog(self.engine_config.event_log_size)
         self.counters = _Counters()
         self._queue: asyncio.Queue[_Move] = asyncio.Queue(self.engine_config.move_queue_blocks)
+        self._promote_data_bytes = 0  # held by queued promotions (``_Move.data``)
         self._room_locks = {n: asyncio.Lock() for n in names}
         self._queue_room = asyncio.Condition()
         self._tasks: list[asyncio.Task[None]] = []
@@ -700,8 +710,11 @@ class Engine:
         self.events.append("removed", key, tier, entry.namespace, entry.parent)
         return True
 
-    async def _copy(self, key: BlockHash, namespace: bytes, src: str, dst: str) -> bool:
-        """Copy one block between tiers, verified; True if it is in ``dst`` afterwards."""
+    async def _copy(
+        self, key: BlockHash, namespace: bytes, src: str, dst: str, data: bytes | None = None
+    ) -> bool:
+        """Copy one block between tiers, verified; True if it is in ``dst`` afterwards.
+        ``data``: the block's bytes, read from ``src`` and verified already."""
         if self.index.in_tier(key, dst):
             return True
         if not self.index.in_tier(key, src):
@@ -710,7 +723,9 @@ class Engine:
             self._settled[key] = asyncio.Event()
         self._copying[key] = self._copying.get(key, 0) + 1
         try:
-            return await self._copy_once(key, namespace, src, dst, self._removals.get(key, 0))
+            return await self._copy_once(
+                key, namespace, src, dst, self._removals.get(key, 0), data
+            )
         finally:
             left = self._copying.pop(key) - 1
             if left:
@@ -736,28 +751,39 @@ class Engine:
         return sum(n != self._restored.get(k) for k, n in self._removals.items())
 
     async def _copy_once(
-        self, key: BlockHash, namespace: bytes, src: str, dst: str, removals: int
+        self,
+        key: BlockHash,
+        namespace: bytes,
+        src: str,
+        dst: str,
+        removals: int,
+        known: bytes | None = None,
     ) -> bool:
         if self._down_for(dst):
             self.counters.add("copies_skipped_tier_down")
             return False
-        try:
-            (data,) = await self.tier(src, namespace).get([key])
-        except TierError as exc:
-            log.warning("move %s %s -> %s: cannot read: %s", key.hex(), src, dst, exc)
-            return False
-        if self._removed_since(key, removals):
-            return False  # flushed or evicted while it was being read
+        data: BlockBytes | None = known
+        if known is None:
+            try:
+                (data,) = await self.tier(src, namespace).get([key])
+            except TierError as exc:
+                log.warning("move %s %s -> %s: cannot read: %s", key.hex(), src, dst, exc)
+                return False
+            if self._removed_since(key, removals):
+                return False  # flushed or evicted while it was being read
         if data is None:
             # Gone from the source (a corrupt read already reported it, or it vanished from G4).
             self.index.remove(key, src)
             return False
-        try:
-            header = verify_block(key, data)
-        except CorruptBlockError as exc:
-            await self.tier(src, namespace).delete([key])
-            self._on_corrupt(src, key, str(exc))
-            return False
+        if known is not None:
+            header = read_header(data)  # verified when it was read
+        else:
+            try:
+                header = verify_block(key, data)
+            except CorruptBlockError as exc:
+                await self.tier(src, namespace).delete([key])
+                self._on_corrupt(src, key, str(exc))
+                return False
         parent = _parent_or_none(header.parent_hash)
         if dst in ("G1", "G2") and header.codec is not Codec.RAW:
             # Memory tiers hold raw blocks: same-host readers and GPU consumers use them in place.
@@ -811,12 +837,15 @@ class Engine:
             move = await self._queue.get()
             ok = False
             try:
-                ok = await self._copy(move.key, move.namespace, move.src, move.dst)
+                ok = await self._copy(move.key, move.namespace, move.src, move.dst, move.data)
                 if ok:
                     self.counters.add("promotions" if move.kind == "promote" else "copies")
             except Exception:
                 log.exception("background move of %s failed", move.key.hex())
             finally:
+                if move.data is not None:
+                    self._promote_data_bytes -= len(move.data)
+                    move.data = None
                 if move.done is not None and not move.done.done():
                     move.done.set_result(ok)
                 self._queue.task_done()
@@ -875,7 +904,9 @@ class Engine:
                         self._on_corrupt(tier, hashes[i], str(exc))
                         continue
                 out[i] = value
-                self._promote(hashes[i], spec.fingerprint, tier)
+                self._promote(
+                    hashes[i], spec.fingerprint, tier, value if isinstance(value, bytes) else None
+                )
             todo = [i for i in todo if out[i] is None]
         hits = [h for h, v in zip(hashes, out, strict=True) if v is not None]
         self.index.touch(hits, hit=True)
@@ -992,15 +1023,24 @@ class Engine:
             out.append(None if data is None else decode_block(spec, key, data))
         return out
 
-    def _promote(self, key: BlockHash, namespace: bytes, hit_tier: str) -> None:
+    def _promote(
+        self, key: BlockHash, namespace: bytes, hit_tier: str, data: bytes | None = None
+    ) -> None:
+        """Queue a copy of a block just read from ``hit_tier`` into the tier above it; with its
+        (verified, immutable) bytes while they fit ``_PROMOTE_DATA_BYTES``."""
         dst = self.placement.promote_to(hit_tier)
         if dst is None or self.index.in_tier(key, dst):
             return
+        if data is not None and self._promote_data_bytes + len(data) > _PROMOTE_DATA_BYTES:
+            data = None
         try:
-            self._queue.put_nowait(_Move("promote", key, namespace, hit_tier, dst))
+            self._queue.put_nowait(_Move("promote", key, namespace, hit_tier, dst, data=data))
         except asyncio.QueueFull:
             # Promotion is an optimisation: never make a read wait for it.
             self.counters.add("promotions_skipped")
+            return
+        if data is not None:
+            self._promote_data_bytes += len(data)
 
     # -- leases, pins, eviction by request -----------------------------------------------------
 

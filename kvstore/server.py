@@ -317,6 +317,8 @@ def _unary(method: str, *, admin: bool = False) -> Callable[[Handler], Any]:
             except Exception as exc:
                 status, message = self._status(exc, call)
                 code = str(status.name)
+                if hasattr(request, "__aiter__"):
+                    await _drain(request)
                 await context.abort(
                     status, message, trailing_metadata=(("x-request-id", call.request_id),)
                 )
@@ -327,6 +329,25 @@ def _unary(method: str, *, admin: bool = False) -> Callable[[Handler], Any]:
         return handler
 
     return wrap
+
+
+# How long a failed client-streaming call reads on what the client still sends (see ``_drain``).
+_DRAIN_S = 2.0
+
+
+async def _drain(requests: AsyncIterator[Any]) -> None:
+    """Read and drop the rest of a client stream whose call has failed, before the status goes
+    out. A grpc aio client that is still writing when the status arrives reports ``INTERNAL:
+    Internal error from Core`` instead of it (grpc/grpc#36066): the caller would not learn
+    what was wrong. Bounded by ``_DRAIN_S``: a client that never ends its stream gets the
+    status then all the same."""
+
+    async def rest() -> None:
+        async for _ in requests:
+            pass
+
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(rest(), _DRAIN_S)
 
 
 def _stream(method: str, *, admin: bool = False) -> Callable[[StreamHandler], Any]:

@@ -304,7 +304,11 @@ async def test_blocks_move_down_and_up_bit_exact(tmp_path: Path, redis_server: R
         assert all(
             t is not None and torch.equal(t, content(h)) for h, t in zip(hashes, got, strict=True)
         )
+        g4 = e.tier("G4", SPEC.fingerprint)
+        reads = (await g4.stats()).num_gets
         await e.drain()
+        # The promotions copied the bytes the read had verified: no second read of G4.
+        assert (await g4.stats()).num_gets == reads
         assert (await e.lookup(SPEC, tokens)).tiers == ["G2"] * 4
         assert await resident(e, "G2", hashes) == [True] * 4
         assert (await e.stats()).counters["promotions"] == 4

@@ -10,7 +10,8 @@ few and the second one runs several rounds):
    block once the prompt's last chunk is computed;
 3. process 2 on A..E: A..C hit all their full blocks but the last token's, D and E the shared
    prefix's full blocks;
-   - the service restarts (same G3, empty G2), same prompts again: hits from G3;
+   - the service restarts (same G3, empty G2), same prompts again: hits from G3, loaded
+     asynchronously (the request waits aside for its fetch);
    - a middle block of each prompt is evicted, same prompts again: only the blocks before the
      hole are claimed;
    - a block of A is corrupted on disk while the service is down: the lookup promises it, the
@@ -304,6 +305,7 @@ def test_second_process_gets_the_prefix(scenario: Scenario) -> None:
     assert stats["scheduler"]["matched_tokens"] == 3 * FULL + 2 * SHARED
     assert stats["worker"]["loaded_tokens"] == 3 * FULL + 2 * SHARED
     assert stats["worker"]["load_error_blocks"] == 0
+    assert stats["worker"]["async_loads"] == 0  # G2 hits load in the step, layer by layer
     # The service's hit counters rose by at least the tokens vLLM was given (lookups and
     # fetches both count).
     before, after = scenario.metrics[0], scenario.metrics[1]
@@ -321,6 +323,11 @@ def test_hits_after_a_restart_come_from_g3(scenario: Scenario) -> None:
     assert _hit_blocks(scenario.metrics[2], "G3") >= distinct
     g3 = next(t for t in scenario.server_stats[2].tiers if t.tier == "G3")
     assert g3.num_hits >= distinct  # blocks read from G3
+    # Hits with blocks in G3 load asynchronously (``load_async="lower"``): each request waits
+    # aside for its fetch, and vLLM schedules it once ``get_finished`` reports it.
+    before, after = scenario.second_stats[0]["worker"], scenario.second_stats[1]["worker"]
+    assert after["async_loads"] - before["async_loads"] == len(PROMPTS)
+    assert after["loaded_tokens"] - before["loaded_tokens"] == len(PROMPTS) * FULL
 
 
 def test_a_hole_limits_the_hit_to_the_blocks_before_it(scenario: Scenario) -> None:

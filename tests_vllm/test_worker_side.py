@@ -6,6 +6,8 @@ service, and a stand-in for the engine's configuration (the few fields the worke
 - a load that gets fewer blocks than the scheduler promised names the vLLM blocks that did not
   arrive (``get_block_ids_with_load_errors``), and fills only the ones that did;
 - a layer the engine never asked to load is reported too, never left holding garbage;
+- an async load (its request not in the step) lands while steps go on, and ``get_finished``
+  reports it once, no earlier than its load errors;
 - a save reads back from kvstore as the K/V that went into the paged cache;
 - the weights' revision changes with one weight, not with the folder or a model card;
 - ``kv_connector_extra_config`` is checked (a misspelt key is an error, not a default).
@@ -14,6 +16,7 @@ service, and a stand-in for the engine's configuration (the few fields the worke
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -106,7 +109,9 @@ def test_probe_refuses_a_layout_it_cannot_map() -> None:
         BlockLayout.probe(_layer("vec"), cache[:, :, :, :, :16], BLOCK, HEADS, HEAD_DIM)
 
 
-def _connector(service: Service, stats: Path) -> tuple[KVStoreConnector, list[torch.Tensor]]:
+def _connector(
+    service: Service, stats: Path, kv_cache_config: Any = None
+) -> tuple[KVStoreConnector, list[torch.Tensor]]:
     """A worker-side connector with its caches registered, as vLLM's model runner does it."""
     transfer = KVTransferConfig(
         kv_connector="KVStoreConnector",
@@ -129,7 +134,7 @@ def _connector(service: Service, stats: Path) -> tuple[KVStoreConnector, list[to
             static_forward_context={name: _layer("vec") for name in names}
         ),
     )
-    connector = KVStoreConnector(config, KVConnectorRole.WORKER, None)
+    connector = KVStoreConnector(config, KVConnectorRole.WORKER, kv_cache_config)
     caches = [_cache(torch.float32) for _ in names]
     connector.register_kv_caches(dict(zip(names, caches, strict=True)))
     return connector, caches
@@ -191,6 +196,48 @@ def test_a_layer_never_loaded_is_reported(service: Service, tmp_path: Path) -> N
     assert connector.get_block_ids_with_load_errors() == {6}
 
 
+def test_an_async_load_lands_between_steps_and_is_reported_once(
+    service: Service, tmp_path: Path
+) -> None:
+    rng = random.Random(5)
+    tokens = [rng.randrange(4, 1000) for _ in range(4 * BLOCK + 1)]
+    kv = torch.randn(LAYERS, 2, 4 * BLOCK, HEADS, HEAD_DIM)
+    with Client(service.target) as client:
+        client.put(SPEC, tokens, kv)
+        assert client.evict(SPEC, [client.lookup(SPEC, tokens).hashes[3]]) == 1
+    connector, caches = _connector(service, tmp_path)
+    block_ids = [2, 8, 4, 10, 0]
+    load = _Transfer("req-a", tokens[: 4 * BLOCK], BLOCK, 4 * BLOCK, block_ids, async_load=True)
+    # The step that starts it runs no layer of its request: vLLM waits for no layer of it.
+    connector.bind_connector_metadata(KVStoreConnectorMetadata(spec=SPEC.to_dict(), loads=[load]))
+    connector.start_load_kv(None)
+    connector.wait_for_save()
+    finished: set[str] = set()
+    errors: set[int] = set()
+    for _ in range(500):  # the steps that follow, each asking what is done
+        connector.bind_connector_metadata(KVStoreConnectorMetadata())
+        connector.start_load_kv(None)
+        connector.wait_for_save()
+        done = connector.get_finished(set())[1] or set()
+        errors |= connector.get_block_ids_with_load_errors()
+        if done:
+            finished |= done
+            break
+        time.sleep(0.01)
+    assert finished == {"req-a"}
+    assert errors == {10}  # block 3 of the prompt was evicted; block 0 was not asked for
+    assert connector.get_finished(set()) == (None, None)  # reported once
+    assert connector.counters.async_loads == 1
+    assert connector.counters.loaded_tokens == 2 * BLOCK
+    for layer, cache in enumerate(caches):
+        got = torch.empty(2, 2 * BLOCK, HEADS, HEAD_DIM)
+        assert connector._layout is not None
+        connector._layout.gather(cache.view(NUM_BLOCKS, -1), block_ids[1:3], out=got)
+        assert torch.equal(got, kv[layer, :, BLOCK : 3 * BLOCK])
+        assert bool((cache[2] == -7.0).all())  # vLLM's own hit: left alone
+        assert bool((cache[10] == -7.0).all())
+
+
 def test_save_stores_what_the_paged_cache_holds(service: Service, tmp_path: Path) -> None:
     tokens = list(range(500, 500 + 3 * BLOCK + 7))
     kv = torch.randn(LAYERS, 2, len(tokens), HEADS, HEAD_DIM)
@@ -238,6 +285,31 @@ def test_extra_config_is_checked() -> None:
         ConnectorConfig.from_extra({"repair_holes": "yes"})
     with pytest.raises(ConfigError, match="timeout_s"):
         ConnectorConfig.from_extra({"timeout_s": 0})
+    assert ConnectorConfig.from_extra({}).load_async == "lower"
+    with pytest.raises(ConfigError, match="load_async must be one of"):
+        ConnectorConfig.from_extra({"load_async": "sometimes"})
+
+
+def test_a_hybrid_model_is_refused_naming_its_groups(service: Service, tmp_path: Path) -> None:
+    from vllm.v1.kv_cache_interface import (
+        FullAttentionSpec,
+        KVCacheConfig,
+        KVCacheGroupSpec,
+        SlidingWindowSpec,
+    )
+
+    full = FullAttentionSpec(block_size=BLOCK, num_kv_heads=HEADS, head_size=HEAD_DIM,
+                             dtype=torch.float32)
+    window = SlidingWindowSpec(block_size=BLOCK, num_kv_heads=HEADS, head_size=HEAD_DIM,
+                               dtype=torch.float32, sliding_window=64)
+    groups = [
+        KVCacheGroupSpec(["model.layers.0.self_attn.attn", "model.layers.2.self_attn.attn"], full),
+        KVCacheGroupSpec(["model.layers.1.self_attn.attn"], window),
+    ]
+    config = KVCacheConfig(num_blocks=NUM_BLOCKS, kv_cache_tensors=[], kv_cache_groups=groups)
+    with pytest.raises(ConfigError, match=r"2 KV cache groups \(group 0: FullAttentionSpec over "
+                       r"2 layers .*group 1: SlidingWindowSpec over 1 layers"):
+        _connector(service, tmp_path, kv_cache_config=config)
 
 
 def test_a_layout_that_is_not_affine_still_round_trips() -> None:
