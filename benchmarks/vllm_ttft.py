@@ -15,12 +15,13 @@ With a connector every prompt is generated twice: a store pass over all prompts 
 stores them (timed, not the TTFT of the table), then a load pass over all prompts loads every
 full block but the one holding the last token, and is timed. For kvstore the service is then
 restarted (same G3, G2 empty) and every prompt generated once more by the same engine: the G3
-hit. The first no-connector engine caches prefixes (vLLM's own) and generates every prompt a
-second time: the floor, the step of the last block alone on a cached prefix, to which the table
-adds one memcpy of the hit's K/V (measured here). The first token must be the same in every
-configuration. Writes
-``benchmarks/vllm_ttft.png`` and prints a Markdown table; raw results go to a temporary folder
-(printed).
+hit, loaded aside (``load_async`` "lower", the default: the request waits while its fetch runs).
+A second kvstore engine with ``load_async`` "never" does the same after another restart: the G3
+hit loaded within the step, layer by layer. The first no-connector engine caches prefixes (vLLM's
+own) and generates every prompt a second time: the floor, the step of the last block alone on a
+cached prefix, to which the table adds one memcpy of the hit's K/V (measured here). The first
+token must be the same in every configuration. Writes ``benchmarks/vllm_ttft.png`` and prints
+a Markdown table; raw results go to a temporary folder (printed).
 """
 
 from __future__ import annotations
@@ -52,13 +53,21 @@ SHAPE = {
     "num_key_value_heads": 4,
     "head_dim": 64,
 }
-CONFIGS = ["recompute", "recompute, again", "example", "kvstore G2", "kvstore G3"]
+CONFIGS = [
+    "recompute",
+    "recompute, again",
+    "example",
+    "kvstore G2",
+    "kvstore G3",
+    "kvstore G3, in step",
+]
 LABELS = {
     "recompute": "no connector (recompute), first engine",
     "recompute, again": "no connector (recompute), last engine",
     "example": "ExampleConnector (files)",
     "kvstore G2": "kvstore, G2 hit",
-    "kvstore G3": "kvstore, G3 hit",
+    "kvstore G3": "kvstore, G3 hit (loaded aside: load_async lower)",
+    "kvstore G3, in step": "kvstore, G3 hit (in the step: load_async never)",
 }
 
 
@@ -289,13 +298,15 @@ def run_all(lengths: list[int], repeats: int, work: Path, model: Path) -> dict[s
     finally:
         engine.close()
 
-    # (c) kvstore: store pass, load pass (G2), restart the service, load pass (G3)
+    # (c) kvstore: store pass, load pass (G2), restart the service, load pass (G3); a second
+    # engine loads G3 hits within the step instead of aside (another restart: G2 empty again)
     log("engine: KVStoreConnector")
     service = Service(work / "g3", work / "service.log")
     service.start()
-    try:
-        engine = Engine(
-            work / "kvstore",
+
+    def kvstore_engine(name: str, **extra: Any) -> Engine:
+        return Engine(
+            work / name,
             model,
             {
                 "kv_connector": "KVStoreConnector",
@@ -304,10 +315,14 @@ def run_all(lengths: list[int], repeats: int, work: Path, model: Path) -> dict[s
                 "kv_load_failure_policy": "recompute",
                 "kv_connector_extra_config": {
                     "server": service.target,
-                    "stats_path": str(work / "kvstore-stats"),
+                    "stats_path": str(work / f"{name}-stats"),
+                    **extra,
                 },
             },
         )
+
+    try:
+        engine = kvstore_engine("kvstore")
         try:
             engine.run([warm, warm])
             stores["kvstore"] = engine.run(ids)
@@ -324,6 +339,14 @@ def run_all(lengths: list[int], repeats: int, work: Path, model: Path) -> dict[s
             service.start()
             rows["kvstore G3"] = engine.run([warm, *ids])[1:]
             starts["kvstore"] = engine.start_s
+        finally:
+            engine.close()
+        log("engine: KVStoreConnector, load_async never; restarting the service (G2 empty)")
+        engine = kvstore_engine("kvstore-in-step", load_async="never")
+        try:
+            service.stop()
+            service.start()
+            rows["kvstore G3, in step"] = engine.run([warm, *ids])[1:]
         finally:
             engine.close()
     finally:
@@ -418,8 +441,8 @@ def table(data: dict[str, Any]) -> str:
     lines += [
         "",
         "| prompt tokens | floor: last block on a cached prefix + memcpy of the hit | "
-        "G2 hit / ExampleConnector | G3 hit / ExampleConnector | G2 hit / floor | "
-        "store pass: kvstore / ExampleConnector |",
+        "G2 hit / ExampleConnector | G3 hit / ExampleConnector (aside, in step) | "
+        "G2 hit / floor | store pass: kvstore / ExampleConnector |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
     for i, n in enumerate(data["lengths"]):
@@ -427,7 +450,8 @@ def table(data: dict[str, Any]) -> str:
         example = med["example"][i]
         lines.append(
             f"| {n:,} | {med['floor'][i]:,.0f} + {data['memcpy_ms'][i]:.1f} = {floor:,.0f} ms | "
-            f"{med['kvstore G2'][i] / example:.2f}× | {med['kvstore G3'][i] / example:.2f}× | "
+            f"{med['kvstore G2'][i] / example:.2f}× | {med['kvstore G3'][i] / example:.2f}×, "
+            f"{med['kvstore G3, in step'][i] / example:.2f}× | "
             f"{med['kvstore G2'][i] / floor:.2f}× | "
             f"{store['kvstore'][i] / store['example'][i]:.2f}× |"
         )
@@ -442,7 +466,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
 
     med = medians(data, data["rows"])
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for c, marker in zip(CONFIGS, "ovsD^", strict=True):
+    for c, marker in zip(CONFIGS, "ovsD^x", strict=True):
         xs = [n for (_, n) in data["prompts"]]
         ys = [x["seconds"] * 1000 for x in data["rows"][c]]
         style = "--" if c == "recompute, again" else "-"

@@ -93,7 +93,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -300,9 +300,19 @@ def _namespace(vllm_config: Any, config: ConnectorConfig) -> ModelSpec:
     """The kvstore namespace of this engine's KV cache; see the module docstring."""
     model_config = vllm_config.model_config
     parallel = vllm_config.parallel_config
-    if parallel.tensor_parallel_size != 1 or parallel.pipeline_parallel_size != 1:
-        # Each rank holds a slice of the heads or layers; a block holds all of them.
-        raise ConfigError("KVStoreConnector needs tensor and pipeline parallel size 1")
+    if parallel.pipeline_parallel_size != 1:
+        # Each stage holds a slice of the layers; a block holds all of them.
+        raise ConfigError(
+            "KVStoreConnector needs pipeline parallel size 1, got "
+            f"{parallel.pipeline_parallel_size}"
+        )
+    world = int(parallel.tensor_parallel_size)
+    _shard(int(model_config.get_total_num_kv_heads()), world, 0)  # heads that split evenly
+    if world > 1 and config.repair_holes:
+        raise ConfigError(
+            "KVStoreConnector: repair_holes needs tensor parallel size 1 (the model worker "
+            "stores blocks of all heads; each rank here stores its own heads)"
+        )
     vllm_block = int(vllm_config.cache_config.block_size)
     block_tokens = config.block_tokens or vllm_block
     if block_tokens < 1 or vllm_block % block_tokens:
@@ -352,6 +362,62 @@ def _namespace(vllm_config: Any, config: ConnectorConfig) -> ModelSpec:
             f"{vllm_block}-token blocks"
         )
     return spec
+
+
+def _tp_rank(parallel: Any) -> int:
+    """This worker's tensor-parallel rank: vLLM's group once it is set up, else the config's."""
+    if int(parallel.tensor_parallel_size) <= 1:
+        return 0
+    try:
+        from vllm.distributed import parallel_state  # type: ignore[import-not-found]
+
+        return int(parallel_state.get_tensor_model_parallel_rank())
+    except (AssertionError, ImportError):  # no group (a worker built outside an engine)
+        return int(getattr(parallel, "rank", 0)) % int(parallel.tensor_parallel_size)
+
+
+def _shard(heads: int, world: int, rank: int) -> tuple[int, int]:
+    """The K/V heads ``[lo, hi)`` that tensor-parallel rank ``rank`` of ``world`` holds, split as
+    vLLM's ``QKVParallelLinear`` splits them: ``heads / world`` each, or, with fewer heads than
+    ranks, one head on each ``world / heads`` ranks in turn."""
+    if world <= 1:
+        return 0, heads
+    if heads >= world:
+        if heads % world:
+            raise ConfigError(
+                f"KVStoreConnector: {heads} KV heads do not split over tensor parallel size {world}"
+            )
+        per = heads // world
+        return rank * per, (rank + 1) * per
+    if world % heads:
+        raise ConfigError(
+            f"KVStoreConnector: tensor parallel size {world} is not a multiple of {heads} KV heads"
+        )
+    head = rank // (world // heads)
+    return head, head + 1
+
+
+def shard_spec(spec: ModelSpec, lo: int, hi: int) -> ModelSpec:
+    """The namespace of K/V heads ``[lo, hi)`` of ``spec``: what one tensor-parallel rank stores
+    and loads. Named by the heads, not the rank, so that ranks holding the same heads (replicas)
+    share blocks, and so that other splits never do. All heads: ``spec`` itself."""
+    if (lo, hi) == (0, spec.num_kv_heads):
+        return spec
+    return replace(
+        spec,
+        model_id=f"{spec.model_id}#kv-heads-{lo}-{hi}-of-{spec.num_kv_heads}",
+        num_kv_heads=hi - lo,
+    )
+
+
+def _shard_specs(spec: ModelSpec, world: int) -> list[ModelSpec]:
+    """The distinct namespaces of the ranks ``0 .. world - 1``, in rank order."""
+    out: list[ModelSpec] = []
+    for rank in range(max(1, world)):
+        shard = shard_spec(spec, *_shard(spec.num_kv_heads, world, rank))
+        if shard not in out:
+            out.append(shard)
+    return out
 
 
 def _check_groups(kv_cache_config: Any) -> None:
@@ -425,7 +491,7 @@ class _Request:
     block_ids: list[int] = field(default_factory=list)
     stored_end: int = 0  # tokens known to be in kvstore (a loaded hit)
     saved: bool = False
-    lease_id: int = 0
+    lease_ids: list[int] = field(default_factory=list)  # one per namespace (see ``_shards``)
 
 
 @dataclass
@@ -488,9 +554,22 @@ class KVStoreConnector(_ConnectorBase):
         # The scheduler side derives the namespace (hashing the weights) and ships it to the
         # worker side in the metadata, so that the workers need not hash them again.
         self._spec: ModelSpec | None = None
+        parallel = vllm_config.parallel_config
+        self._world = int(parallel.tensor_parallel_size)
+        self._rank = 0 if self._is_scheduler else _tp_rank(parallel)
+        self._shards: list[ModelSpec] = []  # the ranks' namespaces (scheduler side)
+        self._spec_of: dict[str, Any] | None = None  # the scheduler's spec of the worker's
         if self._is_scheduler:
             self._spec = _namespace(vllm_config, self.config)
-            log.info("KVStoreConnector: kvstore %s, namespace %s", self.config.server, self._spec)
+            self._shards = _shard_specs(self._spec, self._world)
+            log.info(
+                "KVStoreConnector: kvstore %s, namespace %s%s",
+                self.config.server,
+                self._spec,
+                f", one per tensor-parallel head slice: {[s.model_id for s in self._shards]}"
+                if len(self._shards) > 1
+                else "",
+            )
             if self._load_enabled and transfer.kv_load_failure_policy != "recompute":
                 log.warning(
                     "KVStoreConnector: kv_load_failure_policy=%r fails a request whose blocks "
@@ -587,7 +666,7 @@ class KVStoreConnector(_ConnectorBase):
         prompt = list(tokens[:full])
         extra_keys = _extra_keys(request, full // spec.block_tokens)
         repair = self._repairs.get(request.request_id)
-        tiers: list[str | None] = []  # per block, where the lookup found it
+        tiers: list[str | None] = []  # per block, where the lookups found it
         if repair is not None:
             if not repair.done():
                 return None, False  # vLLM asks again at its next step
@@ -597,7 +676,9 @@ class KVStoreConnector(_ConnectorBase):
             self.counters.lookups += 1
             started = time.perf_counter()
             try:
-                found = self._kv().lookup(spec, prompt, extra_keys=extra_keys)
+                # Every rank's heads must be there: the hit is the shortest of them.
+                founds = [self._kv().lookup(s, prompt, extra_keys=extra_keys) for s in self._shards]
+                found = min(founds, key=lambda f: f.hit_tokens)
             except KVStoreError as exc:
                 self.counters.lookup_errors += 1
                 self._down_until = time.monotonic() + _DOWN_BACKOFF_S
@@ -607,7 +688,10 @@ class KVStoreConnector(_ConnectorBase):
                 self._write_stats()
                 return 0, False
             hit = found.hit_tokens
-            tiers = found.tiers
+            tiers = [  # below G2 in any rank's namespace: below G2
+                next((t for t in ts if t not in _MEMORY_TIERS), ts[0])
+                for ts in zip(*(f.tiers for f in founds), strict=True)
+            ]
             self.counters.lookup_s += time.perf_counter() - started
             if self.config.repair_holes and found.holes:
                 # The model worker's time must not stall the scheduler (every running request
@@ -679,17 +763,19 @@ class KVStoreConnector(_ConnectorBase):
         # Hold the blocks until the worker has read them (or the TTL passes): an eviction in
         # between would turn the hit into a recompute.
         started = time.perf_counter()
-        with contextlib.suppress(KVStoreError):
-            lease = self._kv().reserve(
-                self._spec,
-                state.tokens[:end],
-                num_blocks=end // self._spec.block_tokens,
-                ttl_s=self.config.lease_ttl_s,
-                extra_keys=state.extra_keys,
-            )
-            if state.lease_id:
-                self._release(state.lease_id)
-            state.lease_id = lease.lease_id
+        for lease_id in state.lease_ids:
+            self._release(lease_id)
+        state.lease_ids = []
+        for shard in self._shards:
+            with contextlib.suppress(KVStoreError):
+                lease = self._kv().reserve(
+                    shard,
+                    state.tokens[:end],
+                    num_blocks=end // shard.block_tokens,
+                    ttl_s=self.config.lease_ttl_s,
+                    extra_keys=state.extra_keys,
+                )
+                state.lease_ids.append(lease.lease_id)
         self.counters.reserve_s += time.perf_counter() - started
 
     def on_new_request(self, request: Any) -> None:
@@ -809,8 +895,8 @@ class KVStoreConnector(_ConnectorBase):
         self._matched.pop(request.request_id, None)
         self._pending_loads.pop(request.request_id, None)
         self._repairs.pop(request.request_id, None)  # a repair still running stores all the same
-        if state is not None and state.lease_id:
-            self._release(state.lease_id)
+        for lease_id in state.lease_ids if state is not None else ():
+            self._release(lease_id)
         return False, None
 
     # -- worker side ---------------------------------------------------------------------------
@@ -821,7 +907,8 @@ class KVStoreConnector(_ConnectorBase):
         model_config = self._vllm_config.model_config
         parallel = self._vllm_config.parallel_config
         num_layers = int(model_config.get_num_layers(parallel))
-        heads = int(model_config.get_total_num_kv_heads())
+        lo, hi = _shard(int(model_config.get_total_num_kv_heads()), self._world, self._rank)
+        heads = hi - lo  # this rank's
         head_dim = int(model_config.get_head_size())
         modules = self._vllm_config.compilation_config.static_forward_context
         layers: dict[str, tuple[int, torch.Tensor]] = {}
@@ -847,9 +934,12 @@ class KVStoreConnector(_ConnectorBase):
         )
 
     def _worker_spec(self, meta: KVStoreConnectorMetadata) -> ModelSpec:
+        """This rank's namespace: the scheduler's, or its slice of the heads (``shard_spec``)."""
         assert meta.spec is not None
-        if self._spec is None or self._spec.to_dict() != meta.spec:
-            self._spec = ModelSpec.from_dict(meta.spec)
+        if self._spec is None or self._spec_of != meta.spec:
+            base = ModelSpec.from_dict(meta.spec)
+            self._spec = shard_spec(base, *_shard(base.num_kv_heads, self._world, self._rank))
+            self._spec_of = meta.spec
         return self._spec
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:

@@ -122,6 +122,7 @@ class Engine:
         connector: dict[str, Any] | None,
         max_tokens: int = 12,
         engine_args: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.folder = folder / name
         self.folder.mkdir(parents=True)
@@ -134,6 +135,7 @@ class Engine:
             "max_model_len": 512,
             "connector": connector,
             "engine_args": engine_args or {},
+            "env": env or {},
         }
         (self.folder / "spec.json").write_text(json.dumps(spec))
         self._log = self.log_path.open("w")
@@ -189,9 +191,12 @@ def run_engine(
     prompts: list[list[int]],
     connector: dict[str, Any] | None,
     engine_args: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """One engine, one round."""
-    engine = Engine(folder, name, model_dir, [prompts], connector, engine_args=engine_args)
+    engine = Engine(
+        folder, name, model_dir, [prompts], connector, engine_args=engine_args, env=env
+    )
     try:
         return engine.result()
     finally:

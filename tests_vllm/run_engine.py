@@ -5,7 +5,9 @@ the kvstore connector; the results of each round as JSON.
 
 ``FOLDER/spec.json``: ``model`` (folder), ``rounds`` (lists of prompts, each a list of token
 ids), ``max_tokens``, ``block_size``, ``max_model_len`` and ``connector``
-(``kv_connector_extra_config``, or null for plain vLLM; its counters go to ``FOLDER/stats``).
+(``kv_connector_extra_config``, or null for plain vLLM; its counters go to ``FOLDER/stats``),
+and optionally ``engine_args`` (more ``LLM`` arguments) and ``env`` (variables set before vLLM
+is imported).
 After round ``i`` the engine writes ``FOLDER/round-<i>.json`` (per prompt the generated token ids
 and ``num_cached_tokens``, and the seconds taken) and reads one line of standard input before the
 next round, so that the test can change the kvstore service in between. At the end of input it
@@ -28,6 +30,7 @@ def main(folder: Path) -> None:
     spec = json.loads((folder / "spec.json").read_text())
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: the tiny model needs little
+    os.environ.update(spec.get("env", {}))
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
     from vllm.inputs import TokensPrompt

@@ -34,7 +34,9 @@ from client.vllm_connector import (
     ConnectorConfig,
     KVStoreConnector,
     KVStoreConnectorMetadata,
+    _shard,
     _Transfer,
+    shard_spec,
     weights_revision,
 )
 from kvstore import ModelSpec
@@ -70,8 +72,8 @@ def _write(layer: Any, cache: torch.Tensor, kv: torch.Tensor, block_ids: list[in
     layer.impl.do_kv_cache_update(layer, kv[0].contiguous(), kv[1].contiguous(), cache, slots)
 
 
-def _cache(dtype: torch.dtype) -> torch.Tensor:
-    return torch.full((NUM_BLOCKS, HEADS, BLOCK, 2 * HEAD_DIM), -7.0, dtype=dtype)
+def _cache(dtype: torch.dtype, heads: int = HEADS) -> torch.Tensor:
+    return torch.full((NUM_BLOCKS, heads, BLOCK, 2 * HEAD_DIM), -7.0, dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -110,9 +112,10 @@ def test_probe_refuses_a_layout_it_cannot_map() -> None:
 
 
 def _connector(
-    service: Service, stats: Path, kv_cache_config: Any = None
+    service: Service, stats: Path, kv_cache_config: Any = None, *, world: int = 1, rank: int = 0
 ) -> tuple[KVStoreConnector, list[torch.Tensor]]:
-    """A worker-side connector with its caches registered, as vLLM's model runner does it."""
+    """A worker-side connector with its caches registered, as vLLM's model runner does it
+    (rank ``rank`` of ``world`` tensor-parallel ranks: its caches hold its share of the heads)."""
     transfer = KVTransferConfig(
         kv_connector="KVStoreConnector",
         kv_connector_module_path="client.vllm_connector",
@@ -129,13 +132,15 @@ def _connector(
             get_total_num_kv_heads=lambda: HEADS,
             get_head_size=lambda: HEAD_DIM,
         ),
-        parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1),
+        parallel_config=SimpleNamespace(
+            tensor_parallel_size=world, pipeline_parallel_size=1, rank=rank
+        ),
         compilation_config=SimpleNamespace(
             static_forward_context={name: _layer("vec") for name in names}
         ),
     )
     connector = KVStoreConnector(config, KVConnectorRole.WORKER, kv_cache_config)
-    caches = [_cache(torch.float32) for _ in names]
+    caches = [_cache(torch.float32, HEADS // world) for _ in names]
     connector.register_kv_caches(dict(zip(names, caches, strict=True)))
     return connector, caches
 
@@ -253,6 +258,55 @@ def test_save_stores_what_the_paged_cache_holds(service: Service, tmp_path: Path
     assert n == 3 * BLOCK
     assert torch.equal(stored, kv[:, :, :n])
     assert connector.counters.stored_blocks == 3
+
+
+def test_each_tensor_parallel_rank_stores_and_loads_its_own_heads(
+    service: Service, tmp_path: Path
+) -> None:
+    tokens = list(range(300, 300 + 2 * BLOCK + 5))
+    n = 2 * BLOCK
+    kv = torch.randn(LAYERS, 2, len(tokens), HEADS, HEAD_DIM)
+    block_ids = [3, 7, 1]
+    save = _Transfer("req-tp", tokens[:n], 0, n, block_ids)
+    for rank in range(2):  # TP 2 over 2 K/V heads: one head each
+        connector, caches = _connector(service, tmp_path / f"save{rank}", world=2, rank=rank)
+        for layer, cache in enumerate(caches):
+            _write(_layer("vec"), cache, kv[layer, :, :, rank : rank + 1], block_ids)
+        meta = KVStoreConnectorMetadata(spec=SPEC.to_dict(), saves=[save])  # the whole model's
+        _run_step(connector, meta, LAYERS)
+        connector.finish_puts()
+        assert connector.counters.stored_blocks == 2
+    with Client(service.target) as client:
+        assert client.lookup(SPEC, tokens).hit_blocks == 0  # no block holds every head
+        for rank in range(2):
+            shard = shard_spec(SPEC, rank, rank + 1)
+            assert shard.num_kv_heads == 1
+            assert shard.fingerprint != SPEC.fingerprint
+            stored, got = client.get_prefix(shard, tokens)
+            assert got == n
+            assert torch.equal(stored, kv[:, :, :n, rank : rank + 1])
+    load = _Transfer("req-tp2", tokens[:n], 0, n, [5, 0])
+    for rank in range(2):
+        connector, caches = _connector(service, tmp_path / f"load{rank}", world=2, rank=rank)
+        _run_step(connector, KVStoreConnectorMetadata(spec=SPEC.to_dict(), loads=[load]), LAYERS)
+        assert connector.get_block_ids_with_load_errors() == set()
+        for layer, cache in enumerate(caches):
+            out = torch.empty(2, n, 1, HEAD_DIM)
+            assert connector._layout is not None
+            connector._layout.gather(cache.view(NUM_BLOCKS, -1), [5, 0], out=out)
+            assert torch.equal(out, kv[layer, :, :n, rank : rank + 1])
+
+
+def test_heads_split_over_ranks_as_vllm_splits_them() -> None:
+    assert [_shard(8, 4, r) for r in range(4)] == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    # Fewer heads than ranks: each head is replicated on world / heads ranks, which share it.
+    assert [_shard(2, 4, r) for r in range(4)] == [(0, 1), (0, 1), (1, 2), (1, 2)]
+    assert _shard(4, 1, 0) == (0, 4)
+    assert shard_spec(SPEC, 0, HEADS) is SPEC  # TP 1: the namespace of before
+    with pytest.raises(ConfigError, match="do not split"):
+        _shard(6, 4, 0)
+    with pytest.raises(ConfigError, match="not a multiple"):
+        _shard(2, 3, 0)
 
 
 def test_revision_names_the_weights(model_dir: Path, tmp_path: Path) -> None:
