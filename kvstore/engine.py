@@ -170,6 +170,9 @@ class _Move:
     data: bytes | None = None
 
 
+# Blocks below G2 that ``payload_sources`` reads in one call.
+_LOWER_BATCH = 32
+
 # Bytes of the promotions queued with their data (``_Move.data``); the ones beyond it read their
 # source again when their turn comes.
 _PROMOTE_DATA_BYTES = 256 << 20
@@ -949,6 +952,21 @@ class Engine:
             return None
         return memoryview(data)[HEADER_BYTES:]
 
+    async def _lower_payloads(self, spec: ModelSpec, keys: list[BlockHash]) -> list[memoryview]:
+        """The raw payloads of the leading blocks of ``keys`` that are found, read in one call
+        (one trip to each tier's reader threads, not one per block)."""
+        out: list[memoryview] = []
+        for key, data in zip(keys, await self.read(spec, keys, in_place=True), strict=True):
+            if data is None:
+                break
+            if read_header(data).codec is not Codec.RAW:
+                data = transcode_block(data, Codec.RAW)
+            if len(data) != HEADER_BYTES + spec.block_nbytes:
+                log.warning("block %s has an odd size; the hit ends there", key.hex())
+                break
+            out.append(memoryview(data)[HEADER_BYTES:])
+        return out
+
     async def read_payloads_into(
         self, spec: ModelSpec, keys: Sequence[bytes], views: Sequence[memoryview]
     ) -> int:
@@ -997,16 +1015,28 @@ class Engine:
         with the checksum that the caller's copy must match (``settle_payloads`` then); a block
         from a lower tier is read and verified here, checksum None. The caller holds a lease."""
         out: list[tuple[BlockHash, memoryview, int | None]] = []
+        lower: list[BlockHash] = []  # a run of blocks not in G2, read in one call
+
+        async def read_lower() -> bool:
+            datas = await self._lower_payloads(spec, lower)
+            out.extend((key, data, None) for key, data in zip(lower, datas, strict=False))
+            whole = len(datas) == len(lower)
+            lower.clear()
+            return whole
+
         for raw in keys:
             key = BlockHash(bytes(raw))
             g2 = self._g2_payload(key, spec.block_nbytes)
-            if g2 is not None:
-                out.append((key, g2[0], g2[1]))
-                continue
-            data = await self._lower_payload(spec, key)
-            if data is None:
-                break
-            out.append((key, data, None))
+            if g2 is None:
+                lower.append(key)
+                if len(lower) < _LOWER_BATCH or await read_lower():
+                    continue
+                return out
+            if lower and not await read_lower():
+                return out
+            out.append((key, g2[0], g2[1]))
+        if lower:
+            await read_lower()
         return out
 
     async def settle_payloads(self, hits: list[BlockHash], corrupt: list[BlockHash]) -> None:

@@ -262,6 +262,24 @@ async def test_a_corrupt_g2_block_ends_a_layer_by_layer_hit(tmp_path: Path) -> N
         assert all(torch.equal(got[i].view(torch.int16), want[i].view(torch.int16)) for i in got)
 
 
+async def test_a_layer_by_layer_hit_mixes_g2_and_g3_and_ends_at_a_miss(tmp_path: Path) -> None:
+    async with running(store_config(tmp_path)) as (server, stub, _):
+        tokens = tokens_of(6 * 4, seed=14)
+        blocks = payloads(6, seed=14)
+        await put(stub, prompt(tokens), blocks, durable=True)
+        hashes = block_hashes(SPEC, tokens)
+        assert await server.engine.evict(hashes[1:3], "G2") == 2  # blocks 1, 2: in G3 only
+        assert await server.engine.evict(hashes[4:5]) == 1  # block 4: nowhere
+        tiers = (await server.engine.lookup(SPEC, tokens)).tiers
+        assert tiers == ["G2", "G3", "G3", "G2", None, "G2"]
+        async with segment(stub, 6 * NBYTES) as (sid, mapping):
+            request = pb.FetchRequest(prompt=prompt(tokens), segment_id=sid, by_layer=True)
+            messages = [m async for m in stub.Fetch(request)]
+            assert list(messages[0].header.block_hashes) == hashes[:4]
+            assert messages[-1].progress.verified_blocks == 4
+            assert bytes(mapping[: 4 * NBYTES]) == layer_major(blocks[:4])
+
+
 # -- put from the caller's own segment ----------------------------------------------------------
 
 
