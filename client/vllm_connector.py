@@ -75,8 +75,11 @@ and copies by the offsets it finds. A cache the connector cannot map is refused 
 than misread. The tests compare what vLLM saves with the K/V transformers computes for the
 same prompt, and feed vLLM blocks computed by transformers.
 
-Limits: one KV cache group (a hybrid model is refused at start naming its groups), tensor and
-pipeline parallel size 1, no multimodal prompts or prompt embeddings (their K/V depends on more
+Tensor parallel: each rank stores and loads its own K/V heads, in a namespace named by them
+(``shard_spec``); the scheduler looks up every rank's namespace and claims the shortest hit.
+
+Limits: one KV cache group (a hybrid model is refused at start naming its groups), pipeline
+parallel size 1, no multimodal prompts or prompt embeddings (their K/V depends on more
 than the token ids), no fp8 KV cache, no MLA latent caches. LoRA and ``cache_salt`` requests
 get their own chains (an extra key on block 0).
 """
@@ -175,6 +178,8 @@ _DOWN_BACKOFF_S = 5.0
 
 
 _LOAD_ASYNC = ("lower", "always", "never")
+# How long ``get_finished`` waits for an async load in a step with nothing else to do.
+_IDLE_WAIT_S = 0.01
 _MEMORY_TIERS = ("G1", "G2")
 
 
@@ -590,6 +595,7 @@ class KVStoreConnector(_ConnectorBase):
         self._loading: list[_Loading] = []  # this step's loads, arriving layer by layer
         self._async: dict[str, _Loading] = {}  # req_id -> an async load, until get_finished
         self._finished_async: set[str] = set()  # async loads that ended without a fetch
+        self._idle_step = False  # this step runs no forward (see ``start_load_kv``)
         self._arrived = threading.Condition()
         self._injected: set[str] = set()  # layers vLLM waited for
         self._staged: list[tuple[_Transfer, torch.Tensor, set[str]]] = []
@@ -952,6 +958,9 @@ class KVStoreConnector(_ConnectorBase):
         in this step) lands the same way, and ``get_finished`` reports it once it is done."""
         self._loading = []
         self._injected = set()
+        # A step without a forward (vLLM's ``kv_connector_no_forward``: nothing to compute, only
+        # requests waiting for async loads) has no attention metadata.
+        self._idle_step = getattr(forward_context, "attn_metadata", True) is None
         self.finish_puts(wait=False)
         if not self.has_connector_metadata():
             return
@@ -1159,6 +1168,14 @@ class KVStoreConnector(_ConnectorBase):
         A request that finished meanwhile (aborted while it waited) is reported all the same:
         vLLM frees its blocks then, and not before, so the fetch never writes into blocks
         that another request has been given."""
+        if self._idle_step and self._async:
+            # Nothing else to do this step: wait a little for a load rather than have vLLM spin
+            # empty steps, which take the CPU the fetch needs.
+            with self._arrived:
+                self._arrived.wait_for(
+                    lambda: any(x.future is None or x.future.done() for x in self._async.values()),
+                    timeout=_IDLE_WAIT_S,
+                )
         done = {r for r, x in self._async.items() if x.future is not None and x.future.done()}
         for req_id in done:
             self._settle(self._async.pop(req_id))

@@ -219,9 +219,9 @@ def test_an_async_load_lands_between_steps_and_is_reported_once(
     connector.wait_for_save()
     finished: set[str] = set()
     errors: set[int] = set()
-    for _ in range(500):  # the steps that follow, each asking what is done
+    for _ in range(500):  # the steps that follow, with no forward, each asking what is done
         connector.bind_connector_metadata(KVStoreConnectorMetadata())
-        connector.start_load_kv(None)
+        connector.start_load_kv(SimpleNamespace(attn_metadata=None))
         connector.wait_for_save()
         done = connector.get_finished(set())[1] or set()
         errors |= connector.get_block_ids_with_load_errors()
