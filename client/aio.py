@@ -343,33 +343,44 @@ class AsyncClient:
             max_chunk_bytes=self.max_chunk_bytes,
             repair_holes=repair_holes,
         )
-        if self._shm_fetch:
-            # At most every full block of the prompt comes back: a segment that size holds any
-            # hit, so one call suffices.
-            most = len(request.prompt.tokens_u32le) // 4 // spec.block_tokens
-            most = min(most, max_blocks) if max_blocks else most
-            try:
-                if most:
-                    kv = await self._fetch_shared(spec, request, out, most * spec.block_nbytes)
-                    return kv, kv.shape[2]
-            except _SegmentUnusable as exc:
-                log.info("%s: same-host fetch unavailable, receiving bytes: %s", self.target, exc)
-                self._shm_fetch = False
-            except _SegmentBusy as exc:
-                log.info("%s: no segment for this fetch, receiving bytes: %s", self.target, exc)
-        kv = await self._retrying(lambda: self._fetch(spec, request, out))
+        shared = await self._fetch_shared(
+            spec, request, lambda req, segment: self._fetch(spec, req, out, segment)
+        )
+        kv = shared if shared is not None else await self._retrying(
+            lambda: self._fetch(spec, request, out)
+        )
         return kv, kv.shape[2]
 
     async def _fetch_shared(
-        self, spec: ModelSpec, request: pb.FetchRequest, out: torch.Tensor | None, nbytes: int
-    ) -> torch.Tensor:
-        def attempt(segment: _Segment) -> Awaitable[torch.Tensor]:
+        self,
+        spec: ModelSpec,
+        request: pb.FetchRequest,
+        fetch: Callable[[pb.FetchRequest, _Segment], Awaitable[T]],
+    ) -> T | None:
+        """``fetch`` (one attempt of ``request`` into a segment, retried) through this client's
+        shared segment, or None where the same-host path is not to be used: the caller then
+        receives bytes."""
+        # At most every full block of the prompt comes back: a segment that size holds any hit,
+        # so one call suffices.
+        most = len(request.prompt.tokens_u32le) // 4 // spec.block_tokens
+        most = min(most, request.max_blocks) if request.max_blocks else most
+        if not self._shm_fetch or not most:
+            return None
+
+        def attempt(segment: _Segment) -> Awaitable[T]:
             shared = pb.FetchRequest()
             shared.CopyFrom(request)
             shared.segment_id = segment.segment_id
-            return self._retrying(lambda: self._fetch(spec, shared, out, segment), raw=True)
+            return self._retrying(lambda: fetch(shared, segment), raw=True)
 
-        return await self._with_segment(nbytes, attempt)
+        try:
+            return await self._with_segment(most * spec.block_nbytes, attempt)
+        except _SegmentUnusable as exc:
+            log.info("%s: same-host fetch unavailable, receiving bytes: %s", self.target, exc)
+            self._shm_fetch = False
+        except _SegmentBusy as exc:
+            log.info("%s: no segment for this fetch, receiving bytes: %s", self.target, exc)
+        return None
 
     async def _fetch(
         self,
@@ -387,11 +398,7 @@ class AsyncClient:
                 kind = reply.WhichOneof("msg")
                 if kind == "header":
                     header = reply.header
-                    if header.block_bytes and header.block_bytes != spec.block_nbytes:
-                        raise CorruptBlockError(
-                            f"the server sends blocks of {header.block_bytes} bytes, namespace "
-                            f"{spec.name} has {spec.block_nbytes}"
-                        )
+                    _check_block_bytes(spec, header)
                     sink = BlockSink(spec, len(header.block_hashes), out)
                     if header.slots and segment is None:
                         raise CorruptBlockError("the server sent slots for a fetch of bytes")
@@ -438,25 +445,11 @@ class AsyncClient:
             max_chunk_bytes=self.max_chunk_bytes,
             by_layer=True,
         )
-        most = len(request.prompt.tokens_u32le) // 4 // spec.block_tokens
-        most = min(most, max_blocks) if max_blocks else most
-        if self._shm_fetch and most:
-
-            def attempt(segment: _Segment) -> Awaitable[int]:
-                shared = pb.FetchRequest()
-                shared.CopyFrom(request)
-                shared.segment_id = segment.segment_id
-                return self._retrying(
-                    lambda: self._fetch_layers(spec, shared, segment, on_layer), raw=True
-                )
-
-            try:
-                return await self._with_segment(most * spec.block_nbytes, attempt)
-            except _SegmentUnusable as exc:
-                log.info("%s: same-host fetch unavailable, receiving bytes: %s", self.target, exc)
-                self._shm_fetch = False
-            except _SegmentBusy as exc:
-                log.info("%s: no segment for this fetch, receiving bytes: %s", self.target, exc)
+        shared = await self._fetch_shared(
+            spec, request, lambda req, segment: self._fetch_layers(spec, req, segment, on_layer)
+        )
+        if shared is not None:
+            return shared
         kv, hit = await self.get_prefix(spec, tokens, max_blocks=max_blocks, extra_keys=extra_keys)
         for layer in range(kv.shape[0]):
             on_layer(layer, kv[layer])
@@ -480,11 +473,7 @@ class AsyncClient:
                     header = reply.header
                     if kv is not None or not header.by_layer:
                         raise CorruptBlockError("the server did not answer layer by layer")
-                    if header.block_bytes and header.block_bytes != spec.block_nbytes:
-                        raise CorruptBlockError(
-                            f"the server sends blocks of {header.block_bytes} bytes, namespace "
-                            f"{spec.name} has {spec.block_nbytes}"
-                        )
+                    _check_block_bytes(spec, header)
                     kv = _segment_kv(spec, segment, len(header.block_hashes))
                     continue
                 if kind != "progress" or kv is None:
@@ -846,6 +835,14 @@ def _segment_gone(exc: grpc.aio.AioRpcError) -> bool:
     return exc.code() == grpc.StatusCode.FAILED_PRECONDITION and "is not open for this tenant" in (
         exc.details() or ""
     )
+
+
+def _check_block_bytes(spec: ModelSpec, header: pb.FetchHeader) -> None:
+    if header.block_bytes and header.block_bytes != spec.block_nbytes:
+        raise CorruptBlockError(
+            f"the server sends blocks of {header.block_bytes} bytes, namespace {spec.name} has "
+            f"{spec.block_nbytes}"
+        )
 
 
 def _segment_kv(spec: ModelSpec, segment: _Segment, num_blocks: int) -> torch.Tensor:

@@ -209,9 +209,11 @@ class Client:
         extra_keys: ExtraKeys = None,
     ) -> int:
         """As ``AsyncClient.get_prefix_by_layer``; ``on_layer`` runs on this client's thread."""
-        return self.start_get_prefix_by_layer(
-            spec, tokens, on_layer, max_blocks=max_blocks, extra_keys=extra_keys
-        ).result()
+        return self._run(
+            self._aio.get_prefix_by_layer(
+                spec, tokens, on_layer, max_blocks=max_blocks, extra_keys=extra_keys
+            )
+        )
 
     def start_get_prefix_by_layer(
         self,

@@ -104,6 +104,7 @@ import torch
 import xxhash
 
 from client.errors import NoWorkerError
+from client.results import Lookup
 from client.sync import Client
 from kvstore.errors import ConfigError, KVStoreError
 from kvstore.keys import ExtraKey, ModelSpec
@@ -178,8 +179,6 @@ _DOWN_BACKOFF_S = 5.0
 
 
 _LOAD_ASYNC = ("lower", "always", "never")
-# How long ``get_finished`` waits for an async load in a step with nothing else to do.
-_IDLE_WAIT_S = 0.01
 _MEMORY_TIERS = ("G1", "G2")
 
 
@@ -498,6 +497,18 @@ class _Request:
     saved: bool = False
     lease_ids: list[int] = field(default_factory=list)  # one per namespace (see ``_shards``)
 
+    def transfer(self, req_id: str, start: int, end: int, *, async_load: bool = False) -> _Transfer:
+        """Tokens ``[start, end)`` of this request's prompt, in its blocks as they are now."""
+        return _Transfer(
+            req_id,
+            self.tokens[:end],
+            start,
+            end,
+            list(self.block_ids),
+            self.extra_keys,
+            async_load=async_load,
+        )
+
 
 @dataclass
 class _Counters:
@@ -595,7 +606,6 @@ class KVStoreConnector(_ConnectorBase):
         self._loading: list[_Loading] = []  # this step's loads, arriving layer by layer
         self._async: dict[str, _Loading] = {}  # req_id -> an async load, until get_finished
         self._finished_async: set[str] = set()  # async loads that ended without a fetch
-        self._idle_step = False  # this step runs no forward (see ``start_load_kv``)
         self._arrived = threading.Condition()
         self._injected: set[str] = set()  # layers vLLM waited for
         self._staged: list[tuple[_Transfer, torch.Tensor, set[str]]] = []
@@ -672,7 +682,7 @@ class KVStoreConnector(_ConnectorBase):
         prompt = list(tokens[:full])
         extra_keys = _extra_keys(request, full // spec.block_tokens)
         repair = self._repairs.get(request.request_id)
-        tiers: list[str | None] = []  # per block, where the lookups found it
+        founds: list[Lookup] = []  # one per rank's namespace (none after a repair)
         if repair is not None:
             if not repair.done():
                 return None, False  # vLLM asks again at its next step
@@ -694,10 +704,6 @@ class KVStoreConnector(_ConnectorBase):
                 self._write_stats()
                 return 0, False
             hit = found.hit_tokens
-            tiers = [  # below G2 in any rank's namespace: below G2
-                next((t for t in ts if t not in _MEMORY_TIERS), ts[0])
-                for ts in zip(*(f.tiers for f in founds), strict=True)
-            ]
             self.counters.lookup_s += time.perf_counter() - started
             if self.config.repair_holes and found.holes:
                 # The model worker's time must not stall the scheduler (every running request
@@ -715,10 +721,8 @@ class KVStoreConnector(_ConnectorBase):
             self._write_stats()
             return 0, False
         mode = self.config.load_async
-        slow = any(
-            tier not in _MEMORY_TIERS
-            for tier in tiers[num_computed_tokens // spec.block_tokens : hit // spec.block_tokens]
-        )
+        first, last = num_computed_tokens // spec.block_tokens, hit // spec.block_tokens
+        slow = any(t not in _MEMORY_TIERS for f in founds for t in f.tiers[first:last])
         load_async = mode == "always" or (mode == "lower" and slow)
         self._matched[request.request_id] = (num_computed_tokens, hit, load_async)
         self.counters.matched_tokens += hit - num_computed_tokens
@@ -832,32 +836,13 @@ class KVStoreConnector(_ConnectorBase):
             state = self._requests.get(req_id)
             if load_async and state is not None:
                 del self._pending_loads[req_id]
-                meta.loads.append(
-                    _Transfer(
-                        req_id,
-                        state.tokens[:end],
-                        start,
-                        end,
-                        list(state.block_ids),
-                        state.extra_keys,
-                        async_load=True,
-                    )
-                )
+                meta.loads.append(state.transfer(req_id, start, end, async_load=True))
         for req_id, computed in steps:
             state = self._requests[req_id]
             load = self._pending_loads.pop(req_id, None)
             if load is not None:
                 start, end, _ = load
-                meta.loads.append(
-                    _Transfer(
-                        req_id,
-                        state.tokens[:end],
-                        start,
-                        end,
-                        list(state.block_ids),
-                        state.extra_keys,
-                    )
-                )
+                meta.loads.append(state.transfer(req_id, start, end))
             if not self._save_enabled or state.saved:
                 continue
             full = len(state.tokens) // spec.block_tokens * spec.block_tokens
@@ -865,16 +850,7 @@ class KVStoreConnector(_ConnectorBase):
                 continue  # chunked prefill: save once, at the chunk that completes the prompt
             state.saved = True
             if full > state.stored_end:
-                meta.saves.append(
-                    _Transfer(
-                        req_id,
-                        state.tokens[:full],
-                        state.stored_end,
-                        full,
-                        list(state.block_ids),
-                        state.extra_keys,
-                    )
-                )
+                meta.saves.append(state.transfer(req_id, state.stored_end, full))
         # Loads whose request was not scheduled after all (allocation raced): nothing to do.
         self._pending_loads.clear()
         if meta.loads or meta.saves:
@@ -958,9 +934,6 @@ class KVStoreConnector(_ConnectorBase):
         in this step) lands the same way, and ``get_finished`` reports it once it is done."""
         self._loading = []
         self._injected = set()
-        # A step without a forward (vLLM's ``kv_connector_no_forward``: nothing to compute, only
-        # requests waiting for async loads) has no attention metadata.
-        self._idle_step = getattr(forward_context, "attn_metadata", True) is None
         self.finish_puts(wait=False)
         if not self.has_connector_metadata():
             return
@@ -1143,11 +1116,10 @@ class KVStoreConnector(_ConnectorBase):
         self.counters.loads += 1
         self.counters.async_loads += load.async_load
         got = min(got, loading.tokens if loading.layers == len(self._caches) else 0)
-        bad = _blocks_of(load.block_ids, max(got, load.start), load.end, self._block_size)
         if missed:
-            bad = _blocks_of(load.block_ids, load.start, load.end, self._block_size)
-        elif got > load.start:
-            self.counters.loaded_tokens += got - load.start
+            got = 0  # the forward ran without some layer of it: all of it is recomputed
+        bad = _blocks_of(load.block_ids, max(got, load.start), load.end, self._block_size)
+        self.counters.loaded_tokens += max(0, got - load.start)
         if bad:
             # Evicted since the lookup, unreachable, or failed its checksum: vLLM recomputes
             # from the first block that did not arrive (all of that block).
@@ -1168,14 +1140,6 @@ class KVStoreConnector(_ConnectorBase):
         A request that finished meanwhile (aborted while it waited) is reported all the same:
         vLLM frees its blocks then, and not before, so the fetch never writes into blocks
         that another request has been given."""
-        if self._idle_step and self._async:
-            # Nothing else to do this step: wait a little for a load rather than have vLLM spin
-            # empty steps, which take the CPU the fetch needs.
-            with self._arrived:
-                self._arrived.wait_for(
-                    lambda: any(x.future is None or x.future.done() for x in self._async.values()),
-                    timeout=_IDLE_WAIT_S,
-                )
         done = {r for r, x in self._async.items() if x.future is not None and x.future.done()}
         for req_id in done:
             self._settle(self._async.pop(req_id))

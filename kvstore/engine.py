@@ -940,18 +940,6 @@ class Engine:
         await g2.delete([key])
         self._on_corrupt("G2", key, "payload checksum mismatch")
 
-    async def _lower_payload(self, spec: ModelSpec, key: BlockHash) -> memoryview | None:
-        """A block's raw payload read (and verified) from wherever it is, or None."""
-        (data,) = await self.read(spec, [key], in_place=True)
-        if data is None:
-            return None
-        if read_header(data).codec is not Codec.RAW:
-            data = transcode_block(data, Codec.RAW)
-        if len(data) != HEADER_BYTES + spec.block_nbytes:
-            log.warning("block %s has an odd size; the hit ends there", key.hex())
-            return None
-        return memoryview(data)[HEADER_BYTES:]
-
     async def _lower_payloads(self, spec: ModelSpec, keys: list[BlockHash]) -> list[memoryview]:
         """The raw payloads of the leading blocks of ``keys`` that are found, read in one call
         (one trip to each tier's reader threads, not one per block)."""
@@ -984,20 +972,18 @@ class Engine:
             g2 = self._g2_payload(key, nbytes)
             if g2 is not None:
                 payload, expected = g2
-                got = copy_payload_and_checksum(payload, view)
-                # A mismatch is G2's copy gone bad, or the destination written to during the copy
-                # (a client's own segment): only the first drops the block.
-                intact = got == expected or xxhash.xxh3_64_intdigest(payload) == expected
+                intact = copy_payload_and_checksum(payload, view) == expected
+                if not intact:  # dropped only if G2's copy itself is bad (``settle_payloads``)
+                    intact = not await self.settle_payloads([], [(key, payload, expected)])
                 del payload, g2
                 if intact:
                     hits.append(key)
                     done += 1
                     continue
-                await self._drop_corrupt_g2(key)
-            data = await self._lower_payload(spec, key)
-            if data is None:
+            found = await self._lower_payloads(spec, [key])
+            if not found:
                 break
-            view[:] = data
+            view[:] = found[0]
             done += 1
         self._g2_hits(hits)
         return done
@@ -1039,12 +1025,21 @@ class Engine:
             await read_lower()
         return out
 
-    async def settle_payloads(self, hits: list[BlockHash], corrupt: list[BlockHash]) -> None:
-        """After copies from ``payload_sources``: count the G2 blocks that verified as hits, drop
-        the ones that did not as corrupt."""
+    async def settle_payloads(
+        self, hits: list[BlockHash], mismatched: list[tuple[BlockHash, memoryview, int]]
+    ) -> int:
+        """After copies of G2 payloads (``payload_sources``): count the blocks whose copy matched
+        their checksum as hits, and look again at each ``(key, payload, checksum)`` whose copy
+        did not. A mismatch is G2's copy gone bad, or the destination written to during the copy
+        (a client's own segment): only a G2 payload that fails its checksum itself is dropped as
+        corrupt. Returns how many were dropped."""
         self._g2_hits(hits)
-        for key in corrupt:
-            await self._drop_corrupt_g2(key)
+        dropped = 0
+        for key, payload, expected in mismatched:
+            if xxhash.xxh3_64_intdigest(payload) != expected:
+                await self._drop_corrupt_g2(key)
+                dropped += 1
+        return dropped
 
     async def get(self, spec: ModelSpec, keys: Sequence[bytes]) -> list[torch.Tensor | None]:
         """Each block as a tensor ``[layers, 2, block_tokens, kv_heads, head_dim]``, or None."""

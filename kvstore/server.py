@@ -1303,20 +1303,22 @@ class _Servicer(pb_grpc.KVStoreServicer):  # type: ignore[misc]  # generated: An
                             yield pb.FetchResponse(progress=pb.FetchProgress(layers_done=layer + 1))
                 finally:
                     del dst, src
-            verified, hits, corrupt = n, [], []
-            for i, ((key, _, want), hasher) in enumerate(zip(sources, hashers, strict=True)):
-                if hasher is None:
+            verified = n
+            hits: list[BlockHash] = []
+            mismatched: list[tuple[BlockHash, memoryview, int]] = []
+            for i, ((key, payload, want), hasher) in enumerate(
+                zip(sources, hashers, strict=True)
+            ):
+                if hasher is None or want is None:
                     continue
                 if hasher.intdigest() == want:
                     hits.append(key)
-                    continue
-                verified = min(verified, i)
-                # The bytes that landed differ: G2's copy is corrupt, or the client wrote into
-                # its own segment during the copy (then G2's copy is kept).
-                if xxhash.xxh3_64_intdigest(sources[i][1]) != want:
-                    corrupt.append(key)
+                else:
+                    verified = min(verified, i)
+                    mismatched.append((key, payload, want))
             sources = []
-            await self.engine.settle_payloads(hits, corrupt)
+            await self.engine.settle_payloads(hits, mismatched)
+            mismatched = []
             self.metrics.bytes_out("shm", verified * size)
             yield pb.FetchResponse(
                 progress=pb.FetchProgress(

@@ -157,16 +157,20 @@ async def test_fetch_into_a_segment_reads_lower_tiers(tmp_path: Path) -> None:
             assert slots_of(mapping, header) == blocks
 
 
+def flip_g2_byte(server: Any, key: bytes, at: int, mask: int) -> None:
+    """Corrupt G2's copy of block ``key`` in place: byte ``at`` XOR ``mask``."""
+    view = server.engine.tier("G2", SPEC.fingerprint).view_of(key)
+    view[at] ^= mask
+    del view
+
+
 async def test_a_corrupt_g2_block_never_reaches_the_same_host_client(tmp_path: Path) -> None:
     async with running(store_config(tmp_path)) as (server, stub, _):
         tokens = tokens_of(3 * 4, seed=8)
         blocks = payloads(3, seed=8)
         await put(stub, prompt(tokens), blocks, durable=True)  # a good copy in G3
         hashes = block_hashes(SPEC, tokens)
-        g2 = server.engine.tier("G2", SPEC.fingerprint)
-        view = g2.view_of(hashes[1])  # type: ignore[attr-defined]
-        view[HEADER_BYTES + 5] ^= 0x10  # one flipped payload byte in G2
-        del view
+        flip_g2_byte(server, hashes[1], HEADER_BYTES + 5, 0x10)  # one payload byte in G2
         async with AsyncClient(f"127.0.0.1:{server.port}", same_host=True) as client:
             kv, n = await client.get_prefix(SPEC, tokens)
         assert n == 12
@@ -245,10 +249,7 @@ async def test_a_corrupt_g2_block_ends_a_layer_by_layer_hit(tmp_path: Path) -> N
         blocks = payloads(3, seed=13)
         await put(stub, prompt(tokens), blocks, durable=True)  # a good copy in G3
         hashes = block_hashes(SPEC, tokens)
-        g2 = server.engine.tier("G2", SPEC.fingerprint)
-        view = g2.view_of(hashes[1])  # type: ignore[attr-defined]
-        view[HEADER_BYTES + NBYTES - 3] ^= 0x01  # in the last layer: found after the copy
-        del view
+        flip_g2_byte(server, hashes[1], HEADER_BYTES + NBYTES - 3, 0x01)  # in the last layer
         async with AsyncClient(f"127.0.0.1:{server.port}", same_host=True) as client:
             n = await client.get_prefix_by_layer(SPEC, tokens, lambda *_: None)
             assert n == 4  # block 0 only: the bytes of blocks 1 and 2 are not to be used

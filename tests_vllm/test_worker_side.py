@@ -156,6 +156,26 @@ SPEC = ModelSpec(
 )
 
 
+def _store(service: Service, tokens: list[int], kv: torch.Tensor, evict: int | None = None) -> None:
+    """Put ``kv`` for ``tokens``; then evict block ``evict`` (gone between the scheduler's
+    lookup and the worker's fetch)."""
+    with Client(service.target) as client:
+        client.put(SPEC, tokens, kv)
+        if evict is not None:
+            assert client.evict(SPEC, [client.lookup(SPEC, tokens).hashes[evict]]) == 1
+
+
+def _gathered(
+    connector: KVStoreConnector, cache: torch.Tensor, block_ids: list[int], tokens: int
+) -> torch.Tensor:
+    """The first ``tokens`` of ``block_ids`` in one layer's paged cache, ``[2, tokens, heads,
+    head_dim]``."""
+    assert connector._layout is not None
+    out = torch.empty(2, tokens, cache.shape[1], HEAD_DIM)
+    connector._layout.gather(cache.view(NUM_BLOCKS, -1), block_ids, out=out)
+    return out
+
+
 def _run_step(connector: KVStoreConnector, meta: KVStoreConnectorMetadata, layers: int) -> None:
     """One forward pass as vLLM drives the connector: bind, load, per layer wait and save,
     then wait for the saves."""
@@ -172,10 +192,7 @@ def test_load_reports_blocks_that_did_not_arrive(service: Service, tmp_path: Pat
     rng = random.Random(3)
     tokens = [rng.randrange(4, 1000) for _ in range(4 * BLOCK + 3)]
     kv = torch.randn(LAYERS, 2, 4 * BLOCK, HEADS, HEAD_DIM)
-    with Client(service.target) as client:
-        client.put(SPEC, tokens, kv)
-        # Evicted between the scheduler's lookup and the worker's fetch.
-        assert client.evict(SPEC, [client.lookup(SPEC, tokens).hashes[2]]) == 1
+    _store(service, tokens, kv, evict=2)
     connector, caches = _connector(service, tmp_path)
     block_ids = [7, 3, 9, 1, 5]
     load = _Transfer("req-1", tokens[: 4 * BLOCK], 0, 4 * BLOCK, block_ids)
@@ -183,9 +200,7 @@ def test_load_reports_blocks_that_did_not_arrive(service: Service, tmp_path: Pat
     assert connector.get_block_ids_with_load_errors() == {9, 1}  # blocks 2 and 3 of the prompt
     assert connector.get_block_ids_with_load_errors() == set()  # reported once
     for layer, cache in enumerate(caches):
-        got = torch.empty(2, 2 * BLOCK, HEADS, HEAD_DIM)
-        assert connector._layout is not None
-        connector._layout.gather(cache.view(NUM_BLOCKS, -1), block_ids, out=got)
+        got = _gathered(connector, cache, block_ids, 2 * BLOCK)
         assert torch.equal(got, kv[layer, :, : 2 * BLOCK])
         assert bool((cache[9] == -7.0).all())  # not filled with anything
         assert bool((cache[1] == -7.0).all())
@@ -207,9 +222,7 @@ def test_an_async_load_lands_between_steps_and_is_reported_once(
     rng = random.Random(5)
     tokens = [rng.randrange(4, 1000) for _ in range(4 * BLOCK + 1)]
     kv = torch.randn(LAYERS, 2, 4 * BLOCK, HEADS, HEAD_DIM)
-    with Client(service.target) as client:
-        client.put(SPEC, tokens, kv)
-        assert client.evict(SPEC, [client.lookup(SPEC, tokens).hashes[3]]) == 1
+    _store(service, tokens, kv, evict=3)
     connector, caches = _connector(service, tmp_path)
     block_ids = [2, 8, 4, 10, 0]
     load = _Transfer("req-a", tokens[: 4 * BLOCK], BLOCK, 4 * BLOCK, block_ids, async_load=True)
@@ -235,9 +248,7 @@ def test_an_async_load_lands_between_steps_and_is_reported_once(
     assert connector.counters.async_loads == 1
     assert connector.counters.loaded_tokens == 2 * BLOCK
     for layer, cache in enumerate(caches):
-        got = torch.empty(2, 2 * BLOCK, HEADS, HEAD_DIM)
-        assert connector._layout is not None
-        connector._layout.gather(cache.view(NUM_BLOCKS, -1), block_ids[1:3], out=got)
+        got = _gathered(connector, cache, block_ids[1:3], 2 * BLOCK)
         assert torch.equal(got, kv[layer, :, BLOCK : 3 * BLOCK])
         assert bool((cache[2] == -7.0).all())  # vLLM's own hit: left alone
         assert bool((cache[10] == -7.0).all())
@@ -291,10 +302,8 @@ def test_each_tensor_parallel_rank_stores_and_loads_its_own_heads(
         _run_step(connector, KVStoreConnectorMetadata(spec=SPEC.to_dict(), loads=[load]), LAYERS)
         assert connector.get_block_ids_with_load_errors() == set()
         for layer, cache in enumerate(caches):
-            out = torch.empty(2, n, 1, HEAD_DIM)
-            assert connector._layout is not None
-            connector._layout.gather(cache.view(NUM_BLOCKS, -1), [5, 0], out=out)
-            assert torch.equal(out, kv[layer, :, :n, rank : rank + 1])
+            got = _gathered(connector, cache, [5, 0], n)
+            assert torch.equal(got, kv[layer, :, :n, rank : rank + 1])
 
 
 def test_heads_split_over_ranks_as_vllm_splits_them() -> None:
