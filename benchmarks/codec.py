@@ -32,7 +32,7 @@ import torch
 
 from benchmarks.kv_sample import real_kv_blocks
 from benchmarks.report import Settings, Table, medians_s, print_tables
-from kvstore.block_format import (
+from kvstore.core.block_format import (
     HEADER_BYTES,
     Codec,
     decode_block,
@@ -40,7 +40,7 @@ from kvstore.block_format import (
     encode_block_into,
     torch_dtype,
 )
-from kvstore.keys import ModelSpec, root_hash
+from kvstore.core.keys import ModelSpec, root_hash
 
 GB = 1e9
 MiB = 2**20

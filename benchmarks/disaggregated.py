@@ -16,7 +16,7 @@ G4. Every figure stands next to a baseline measured in the same run, samples alt
   ``benchmarks.worker`` (8 layers, hidden 1024, 8 K/V heads, float32; ``--quick``: the tiny
   default):
   without the prefill node's K/V (the decode node prefills the prompt itself) against with it
-  (``kvstore.roles.decode`` with one new token: fetch from its service, which finds the blocks
+  (``kvstore.roles.nodes.decode`` with one new token: fetch from its service, which finds the blocks
   in G4, then the model over the last token). The first tokens must agree.
 - **G4 throughput**: ``RedisTier.put`` and ``get`` of 64 blocks of 2 MiB on one Redis and on the
   cluster (all on this machine: the cluster's shards share its two cores, so this shows the
@@ -44,12 +44,12 @@ import torch
 from benchmarks.report import Table, amedians_s, print_tables
 from benchmarks.worker import first_token, model_config
 from client import AsyncClient
-from kvstore.block_format import encode_block
 from kvstore.config import StoreConfig
-from kvstore.keys import ModelSpec, block_hashes
-from kvstore.roles import decode, prefill
-from kvstore.server import KVStoreServer, ServerConfig
-from kvstore.worker import ModelWorker, WorkerConfig
+from kvstore.core.block_format import encode_block
+from kvstore.core.keys import ModelSpec, block_hashes
+from kvstore.roles.nodes import decode, prefill
+from kvstore.service.server import KVStoreServer, ServerConfig
+from kvstore.worker.model import ModelWorker, WorkerConfig
 from tiers.pinned_memory import PinnedTierConfig
 from tiers.redis_store import RedisTier, RedisTierConfig
 

@@ -30,11 +30,11 @@ import numpy as np
 import torch
 
 from benchmarks.report import Table, amedians_s, print_tables
-from kvstore.block_format import HEADER_BYTES, encode_block
 from kvstore.config import StoreConfig
-from kvstore.engine import Engine, EngineConfig
-from kvstore.keys import ModelSpec, block_hashes
-from kvstore.placement import PlacementConfig
+from kvstore.core.block_format import HEADER_BYTES, encode_block
+from kvstore.core.keys import ModelSpec, block_hashes
+from kvstore.engine.engine import Engine, EngineConfig
+from kvstore.engine.placement import PlacementConfig
 from tiers.lmdb_store import LmdbTier, LmdbTierConfig
 from tiers.pinned_memory import PinnedTierConfig
 from tiers.redis_store import RedisTierConfig

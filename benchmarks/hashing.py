@@ -1,4 +1,4 @@
-"""Benchmark of ``kvstore.keys.block_hashes`` on a 128K-token prompt, against bare blake2b.
+"""Benchmark of ``kvstore.core.keys.block_hashes`` on a 128K-token prompt, against bare blake2b.
 
 Run ``python -m benchmarks.hashing [--quick]`` from the repository root. For 16, 64 and 256 tokens
 per block and for a token list, a numpy int64 array and a torch int64 tensor, it times
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from benchmarks.report import Settings, Table, medians_s, print_tables
-from kvstore.keys import DIGEST_BYTES, ModelSpec, block_hashes, root_hash, tokens_to_u32
+from kvstore.core.keys import DIGEST_BYTES, ModelSpec, block_hashes, root_hash, tokens_to_u32
 
 NUM_TOKENS = 131072
 VOCAB_SIZE = 152064  # Qwen2's vocabulary, one of the largest in use

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from kvstore.block_format import torch_dtype
-from kvstore.keys import ModelSpec
+from kvstore.core.block_format import torch_dtype
+from kvstore.core.keys import ModelSpec
 
 __all__ = ["real_kv_blocks", "real_kv_blocks_for"]
 

@@ -42,8 +42,8 @@ import torch
 from benchmarks.report import Table, amedians_s, print_tables
 from client import AsyncClient
 from kvstore.config import StoreConfig
-from kvstore.keys import ModelSpec
-from kvstore.server import KVStoreServer, ServerConfig
+from kvstore.core.keys import ModelSpec
+from kvstore.service.server import KVStoreServer, ServerConfig
 from tiers.lmdb_store import LmdbTierConfig
 from tiers.pinned_memory import PinnedTierConfig
 
@@ -215,7 +215,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> list[tuple[str, ...]]:
 _HEAVY_SERVER = """
 import asyncio, sys
 from kvstore.config import StoreConfig
-from kvstore.server import KVStoreServer, ServerConfig
+from kvstore.service.server import KVStoreServer, ServerConfig
 from tiers.pinned_memory import PinnedTierConfig
 
 async def main():

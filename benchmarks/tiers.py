@@ -41,8 +41,8 @@ import redis.asyncio as aredis
 import torch
 
 from benchmarks.report import Case, Settings, Table, medians_s, print_tables
-from kvstore.block_format import encode_block
-from kvstore.keys import ModelSpec, block_hashes
+from kvstore.core.block_format import encode_block
+from kvstore.core.keys import ModelSpec, block_hashes
 from tiers.base import Tier
 from tiers.gpu_memory import GpuMemoryTier, GpuTierConfig
 from tiers.lmdb_store import LmdbTier, LmdbTierConfig

@@ -54,12 +54,12 @@ import numpy as np
 import torch
 
 from benchmarks.report import Table, print_tables
-from kvstore.block_format import HEADER_BYTES
 from kvstore.config import StoreConfig
-from kvstore.engine import Engine, EngineConfig
-from kvstore.keys import ModelSpec
-from kvstore.placement import PlacementConfig
-from kvstore.worker import ModelWorker, WorkerConfig, default_config
+from kvstore.core.block_format import HEADER_BYTES
+from kvstore.core.keys import ModelSpec
+from kvstore.engine.engine import Engine, EngineConfig
+from kvstore.engine.placement import PlacementConfig
+from kvstore.worker.model import ModelWorker, WorkerConfig, default_config
 from tiers.lmdb_store import LmdbTierConfig
 from tiers.pinned_memory import PinnedTierConfig
 from tiers.redis_store import RedisTierConfig

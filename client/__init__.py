@@ -26,7 +26,7 @@ Only full blocks (``spec.block_tokens`` tokens) are stored and returned. Blocks 
 hash chain over the tokens, salted per tenant on the server, so a hit is always the K/V of
 exactly those leading tokens. On the same host, bulk bytes go through shared memory, not gRPC.
 
-Errors: local checks raise ``kvstore.errors`` classes (``SpecMismatchError`` for a tensor of
+Errors: local checks raise ``kvstore.core.errors`` classes (``SpecMismatchError`` for a tensor of
 the wrong dtype or shape, ``InvalidTokenError``); the server's status codes become the classes of
 ``client.errors`` (the tree is drawn there). Every one is a ``KVStoreError``.
 """
@@ -54,7 +54,7 @@ from client.results import (
     WorkerInfo,
 )
 from client.sync import Client
-from kvstore.errors import (
+from kvstore.core.errors import (
     CorruptBlockError,
     InvalidArgumentError,
     InvalidTokenError,

@@ -1,10 +1,13 @@
 """Conversions between the user's objects and the wire: the one module both clients use.
 
-In the order a put and a fetch use them:
+What the server needs too (namespaces, prompts, extra keys, tier and event enums) is in
+``kvstore.wire.convert``, one copy for both sides; this module re-exports the names clients use
+(``namespace_of``, ``spec_of``, ``prompt_of``, ``tier_name``, ``tier_value``, ``Tokens``,
+``ExtraKeys``) and keeps what only a client does. In the order a put and a fetch use them:
 
 1. ``prompt_of(spec, tokens, extra_keys)`` — the ``Prompt`` message: the namespace
-   (``namespace_of``), tokens as u32 little-endian bytes (validated by ``kvstore.keys``), and the
-   extra keys of each block.
+   (``namespace_of``), tokens as u32 little-endian bytes (validated by ``kvstore.core.keys``), and
+   the extra keys of each block.
 2. ``BlockSource(spec, kv)`` — a prompt's K/V ``[layers, 2, tokens, kv_heads, head_dim]``, checked
    against the namespace (``SpecMismatchError``), read out block by block as the wire wants it:
    ``chunks()`` for the byte stream, ``copy_into()`` for a shared-memory segment.
@@ -28,7 +31,7 @@ copy on the way out, no staging tensor on the way in, and nothing that depends o
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -44,10 +47,21 @@ from client.results import (
     TierUsage,
     WorkerInfo,
 )
-from kvstore.block_format import torch_dtype
-from kvstore.errors import CorruptBlockError, InvalidArgumentError, SpecMismatchError
-from kvstore.keys import BlockHash, ExtraKey, ModelSpec, tokens_to_u32
+from kvstore.core.block_format import torch_dtype
+from kvstore.core.errors import CorruptBlockError, InvalidArgumentError, SpecMismatchError
+from kvstore.core.keys import BlockHash, ModelSpec
 from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.wire.convert import (
+    EVENT_KIND_NAME,
+    ExtraKeys,
+    Tokens,
+    namespace_of,
+    prompt_of,
+    same_fields,
+    spec_of,
+    tier_name,
+    tier_value,
+)
 
 __all__ = [
     "BlockSink",
@@ -69,103 +83,10 @@ __all__ = [
     "to_dynamic_cache",
 ]
 
-_TIER_NAMES = {pb.TIER_G1: "G1", pb.TIER_G2: "G2", pb.TIER_G3: "G3", pb.TIER_G4: "G4"}
-_TIER_VALUES = {name: value for value, name in _TIER_NAMES.items()}
-_EVENT_KINDS = {
-    pb.EVENT_KIND_STORED: "stored",
-    pb.EVENT_KIND_REMOVED: "removed",
-    pb.EVENT_KIND_MOVED: "moved",
-    pb.EVENT_KIND_CORRUPT: "corrupt",
-}
-_INT64 = 1 << 63
 _NO_PARENT = bytes(16)
+_SPEC = ("namespace",)  # a WorkerInfo message field the result holds as a ModelSpec
 
 U8Matrix = np.ndarray[Any, np.dtype[np.uint8]]
-Tokens = Sequence[int] | np.ndarray[Any, Any] | torch.Tensor
-ExtraKeys = Sequence[Sequence[ExtraKey]] | None
-
-
-# -- namespace, prompt, tiers ----------------------------------------------------------------------
-
-
-def namespace_of(spec: ModelSpec) -> pb.Namespace:
-    return pb.Namespace(
-        model_id=spec.model_id,
-        revision=spec.revision,
-        tokenizer_id=spec.tokenizer_id,
-        num_layers=spec.num_layers,
-        num_kv_heads=spec.num_kv_heads,
-        head_dim=spec.head_dim,
-        dtype=spec.dtype,
-        block_tokens=spec.block_tokens,
-    )
-
-
-def spec_of(namespace: pb.Namespace) -> ModelSpec:
-    """The ``ModelSpec`` of a ``Namespace`` message; ``ConfigError`` if it is not a valid one."""
-    return ModelSpec(
-        namespace.model_id,
-        num_layers=namespace.num_layers,
-        num_kv_heads=namespace.num_kv_heads,
-        head_dim=namespace.head_dim,
-        dtype=namespace.dtype,
-        block_tokens=namespace.block_tokens,
-        revision=namespace.revision,
-        tokenizer_id=namespace.tokenizer_id,
-    )
-
-
-def _extra_key(key: ExtraKey) -> pb.ExtraKey:
-    # The same typing rules as kvstore.keys.encode_extra_keys, checked here so that a bad key
-    # fails before anything is sent.
-    if isinstance(key, bool):
-        raise InvalidArgumentError("extra keys must be bytes, str or int, not bool")
-    if isinstance(key, bytes | bytearray | memoryview):
-        return pb.ExtraKey(bytes_value=bytes(key))
-    if isinstance(key, str):
-        return pb.ExtraKey(string_value=key)
-    if isinstance(key, int):
-        if not -_INT64 <= key < _INT64:
-            raise InvalidArgumentError(f"integer extra key {key} does not fit in 64 bits")
-        return pb.ExtraKey(int_value=key)
-    raise InvalidArgumentError(f"extra keys must be bytes, str or int, got {type(key).__name__}")
-
-
-def prompt_of(
-    spec: ModelSpec,
-    tokens: Tokens,
-    extra_keys: ExtraKeys = None,
-) -> pb.Prompt:
-    """Token ids go as u32 LE bytes (``InvalidTokenError`` names the first bad one);
-    ``extra_keys[i]`` are the extra keys of full block ``i`` (one entry per full block)."""
-    prompt = pb.Prompt(namespace=namespace_of(spec), tokens_u32le=tokens_to_u32(tokens))
-    if extra_keys is not None:
-        full_blocks = len(prompt.tokens_u32le) // (4 * spec.block_tokens)
-        if len(extra_keys) < full_blocks:
-            raise InvalidArgumentError(
-                f"extra_keys has {len(extra_keys)} entries but the prompt has {full_blocks} "
-                "full blocks"
-            )
-        prompt.extra_keys.extend(
-            pb.BlockExtraKeys(keys=[_extra_key(k) for k in keys or ()])
-            for keys in extra_keys[:full_blocks]
-        )
-    return prompt
-
-
-def tier_name(value: int) -> str | None:
-    """``TIER_G2`` -> ``"G2"``; ``TIER_UNSPECIFIED`` (a missing block) -> None."""
-    return _TIER_NAMES.get(value)
-
-
-def tier_value(name: str | None) -> pb.Tier.ValueType:
-    """``"G2"`` (or ``"g2"``) -> ``TIER_G2``; None -> ``TIER_UNSPECIFIED`` (every tier)."""
-    if name is None:
-        return pb.TIER_UNSPECIFIED
-    try:
-        return _TIER_VALUES[name.upper()]
-    except KeyError:
-        raise InvalidArgumentError(f"tier must be one of G1, G2, G3, G4; got {name!r}") from None
 
 
 # -- K/V tensors <-> block payloads ----------------------------------------------------------------
@@ -358,22 +279,13 @@ def put_result_of(reply: pb.PutResponse) -> PutResult:
 
 
 def _usage_of(usage: pb.TenantUsage) -> dict[str, int | str]:
-    return {f.name: getattr(usage, f.name) for f in usage.DESCRIPTOR.fields}
+    return same_fields(usage, pb.TenantUsage)
 
 
 def stats_of(reply: pb.StatsResponse) -> Stats:
     return Stats(
         tiers=[
-            TierUsage(
-                tier=tier_name(t.tier) or "",
-                name=t.name,
-                capacity_bytes=t.capacity_bytes,
-                used_bytes=t.used_bytes,
-                num_blocks=t.num_blocks,
-                num_hits=t.num_hits,
-                num_misses=t.num_misses,
-                num_corrupt=t.num_corrupt,
-            )
+            TierUsage(tier=tier_name(t.tier) or "", **same_fields(t, pb.TierStats, skip=("tier",)))
             for t in reply.tiers
         ],
         num_blocks=reply.num_blocks,
@@ -381,15 +293,7 @@ def stats_of(reply: pb.StatsResponse) -> Stats:
         queue_depth=reply.queue_depth,
         counters=dict(reply.counters),
         workers=[
-            WorkerInfo(
-                worker_id=w.worker_id,
-                name=w.name,
-                spec=spec_of(w.namespace),
-                address=w.address,
-                tasks_done=w.tasks_done,
-                blocks_computed=w.blocks_computed,
-                busy=w.busy,
-            )
+            WorkerInfo(spec=spec_of(w.namespace), **same_fields(w, pb.WorkerInfo, skip=_SPEC))
             for w in reply.workers
         ],
         tenant=_usage_of(reply.tenant) if reply.HasField("tenant") else {},
@@ -433,7 +337,7 @@ def block_info_of(info: pb.BlockInfo, detail: pb.InspectResponse | None = None) 
 def event_of(event: pb.WatchEvent) -> Event:
     return Event(
         seq=event.seq,
-        kind=_EVENT_KINDS.get(event.kind, "unknown"),
+        kind=EVENT_KIND_NAME.get(event.kind, "unknown"),
         block_hash=BlockHash(event.block_hash),
         tier=tier_name(event.tier),
         from_tier=tier_name(event.from_tier),
@@ -447,13 +351,13 @@ def event_of(event: pb.WatchEvent) -> Event:
 # -- transformers --------------------------------------------------------------------------------
 
 
-def _layer_pairs(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _layer_pairs(cache: Any, *, whole: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
     layers = getattr(cache, "layers", None)
     if layers is not None:  # transformers >= 4.56: one object per layer
         pairs = [(layer.keys, layer.values) for layer in layers]
         for i, layer in enumerate(layers):
             seen = getattr(layer, "cumulative_length", 0)
-            if layer.keys is not None and seen > layer.keys.shape[-2]:
+            if whole and layer.keys is not None and seen > layer.keys.shape[-2]:
                 # A sliding-window layer keeps only the last tokens: its K/V no longer lines up
                 # with the prompt's tokens, and a block of it would be stored under a wrong name.
                 raise InvalidArgumentError(
@@ -470,15 +374,18 @@ def _layer_pairs(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return pairs
 
 
-def from_dynamic_cache(cache: Any, *, out: torch.Tensor | None = None) -> torch.Tensor:
+def from_dynamic_cache(
+    cache: Any, *, out: torch.Tensor | None = None, last: int | None = None
+) -> torch.Tensor:
     """A transformers cache of batch size 1 as one K/V tensor ``[layers, 2, seq, kv_heads,
-    head_dim]`` (one copy, into ``out`` if given), ready for ``put``.
+    head_dim]`` (one copy, into ``out`` if given), ready for ``put``; with ``last``, only the
+    last tokens (those a forward pass just added: sliding-window layers are allowed then).
 
     ``cache`` is a ``DynamicCache`` (``cache.layers[i].keys`` / ``.values``, each ``[1, kv_heads,
     seq, head_dim]``), an older ``DynamicCache`` with ``key_cache`` / ``value_cache``, or the
     legacy tuple of ``(keys, values)`` per layer.
     """
-    pairs = _layer_pairs(cache)
+    pairs = _layer_pairs(cache, whole=last is None)
     first = pairs[0][0]
     if first.dim() != 4 or first.shape[0] != 1:
         raise InvalidArgumentError(
@@ -486,7 +393,10 @@ def from_dynamic_cache(cache: Any, *, out: torch.Tensor | None = None) -> torch.
             "batch into one cache per sequence"
         )
     _, heads, seq, dim = first.shape
-    shape = (len(pairs), 2, seq, heads, dim)
+    n = seq if last is None else last
+    if n > seq:
+        raise InvalidArgumentError(f"the cache holds {seq} tokens, fewer than the {n} asked for")
+    shape = (len(pairs), 2, n, heads, dim)
     if out is None:
         out = torch.empty(shape, dtype=first.dtype, device=first.device)
     elif tuple(out.shape) != shape:
@@ -497,8 +407,8 @@ def from_dynamic_cache(cache: Any, *, out: torch.Tensor | None = None) -> torch.
                 f"layer {layer} has keys {list(keys.shape)} and values {list(values.shape)}, "
                 f"layer 0 has {list(first.shape)}: only uniform caches convert"
             )
-        out[layer, 0].copy_(keys[0].transpose(0, 1))
-        out[layer, 1].copy_(values[0].transpose(0, 1))
+        out[layer, 0].copy_(keys[0, :, seq - n :].transpose(0, 1))
+        out[layer, 1].copy_(values[0, :, seq - n :].transpose(0, 1))
     return out
 
 

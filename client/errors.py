@@ -1,10 +1,10 @@
 """What the clients raise: kvstore's own error tree, plus one class per remote failure.
 
 Errors found before anything is sent (a token that is not a u32, a tensor whose dtype or shape
-does not match the ``ModelSpec``) are the classes of ``kvstore.errors``, exactly as the engine
+does not match the ``ModelSpec``) are the classes of ``kvstore.core.errors``, exactly as the engine
 raises them. Errors the server answers with arrive as gRPC status codes and become::
 
-    KVStoreError                       (kvstore.errors)
+    KVStoreError                       (kvstore.core.errors)
      ├── InvalidArgumentError          INVALID_ARGUMENT: malformed request; also local checks
      │    ├── InvalidTokenError        local: a token id is not an integer in [0, 2**32)
      │    └── SpecMismatchError        local: a tensor's dtype or shape is not the namespace's
@@ -31,7 +31,7 @@ from typing import Final
 
 import grpc
 
-from kvstore.errors import CorruptBlockError, InvalidArgumentError, KVStoreError
+from kvstore.core.errors import CorruptBlockError, InvalidArgumentError, KVStoreError
 
 __all__ = [
     "AuthError",

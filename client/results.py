@@ -7,13 +7,13 @@ Tiers are named ``"G1"`` .. ``"G4"``; a missing block is ``None``. Hashes are th
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from types import TracebackType
 
-from kvstore.errors import KVStoreError
-from kvstore.keys import BlockHash, ModelSpec
+from kvstore.core.errors import KVStoreError
+from kvstore.core.keys import BlockHash, ModelSpec
 
 __all__ = [
     "BlockInfo",
@@ -70,40 +70,31 @@ class Lease:
             raise TypeError("this lease belongs to a sync Client: use `with`, not `async with`")
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         assert self._release_async is not None
-        try:
+        with _failure_logged(self.lease_id):
             await self._release_async(self.lease_id)
-        except KVStoreError as error:
-            _not_released(self.lease_id, error)
 
     def __enter__(self) -> Lease:
         if self._release_sync is None:
             raise TypeError("this lease belongs to an AsyncClient: use `async with`")
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         assert self._release_sync is not None
-        try:
+        with _failure_logged(self.lease_id):
             self._release_sync(self.lease_id)
-        except KVStoreError as error:
-            _not_released(self.lease_id, error)
 
 
-def _not_released(lease_id: int, error: KVStoreError) -> None:
-    # Not worth an exception out of a ``with`` block (it could hide the block's own): the lease
-    # lapses at its TTL anyway, and the next call meets the same trouble.
-    log.warning("lease %d was not released (it lapses at its TTL): %s", lease_id, error)
+@contextlib.contextmanager
+def _failure_logged(lease_id: int) -> Iterator[None]:
+    """A failed release, logged. Not worth an exception out of a ``with`` block (it could hide
+    the block's own): the lease lapses at its TTL anyway, and the next call meets the same
+    trouble."""
+    try:
+        yield
+    except KVStoreError as error:
+        log.warning("lease %d was not released (it lapses at its TTL): %s", lease_id, error)
 
 
 @dataclass(frozen=True, slots=True)

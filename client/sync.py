@@ -9,76 +9,69 @@
             ...
 
 Each ``Client`` runs one ``AsyncClient`` on a private event loop in a background thread and
-hands it every call; every method here is a one-line forward, so the two clients cannot drift
-apart (no second copy of the retry, shared-memory or conversion logic). The client is safe to
-share between threads: their calls run concurrently on that loop. Iterators (``list_blocks``,
-``watch``) pull one item per round trip to the loop; close them (or run them out) to end the
-underlying stream.
+hands it every call. Every method here is made from the ``AsyncClient`` method of the same name
+by one helper (``_forward``: the same arguments and docstring, the result waited for), so the
+two clients cannot drift apart (no second copy of the retry, shared-memory or conversion logic).
+The client is safe to share between threads: their calls run concurrently on that loop.
+Iterators (``list_blocks``, ``watch``) pull one item per round trip to the loop; close them (or
+run them out) to end the underlying stream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import threading
-from collections.abc import (
-    AsyncGenerator,
-    AsyncIterator,
-    Awaitable,
-    Callable,
-    Coroutine,
-    Iterator,
-)
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from concurrent.futures import Future
-from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar, Unpack
 
-import torch
-
-from client.aio import AsyncClient, Pem
-from client.convert import ExtraKeys, Tokens
-from client.results import BlockInfo, Event, Lease, Lookup, PutResult, Repair, Stats
-from kvstore.keys import BlockHash, ModelSpec
+from client.aio import AsyncClient, ClientOptions
+from client.results import Lease
 
 __all__ = ["Client"]
 
+P = ParamSpec("P")
+A = TypeVar("A")
+R = TypeVar("R")
 T = TypeVar("T")
-MiB = 1 << 20
+
+# The docstrings of the calls that differ from their AsyncClient method's.
+_START_PUT = "``put`` without waiting; ``kv`` must stay unchanged until the future is done."
+_START_BY_LAYER = """``get_prefix_by_layer`` without waiting: the caller goes on (computing layer 0,
+say) while the layers arrive; the future holds the verified hit in tokens."""
+_RESERVE = "The lease is taken now; ``with client.reserve(...) as lease:`` releases it on exit."
 
 
 async def _awaited(awaitable: Awaitable[T]) -> T:
     return await awaitable
 
 
+def _forward(
+    method: Callable[Concatenate[AsyncClient, P], A],
+    through: Callable[[Client, A], R],
+    name: str = "",
+    doc: str = "",
+) -> Callable[Concatenate[Client, P], R]:
+    """A ``Client`` method: ``method`` of its ``AsyncClient``, with the same arguments, handed
+    to ``through`` (``_run``: waited for; ``_start``: a future; ``_iterate``: an iterator)."""
+
+    @functools.wraps(method)
+    def call(self: Client, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        return through(self, method(self._aio, *args, **kwargs))
+
+    call.__name__ = name or method.__name__
+    call.__qualname__ = f"Client.{call.__name__}"
+    call.__doc__ = doc or method.__doc__
+    return call
+
+
 class Client:
     """A blocking client; the arguments are those of ``AsyncClient``. Use as ``with``."""
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        token: str | None = None,
-        tls_ca: Pem | None = None,
-        tls_cert: Pem | None = None,
-        tls_key: Pem | None = None,
-        timeout_s: float = 30.0,
-        retries: int = 3,
-        backoff_s: float = 0.1,
-        same_host: bool | Literal["auto"] = "auto",
-        max_chunk_bytes: int = 1 * MiB,
-    ) -> None:
-        self._aio = AsyncClient(
-            target,
-            token=token,
-            tls_ca=tls_ca,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-            timeout_s=timeout_s,
-            retries=retries,
-            backoff_s=backoff_s,
-            same_host=same_host,
-            max_chunk_bytes=max_chunk_bytes,
-        )
+    def __init__(self, target: str, **options: Unpack[ClientOptions]) -> None:
+        self._aio = AsyncClient(target, **options)
         self.target = target
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -126,6 +119,11 @@ class Client:
             ):
                 self._run(_close_when_idle(items))
 
+    def _leased(self, lease: Awaitable[Lease]) -> Lease:
+        # The async client's lease releases through the async call; this one through ours.
+        taken = self._run(lease)
+        return dataclasses.replace(taken, _release_async=None, _release_sync=self.release)
+
     def close(self) -> None:
         """Close the async client (channel, shared memory), then stop the loop thread."""
         with self._lock:
@@ -142,155 +140,31 @@ class Client:
     def __enter__(self) -> Client:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     # -- the calls of AsyncClient, one line each -------------------------------------------------
 
-    def lookup(self, spec: ModelSpec, tokens: Tokens, *, extra_keys: ExtraKeys = None) -> Lookup:
-        return self._run(self._aio.lookup(spec, tokens, extra_keys=extra_keys))
-
-    def put(
-        self,
-        spec: ModelSpec,
-        tokens: Tokens,
-        kv: torch.Tensor,
-        *,
-        durable: bool = False,
-        extra_keys: ExtraKeys = None,
-    ) -> PutResult:
-        return self._run(self._aio.put(spec, tokens, kv, durable=durable, extra_keys=extra_keys))
-
-    def start_put(
-        self,
-        spec: ModelSpec,
-        tokens: Tokens,
-        kv: torch.Tensor,
-        *,
-        durable: bool = False,
-        extra_keys: ExtraKeys = None,
-    ) -> Future[PutResult]:
-        """``put`` without waiting; ``kv`` must stay unchanged until the future is done."""
-        return self._start(self._aio.put(spec, tokens, kv, durable=durable, extra_keys=extra_keys))
-
-    def get_prefix(
-        self,
-        spec: ModelSpec,
-        tokens: Tokens,
-        *,
-        max_blocks: int = 0,
-        out: torch.Tensor | None = None,
-        extra_keys: ExtraKeys = None,
-        repair_holes: bool = False,
-    ) -> tuple[torch.Tensor, int]:
-        return self._run(
-            self._aio.get_prefix(
-                spec,
-                tokens,
-                max_blocks=max_blocks,
-                out=out,
-                extra_keys=extra_keys,
-                repair_holes=repair_holes,
-            )
-        )
-
-    def get_prefix_by_layer(
-        self,
-        spec: ModelSpec,
-        tokens: Tokens,
-        on_layer: Callable[[int, torch.Tensor], None],
-        *,
-        max_blocks: int = 0,
-        extra_keys: ExtraKeys = None,
-    ) -> int:
-        """As ``AsyncClient.get_prefix_by_layer``; ``on_layer`` runs on this client's thread."""
-        return self._run(
-            self._aio.get_prefix_by_layer(
-                spec, tokens, on_layer, max_blocks=max_blocks, extra_keys=extra_keys
-            )
-        )
-
-    def start_get_prefix_by_layer(
-        self,
-        spec: ModelSpec,
-        tokens: Tokens,
-        on_layer: Callable[[int, torch.Tensor], None],
-        *,
-        max_blocks: int = 0,
-        extra_keys: ExtraKeys = None,
-    ) -> Future[int]:
-        """``get_prefix_by_layer`` without waiting: the caller goes on (computing layer 0, say)
-        while the layers arrive; the future holds the verified hit in tokens."""
-        return self._start(
-            self._aio.get_prefix_by_layer(
-                spec, tokens, on_layer, max_blocks=max_blocks, extra_keys=extra_keys
-            )
-        )
-
-    def repair(
-        self,
-        spec: ModelSpec,
-        tokens: Tokens,
-        *,
-        exact: bool = False,
-        extra_keys: ExtraKeys = None,
-        timeout_s: float | None = None,
-    ) -> Repair:
-        return self._run(
-            self._aio.repair(spec, tokens, exact=exact, extra_keys=extra_keys, timeout_s=timeout_s)
-        )
-
-    def reserve(
-        self,
-        spec: ModelSpec,
-        tokens: Tokens,
-        *,
-        num_blocks: int = 0,
-        ttl_s: float = 0.0,
-        extra_keys: ExtraKeys = None,
-    ) -> Lease:
-        """The lease is taken now; ``with client.reserve(...) as lease:`` releases it on exit."""
-        lease = self._run(
-            self._aio.reserve(
-                spec, tokens, num_blocks=num_blocks, ttl_s=ttl_s, extra_keys=extra_keys
-            )
-        )
-        return dataclasses.replace(lease, _release_async=None, _release_sync=self.release)
-
-    def release(self, lease_id: int) -> bool:
-        return self._run(self._aio.release(lease_id))
-
-    def pin(self, spec: ModelSpec, hashes: list[BlockHash], *, ttl_s: float = 0.0) -> int:
-        return self._run(self._aio.pin(spec, hashes, ttl_s=ttl_s))
-
-    def unpin(self, spec: ModelSpec, hashes: list[BlockHash]) -> int:
-        return self._run(self._aio.unpin(spec, hashes))
-
-    def evict(self, spec: ModelSpec, hashes: list[BlockHash], *, tier: str | None = None) -> int:
-        return self._run(self._aio.evict(spec, hashes, tier=tier))
-
-    def flush(self, tier: str | None = None) -> int:
-        return self._run(self._aio.flush(tier))
-
-    def stats(self) -> Stats:
-        return self._run(self._aio.stats())
-
-    def list_blocks(self, tier: str | None = None, *, page_size: int = 0) -> Iterator[BlockInfo]:
-        return self._iterate(self._aio.list_blocks(tier, page_size=page_size))
-
-    def inspect(self, block_hash: bytes) -> BlockInfo | None:
-        return self._run(self._aio.inspect(block_hash))
-
-    def watch(self, after_seq: int = 0) -> Iterator[Event]:
-        return self._iterate(self._aio.watch(after_seq))
-
-    def health(self, service: str = "") -> str:
-        return self._run(self._aio.health(service))
+    lookup = _forward(AsyncClient.lookup, _run)
+    put = _forward(AsyncClient.put, _run)
+    start_put = _forward(AsyncClient.put, _start, "start_put", _START_PUT)
+    get_prefix = _forward(AsyncClient.get_prefix, _run)
+    get_prefix_by_layer = _forward(AsyncClient.get_prefix_by_layer, _run)
+    start_get_prefix_by_layer = _forward(
+        AsyncClient.get_prefix_by_layer, _start, "start_get_prefix_by_layer", _START_BY_LAYER
+    )
+    repair = _forward(AsyncClient.repair, _run)
+    reserve = _forward(AsyncClient.reserve, _leased, doc=_RESERVE)
+    release = _forward(AsyncClient.release, _run)
+    pin = _forward(AsyncClient.pin, _run)
+    unpin = _forward(AsyncClient.unpin, _run)
+    evict = _forward(AsyncClient.evict, _run)
+    flush = _forward(AsyncClient.flush, _run)
+    stats = _forward(AsyncClient.stats, _run)
+    list_blocks = _forward(AsyncClient.list_blocks, _iterate)
+    inspect = _forward(AsyncClient.inspect, _run)
+    watch = _forward(AsyncClient.watch, _iterate)
+    health = _forward(AsyncClient.health, _run)
 
 
 async def _close_when_idle(items: AsyncGenerator[Any, None]) -> None:

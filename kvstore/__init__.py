@@ -2,10 +2,17 @@
 
 The public surface of the storage layer: the namespace (``ModelSpec``), block hashing, the block
 format and the error tree. Tiers live in the ``tiers`` package, clients in ``client``.
+
+The block format's names are loaded on first use (PEP 562): ``kvstore.core.block_format``
+imports torch, about 1.5 s, and every ``import kvstore.x`` runs this file first, so commands and
+tools that never touch a tensor (``kvstore ls --help``, the config loader's callers) would pay it.
 """
 
-from kvstore.block_format import BlockHeader, Codec, decode_block, encode_block, read_header
-from kvstore.errors import (
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from kvstore.core.errors import (
     BlockTooLargeError,
     ConfigError,
     CorruptBlockError,
@@ -17,7 +24,18 @@ from kvstore.errors import (
     TierFullError,
     TierUnavailableError,
 )
-from kvstore.keys import BlockHash, ModelSpec, block_hashes, root_hash
+from kvstore.core.keys import BlockHash, ModelSpec, block_hashes, root_hash
+
+if TYPE_CHECKING:
+    from kvstore.core.block_format import (
+        BlockHeader,
+        Codec,
+        decode_block,
+        encode_block,
+        read_header,
+    )
+
+_BLOCK_FORMAT = frozenset({"BlockHeader", "Codec", "decode_block", "encode_block", "read_header"})
 
 __all__ = [
     "BlockHash",
@@ -42,3 +60,15 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _BLOCK_FORMAT:
+        from kvstore.core import block_format
+
+        return getattr(block_format, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

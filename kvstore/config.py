@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvstore.auth import TenantConfig
-from kvstore.block_format import HEADER_BYTES, Codec
-from kvstore.engine import EngineConfig
-from kvstore.errors import ConfigError
-from kvstore.placement import PlacementConfig
-from kvstore.server import ServerConfig
+from kvstore.core.block_format import HEADER_BYTES, Codec
+from kvstore.core.errors import ConfigError
+from kvstore.engine.config import EngineConfig
+from kvstore.engine.placement import PlacementConfig
+from kvstore.service.auth import TenantConfig
+from kvstore.service.config import ServerConfig
 from tiers.gpu_memory import GpuTierConfig
 from tiers.lmdb_store import LmdbTierConfig
 from tiers.pinned_memory import PinnedTierConfig

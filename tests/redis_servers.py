@@ -33,7 +33,7 @@ import redis
 import redis.asyncio
 import redis.asyncio.cluster
 
-from kvstore.block_format import HEADER_BYTES
+from kvstore.core.block_format import HEADER_BYTES
 from tiers.redis_store import RedisTier, parse_manifest
 
 __all__ = [

@@ -15,8 +15,8 @@ import torch
 from test_server import SPEC, store_config
 
 from client import AsyncClient
-from kvstore.block_format import HEADER_BYTES
-from kvstore.server import KVStoreServer
+from kvstore.core.block_format import HEADER_BYTES
+from kvstore.service.server import KVStoreServer
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 import zstandard
 
-from kvstore import block_format
-from kvstore.block_format import (
+from kvstore.core import block_format
+from kvstore.core.block_format import (
     HEADER_BYTES,
     Codec,
     decode_block,
@@ -22,8 +22,8 @@ from kvstore.block_format import (
     transcode_block,
     verify_block,
 )
-from kvstore.errors import CorruptBlockError, InvalidArgumentError, SpecMismatchError
-from kvstore.keys import ModelSpec, block_hashes
+from kvstore.core.errors import CorruptBlockError, InvalidArgumentError, SpecMismatchError
+from kvstore.core.keys import ModelSpec, block_hashes
 
 DTYPES = [
     name

@@ -27,13 +27,13 @@ import pytest
 import torch
 
 from client import AsyncClient
-from kvstore.auth import TenantConfig
-from kvstore.block_format import HEADER_BYTES
-from kvstore.cli_client import _shared_prefix
+from kvstore.cli.loadgen import shared_prefix as _shared_prefix
 from kvstore.config import StoreConfig
-from kvstore.engine import EngineConfig
-from kvstore.keys import BlockHash, ModelSpec, block_hashes
-from kvstore.server import KVStoreServer, ServerConfig
+from kvstore.core.block_format import HEADER_BYTES
+from kvstore.core.keys import BlockHash, ModelSpec, block_hashes
+from kvstore.engine.engine import EngineConfig
+from kvstore.service.auth import TenantConfig
+from kvstore.service.server import KVStoreServer, ServerConfig
 from tiers.lmdb_store import LmdbTierConfig
 from tiers.pinned_memory import PinnedTierConfig
 

@@ -43,12 +43,12 @@ from client import (
 )
 from client.aio import _is_local
 from client.convert import BlockSink, BlockSource, namespace_of, prompt_of, spec_of
-from kvstore.auth import TenantConfig
-from kvstore.block_format import HEADER_BYTES, torch_dtype
 from kvstore.config import StoreConfig
-from kvstore.engine import EngineConfig
-from kvstore.keys import ModelSpec, block_hashes
-from kvstore.server import KVStoreServer, ServerConfig
+from kvstore.core.block_format import HEADER_BYTES, torch_dtype
+from kvstore.core.keys import ModelSpec, block_hashes
+from kvstore.engine.engine import EngineConfig
+from kvstore.service.auth import TenantConfig
+from kvstore.service.server import KVStoreServer, ServerConfig
 from tiers.lmdb_store import LmdbTierConfig
 from tiers.pinned_memory import PinnedTierConfig
 

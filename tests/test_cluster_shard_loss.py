@@ -32,11 +32,11 @@ from test_redis_store import BIG, CHUNK, SMALL, make_blocks, wait_replicated
 
 from client import AsyncClient
 from kvstore.config import StoreConfig
-from kvstore.engine import EngineConfig
-from kvstore.errors import TierUnavailableError
-from kvstore.keys import BlockHash
-from kvstore.server import KVStoreServer, ServerConfig
-from kvstore.worker import ModelWorker, WorkerConfig
+from kvstore.core.errors import TierUnavailableError
+from kvstore.core.keys import BlockHash
+from kvstore.engine.engine import EngineConfig
+from kvstore.service.server import KVStoreServer, ServerConfig
+from kvstore.worker.model import ModelWorker, WorkerConfig
 from tiers.pinned_memory import PinnedTierConfig
 from tiers.redis_store import RedisTier, RedisTierConfig, RedisTierStats
 

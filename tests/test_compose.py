@@ -50,11 +50,11 @@ import click
 import pytest
 import yaml
 
-import kvstore.cli
+import kvstore.cli.serve
 from kvstore.cli import main
 from kvstore.config import StoreConfig, load_config
-from kvstore.errors import KVStoreError
-from kvstore.worker import WorkerConfig
+from kvstore.core.errors import KVStoreError
+from kvstore.worker.model import WorkerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -275,7 +275,7 @@ def serve_config(args: list[str], env: Mapping[str, str]) -> StoreConfig:
         served.append(cfg)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(kvstore.cli, "_serve", capture)
+        mp.setattr(kvstore.cli.serve, "_serve", capture)
         mp.setattr(logging, "basicConfig", lambda **kwargs: None)
         _run_cli(args, env, keep_body="serve")
     if len(served) != 1:
@@ -835,4 +835,4 @@ def test_serve_config_runs_the_real_command_body() -> None:
     assert cfg.g4.url == "redis://r:1/0"
     with pytest.raises(ComposeProblem, match=r"server\.listen must be host:port"):
         serve_config(["serve", "--listen", "nowhere"], env)
-    assert asyncio.iscoroutinefunction(kvstore.cli._serve)  # restored afterwards
+    assert asyncio.iscoroutinefunction(kvstore.cli.serve._serve)  # restored afterwards

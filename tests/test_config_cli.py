@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from redis_servers import RedisServer
 
-from kvstore.block_format import Codec
 from kvstore.config import load_config, parse_size
-from kvstore.errors import ConfigError
+from kvstore.core.block_format import Codec
+from kvstore.core.errors import ConfigError
 
 
 def test_defaults_are_g2_and_g3() -> None:
@@ -173,8 +173,8 @@ def test_stats_rebuilds_the_index_from_g3(tmp_path: Path) -> None:
     import torch
 
     from kvstore.config import StoreConfig
-    from kvstore.engine import Engine
-    from kvstore.keys import ModelSpec
+    from kvstore.core.keys import ModelSpec
+    from kvstore.engine.engine import Engine
     from tiers.lmdb_store import LmdbTierConfig
     from tiers.pinned_memory import PinnedTierConfig
 

@@ -22,7 +22,7 @@ import torch
 
 from client import AsyncClient
 from kvstore.config import load_config
-from kvstore.keys import ModelSpec
+from kvstore.core.keys import ModelSpec
 
 SPEC = ModelSpec(
     "data-folder-test", num_layers=2, num_kv_heads=2, head_dim=16, dtype="float16", block_tokens=8
@@ -163,7 +163,7 @@ async def test_restore_refuses_a_bad_backup_and_changes_nothing(
 ) -> None:
     import lmdb
 
-    from kvstore.block_format import HEADER_BYTES
+    from kvstore.core.block_format import HEADER_BYTES
 
     run = tmp_path / "run"
     run.mkdir()

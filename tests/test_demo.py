@@ -18,8 +18,11 @@ import pytest
 from click.testing import CliRunner
 from redis_servers import RedisServer
 
-from kvstore.demo import DemoOptions, DemoResult, build_worker, demo, run_demo
-from kvstore.worker import ModelWorker
+from kvstore.demo.demo import demo
+from kvstore.demo.model import build_worker
+from kvstore.demo.results import DemoOptions, DemoResult
+from kvstore.demo.run import run_demo
+from kvstore.worker.model import ModelWorker
 
 BT = 16
 TINY = DemoOptions(

@@ -2,7 +2,7 @@
 
 Two kvstore services in this process, each with its own G2 and G3, sharing one real redis-server
 as G4 (the same G4 namespace); the prefill and decode roles run as ``kvstore prefill`` /
-``kvstore decode`` processes, or in-process through ``kvstore.roles``. Generated tokens are
+``kvstore decode`` processes, or in-process through ``kvstore.roles.nodes``. Generated tokens are
 compared exactly with generation from scratch on one node; the decode node's own numbers (the
 role's computed tokens, the service's hit-block metrics by tier) show the prefix came from G4.
 """
@@ -26,9 +26,9 @@ from redis_servers import RedisServer
 from test_server import store_config
 
 from client import AsyncClient
-from kvstore.router import PrefixRouter
-from kvstore.server import KVStoreServer
-from kvstore.worker import ModelWorker, WorkerConfig
+from kvstore.roles.router import PrefixRouter
+from kvstore.service.server import KVStoreServer
+from kvstore.worker.model import ModelWorker, WorkerConfig
 
 pytest.importorskip("transformers")
 
@@ -120,7 +120,7 @@ async def test_prefill_and_decode_processes_share_one_redis(
 async def test_direct_mode_writes_into_the_decode_nodes_service(
     tmp_path: Path, model: ModelWorker
 ) -> None:
-    from kvstore.roles import decode, prefill
+    from kvstore.roles.nodes import decode, prefill
 
     tokens = prompt(6 * BT, seed=2)
     want = model.generate(tokens, max_new_tokens=8)
@@ -137,7 +137,7 @@ async def test_direct_mode_writes_into_the_decode_nodes_service(
 async def test_decode_of_an_unknown_prompt_computes_it_all(
     tmp_path: Path, model: ModelWorker
 ) -> None:
-    from kvstore.roles import decode
+    from kvstore.roles.nodes import decode
 
     tokens = prompt(3 * BT + 2, seed=3)
     async with node(tmp_path, "decode", None) as (_, target), AsyncClient(target) as kv:

@@ -21,12 +21,17 @@ import redis
 import torch
 from redis_servers import RedisServer
 
-from kvstore.block_format import HEADER_BYTES, decode_block
 from kvstore.config import StoreConfig
-from kvstore.engine import Engine, EngineConfig
-from kvstore.errors import InvalidArgumentError, OverloadedError, SpecMismatchError, TierFullError
-from kvstore.keys import BlockHash, ModelSpec, block_hashes
-from kvstore.placement import PlacementConfig
+from kvstore.core.block_format import HEADER_BYTES, decode_block
+from kvstore.core.errors import (
+    InvalidArgumentError,
+    OverloadedError,
+    SpecMismatchError,
+    TierFullError,
+)
+from kvstore.core.keys import BlockHash, ModelSpec, block_hashes
+from kvstore.engine.engine import Engine, EngineConfig
+from kvstore.engine.placement import PlacementConfig
 from tiers.lmdb_store import LmdbTierConfig
 from tiers.pinned_memory import PinnedTierConfig
 from tiers.redis_store import RedisTierConfig
@@ -552,7 +557,7 @@ async def test_events_have_sequence_numbers_and_resume(engine: Engine) -> None:
 
 
 def test_event_log_reports_a_watcher_that_fell_behind() -> None:
-    from kvstore.events import EventLog
+    from kvstore.engine.events import EventLog
 
     async def go() -> Any:
         log = EventLog(capacity=4)
@@ -567,7 +572,7 @@ def test_event_log_reports_a_watcher_that_fell_behind() -> None:
 
 
 async def test_engine_config_errors() -> None:
-    from kvstore.errors import ConfigError
+    from kvstore.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="watermarks"):
         PlacementConfig(high_watermark=0.5, low_watermark=0.8)
@@ -745,7 +750,7 @@ async def test_a_flush_discards_a_promotion_held_mid_read(
 async def test_compressed_g4_blocks_are_promoted_raw(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
-    from kvstore.block_format import Codec, read_header
+    from kvstore.core.block_format import Codec, read_header
 
     cfg = config(tmp_path, g3_blocks=None, g4=redis_server)
     assert cfg.g4 is not None

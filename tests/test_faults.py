@@ -35,12 +35,12 @@ from test_server import (
     tokens_of,
 )
 
-from kvstore.auth import TenantConfig
-from kvstore.block_format import HEADER_BYTES, Codec
 from kvstore.config import StoreConfig
-from kvstore.keys import block_hashes
-from kvstore.server import SERVICE_NAME as SERVICE
-from kvstore.server import ServerConfig
+from kvstore.core.block_format import HEADER_BYTES, Codec
+from kvstore.core.keys import block_hashes
+from kvstore.service.auth import TenantConfig
+from kvstore.service.server import SERVICE_NAME as SERVICE
+from kvstore.service.server import ServerConfig
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from kvstore.errors import InvalidArgumentError
-from kvstore.index import BlockIndex
-from kvstore.keys import BlockHash
+from kvstore.core.errors import InvalidArgumentError
+from kvstore.core.keys import BlockHash
+from kvstore.engine.index import BlockIndex
 
 NS = b"n" * 16
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from kvstore.errors import ConfigError, InvalidArgumentError, InvalidTokenError
-from kvstore.keys import ModelSpec, block_hashes, encode_extra_keys, root_hash
+from kvstore.core.errors import ConfigError, InvalidArgumentError, InvalidTokenError
+from kvstore.core.keys import ModelSpec, block_hashes, encode_extra_keys, root_hash
 
 SPEC = ModelSpec(
     "kvstore/test-model",
@@ -78,7 +78,7 @@ def test_two_processes_compute_the_same_hashes() -> None:
     script = textwrap.dedent(
         """
         import json, random
-        from kvstore.keys import ModelSpec, block_hashes
+        from kvstore.core.keys import ModelSpec, block_hashes
         spec = ModelSpec("m", num_layers=4, num_kv_heads=8, head_dim=64, dtype="bfloat16",
                          block_tokens=16)
         rng = random.Random(1234)

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from kvstore.block_format import decode_block
-from kvstore.errors import ConfigError
-from kvstore.keys import ModelSpec, block_hashes
+from kvstore.core.block_format import decode_block
+from kvstore.core.errors import ConfigError
+from kvstore.core.keys import ModelSpec, block_hashes
 from tiers.lmdb_store import LmdbTier, LmdbTierConfig
 
 SPEC = ModelSpec(
@@ -25,8 +25,8 @@ SPEC = ModelSpec(
 WRITER = textwrap.dedent(
     """
     import asyncio, sys, torch
-    from kvstore.block_format import encode_block
-    from kvstore.keys import ModelSpec, block_hashes
+    from kvstore.core.block_format import encode_block
+    from kvstore.core.keys import ModelSpec, block_hashes
     from tiers.lmdb_store import LmdbTier, LmdbTierConfig
 
     spec = ModelSpec("crash", num_layers=4, num_kv_heads=4, head_dim=32, dtype="bfloat16",
@@ -94,7 +94,7 @@ def test_acknowledged_writes_survive_kill_9(tmp_path: Path, mode: str) -> None:
 async def test_reopen_rebuilds_usage_and_lists_keys_in_batches(tmp_path: Path) -> None:
     import torch
 
-    from kvstore.block_format import encode_block
+    from kvstore.core.block_format import encode_block
 
     config = LmdbTierConfig(str(tmp_path / "g3"), 1 << 30)
     tier = LmdbTier(config)

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvstore.block_format import Codec, decode_block, encode_block
-from kvstore.errors import BlockTooLargeError, ConfigError, InvalidArgumentError
-from kvstore.keys import ModelSpec, block_hashes
+from kvstore.core.block_format import Codec, decode_block, encode_block
+from kvstore.core.errors import BlockTooLargeError, ConfigError, InvalidArgumentError
+from kvstore.core.keys import ModelSpec, block_hashes
 from tiers.gpu_memory import GpuMemoryTier, GpuTierConfig
 from tiers.pinned_memory import PinnedMemoryTier, PinnedTierConfig, sweep_stale_segments
 

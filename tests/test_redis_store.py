@@ -32,9 +32,9 @@ from redis_servers import (
     start_redis_server,
 )
 
-from kvstore.block_format import Codec, decode_block, encode_block, read_header, torch_dtype
-from kvstore.errors import ConfigError, TierFullError, TierUnavailableError
-from kvstore.keys import BlockHash, ModelSpec, block_hashes
+from kvstore.core.block_format import Codec, decode_block, encode_block, read_header, torch_dtype
+from kvstore.core.errors import ConfigError, TierFullError, TierUnavailableError
+from kvstore.core.keys import BlockHash, ModelSpec, block_hashes
 from tiers.redis_store import MANIFEST_MAGIC, RedisTier, RedisTierConfig, parse_manifest
 
 CHUNK = 64 * 1024

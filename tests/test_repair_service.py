@@ -3,7 +3,7 @@ the CLI, with model workers in the server's process and as separate ``kvstore wo
 processes attached through the Work stream.
 
 Real parts throughout: a gRPC server on real tiers (G2 shared memory, G3 LMDB), the default
-transformer of kvstore/worker.py (a 4-layer Llama with GQA, seed 0), worker processes started
+transformer of kvstore/worker/model.py (a 4-layer Llama with GQA, seed 0), worker processes started
 with the CLI and killed with SIGKILL. K/V of repaired blocks is compared with a prefill from
 scratch within tests/test_worker.py's tolerance (the reason for it is written there); greedy
 tokens are compared exactly.
@@ -32,15 +32,15 @@ from click.testing import CliRunner
 from test_server import store_config
 
 from client import AsyncClient, AuthError, NoWorkerError
-from kvstore.auth import TenantConfig
 from kvstore.cli import main as cli
 from kvstore.config import StoreConfig
-from kvstore.keys import ModelSpec
-from kvstore.server import KVStoreServer, ServerConfig
+from kvstore.core.keys import ModelSpec
+from kvstore.service.auth import TenantConfig
+from kvstore.service.server import KVStoreServer, ServerConfig
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
-from kvstore.worker import ModelWorker, WorkerConfig
-from kvstore.worker_link import WorkerLink
+from kvstore.worker.link import WorkerLink
+from kvstore.worker.model import ModelWorker, WorkerConfig
 
 pytest.importorskip("transformers")
 

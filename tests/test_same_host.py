@@ -35,14 +35,15 @@ from test_server import (
 )
 
 from client import AsyncClient
-from kvstore.auth import TenantConfig
-from kvstore.block_format import HEADER_BYTES
-from kvstore.keys import block_hashes
-from kvstore.segments import SegmentRegistry, receive_segment_fd
-from kvstore.server import SERVICE_NAME as SERVICE
-from kvstore.server import ServerConfig
+from kvstore.core.block_format import HEADER_BYTES
+from kvstore.core.keys import block_hashes
+from kvstore.service.auth import TenantConfig
+from kvstore.service.segments import SegmentRegistry
+from kvstore.service.server import SERVICE_NAME as SERVICE
+from kvstore.service.server import ServerConfig
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+from kvstore.wire.segments import receive_segment_fd
 
 StatusCode = grpc.StatusCode
 NBYTES = SPEC.block_nbytes

@@ -29,11 +29,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 from redis_servers import RedisServer
 
-from kvstore.auth import TenantConfig
-from kvstore.block_format import HEADER_BYTES, Codec
 from kvstore.config import StoreConfig
-from kvstore.engine import EngineConfig
-from kvstore.errors import (
+from kvstore.core.block_format import HEADER_BYTES, Codec
+from kvstore.core.errors import (
     BlockTooLargeError,
     ConfigError,
     CorruptBlockError,
@@ -44,14 +42,16 @@ from kvstore.errors import (
     TierFullError,
     TierUnavailableError,
 )
-from kvstore.keys import ModelSpec, block_hashes, root_hash
-from kvstore.server import (
+from kvstore.core.keys import ModelSpec, block_hashes, root_hash
+from kvstore.engine.engine import EngineConfig
+from kvstore.service.auth import TenantConfig
+from kvstore.service.errors import status_of as _status_of
+from kvstore.service.server import (
     KVStoreServer,
     NotFoundError,
     QuotaExceededError,
     ServerConfig,
     UnimplementedError,
-    _status_of,
 )
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
@@ -1332,7 +1332,7 @@ def test_kvstore_serve_print_config_masks_secrets(tmp_path: Path) -> None:
 def test_hand_encoded_fetch_chunks_decode_with_the_generated_classes(
     block_index: int, offset: int, size: int
 ) -> None:
-    from kvstore.server import _chunk_message
+    from kvstore.service.fetch_wire import chunk_message as _chunk_message
 
     data = bytes(range(256)) * (size // 256) + bytes(size % 256)
     decoded = pb.FetchResponse.FromString(_chunk_message(block_index, offset, memoryview(data)))

@@ -24,9 +24,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvstore.config import StoreConfig
-from kvstore.engine import EngineConfig
-from kvstore.keys import DTYPES, ModelSpec
-from kvstore.server import KVStoreServer, ServerConfig
+from kvstore.core.keys import DTYPES, ModelSpec
+from kvstore.engine.engine import EngineConfig
+from kvstore.service.server import KVStoreServer, ServerConfig
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 from tiers.lmdb_store import LmdbTierConfig

@@ -19,9 +19,9 @@ import pytest
 import redis
 import torch
 
-from kvstore.block_format import HEADER_BYTES, decode_block, encode_block
-from kvstore.errors import InvalidArgumentError, TierFullError
-from kvstore.keys import BlockHash, ModelSpec, block_hashes
+from kvstore.core.block_format import HEADER_BYTES, decode_block, encode_block
+from kvstore.core.errors import InvalidArgumentError, TierFullError
+from kvstore.core.keys import BlockHash, ModelSpec, block_hashes
 from tiers.base import Tier
 from tiers.dict_store import DictTier, DictTierConfig
 from tiers.gpu_memory import GpuMemoryTier, GpuTierConfig
@@ -414,7 +414,7 @@ async def test_get_into_caller_buffers(tier: Tier) -> None:
 
 
 async def test_put_with_fills_the_destination_once(tier: Tier) -> None:
-    from kvstore.block_format import encode_block_into
+    from kvstore.core.block_format import encode_block_into
 
     key = block_hashes(SPEC, [9, 9, 9, 9])[0]
     t = torch.randn(SPEC.block_shape).to(torch.float16)

@@ -31,17 +31,17 @@ import lmdb
 import pytest
 import torch
 
-from kvstore.block_format import HEADER_BYTES, read_header
 from kvstore.config import StoreConfig
-from kvstore.engine import Engine, EngineConfig
-from kvstore.errors import (
+from kvstore.core.block_format import HEADER_BYTES, read_header
+from kvstore.core.errors import (
     ConfigError,
     InvalidArgumentError,
     InvalidTokenError,
     SpecMismatchError,
 )
-from kvstore.keys import BlockHash, root_hash
-from kvstore.worker import (
+from kvstore.core.keys import BlockHash, root_hash
+from kvstore.engine.engine import Engine, EngineConfig
+from kvstore.worker.model import (
     DEFAULT_MODEL_ID,
     ModelWorker,
     WorkerConfig,

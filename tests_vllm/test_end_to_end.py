@@ -262,7 +262,7 @@ def _corrupt(g3_path: Path, block: torch.Tensor) -> None:
 def _store_with_worker(service: Service, model_dir: Path, spec_file: Path) -> ModelSpec:
     """Blocks of the prompts as transformers computes them, stored in the namespace of the
     attached `kvstore worker`, then a hole at ``HOLE``."""
-    from kvstore.worker import ModelWorker, WorkerConfig
+    from kvstore.worker.model import ModelWorker, WorkerConfig
 
     model = ModelWorker(
         WorkerConfig(model_dir=str(model_dir), dtype="float32", block_tokens=BLOCK_SIZE)
@@ -366,7 +366,7 @@ def test_worker_repairs_the_hole_and_vllm_uses_transformers_blocks(scenario: Sce
 def test_vllm_blocks_equal_transformers_kv(
     scenario: Scenario, service: Service, model_dir: Path
 ) -> None:
-    from kvstore.worker import ModelWorker, WorkerConfig
+    from kvstore.worker.model import ModelWorker, WorkerConfig
 
     model = ModelWorker(
         WorkerConfig(model_dir=str(model_dir), dtype="float32", block_tokens=BLOCK_SIZE)

@@ -32,7 +32,7 @@ from vllm.v1.kv_cache_layout import KVCacheLayout
 from client import Client
 from client.vllm_connector import ViewLayout, layout_for
 from kvstore import ModelSpec
-from kvstore.errors import ConfigError
+from kvstore.core.errors import ConfigError
 
 LAYERS, HEADS, HEAD_DIM, BLOCK, NUM_BLOCKS = 3, 2, 16, 16, 10
 LAYOUTS = list(KVCacheLayout)

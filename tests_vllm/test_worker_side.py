@@ -29,18 +29,18 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
 
 from client import Client
+from client.vllm.metadata import Transfer as _Transfer
+from client.vllm.namespace import rank_heads as _shard
 from client.vllm_connector import (
     BlockLayout,
     ConnectorConfig,
     KVStoreConnector,
     KVStoreConnectorMetadata,
-    _shard,
-    _Transfer,
     shard_spec,
     weights_revision,
 )
 from kvstore import ModelSpec
-from kvstore.errors import ConfigError
+from kvstore.core.errors import ConfigError
 
 LAYERS, HEADS, HEAD_DIM, BLOCK = 2, 2, 32, 32
 NUM_BLOCKS = 12

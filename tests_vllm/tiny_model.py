@@ -75,7 +75,7 @@ def build(folder: Path) -> Path:
         pad_token_id=fast.pad_token_id,
         tie_word_embeddings=False,
         # Wider than the default 0.02 so the output depends on the context (see
-        # kvstore.worker.default_config): a lost or misplaced block then changes the tokens.
+        # kvstore.worker.model.default_config): a lost or misplaced block then changes the tokens.
         initializer_range=0.1,
     )
     with torch.random.fork_rng(devices=[]):

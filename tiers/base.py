@@ -17,7 +17,7 @@ Operations, in the order a caller uses them:
 5. ``stats()`` / ``close()``.
 
 A tier never evicts by itself: placement (a later layer) decides what goes. Values are whole
-encoded blocks (``kvstore.block_format``); a tier checks the header of what it is given against
+encoded blocks (``kvstore.core.block_format``); a tier checks the header of what it is given against
 the key, so a block can never be stored under another block's name.
 """
 
@@ -29,9 +29,9 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Self
 
-from kvstore.block_format import read_header, verify_block
-from kvstore.errors import ConfigError, CorruptBlockError, InvalidArgumentError
-from kvstore.keys import DIGEST_BYTES, BlockHash
+from kvstore.core.block_format import read_header, verify_block
+from kvstore.core.errors import ConfigError, CorruptBlockError, InvalidArgumentError
+from kvstore.core.keys import DIGEST_BYTES, BlockHash
 
 __all__ = [
     "BlockBytes",

@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from kvstore.errors import TierFullError
-from kvstore.keys import BlockHash
+from kvstore.core.errors import TierFullError
+from kvstore.core.keys import BlockHash
 from tiers.base import BlockBytes, Buffer, CorruptionCallback, Tier
 
 __all__ = ["DictTier", "DictTierConfig"]

@@ -13,24 +13,22 @@ here needs it.
 from __future__ import annotations
 
 import warnings
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import torch
 
-from kvstore.block_format import HEADER_BYTES, BlockHeader, Codec, read_header, torch_dtype
-from kvstore.errors import ConfigError, InvalidArgumentError
-from kvstore.keys import BlockHash
+from kvstore.core.block_format import HEADER_BYTES, BlockHeader, Codec, read_header, torch_dtype
+from kvstore.core.errors import ConfigError, InvalidArgumentError
+from kvstore.core.keys import BlockHash
 from tiers.base import (
     BlockBytes,
     Buffer,
     CorruptionCallback,
     Read,
-    Tier,
     check_capacity,
     check_fits,
 )
-from tiers.slots import SlotTable
+from tiers.slots import SlotTable, SlotTier
 
 __all__ = ["GpuMemoryTier", "GpuTierConfig"]
 
@@ -61,7 +59,7 @@ def _host_bytes(buf: Buffer) -> torch.Tensor:
         return torch.frombuffer(buf, dtype=torch.uint8)
 
 
-class GpuMemoryTier(Tier):
+class GpuMemoryTier(SlotTier):
     def __init__(self, config: GpuTierConfig, on_corrupt: CorruptionCallback | None = None) -> None:
         super().__init__("G1", config.capacity_bytes, on_corrupt)
         self.config = config
@@ -147,13 +145,6 @@ class GpuMemoryTier(Tier):
                 del self._headers[key]
                 removed += 1
         return removed
-
-    async def _exists(self, keys: list[BlockHash]) -> list[bool]:
-        return [k in self._slots for k in keys]
-
-    async def _keys(self) -> AsyncIterator[BlockHash]:
-        for key in self._slots:
-            yield key
 
     async def _usage(self) -> tuple[int, int]:
         # Payload bytes on the device plus the host-side headers: the same total as other tiers.

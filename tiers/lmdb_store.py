@@ -36,9 +36,9 @@ from typing import Any, TypeVar
 
 import lmdb
 
-from kvstore.block_format import HEADER_BYTES, copy_and_checksum
-from kvstore.errors import ConfigError, TierError, TierFullError, TierUnavailableError
-from kvstore.keys import BlockHash
+from kvstore.core.block_format import HEADER_BYTES, copy_and_checksum
+from kvstore.core.errors import ConfigError, TierError, TierFullError, TierUnavailableError
+from kvstore.core.keys import BlockHash
 from tiers.base import (
     BlockBytes,
     Buffer,

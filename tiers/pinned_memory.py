@@ -22,7 +22,7 @@ import ctypes
 import logging
 import os
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 from pathlib import Path
@@ -30,19 +30,18 @@ from typing import Literal
 
 import numpy as np
 
-from kvstore.errors import ConfigError
-from kvstore.keys import BlockHash
+from kvstore.core.errors import ConfigError
+from kvstore.core.keys import BlockHash
 from tiers.base import (
     BlockBytes,
     Buffer,
     CorruptionCallback,
     Read,
-    Tier,
     check_capacity,
     check_fits,
     check_header,
 )
-from tiers.slots import SlotTable
+from tiers.slots import SlotTable, SlotTier
 
 __all__ = ["PinnedMemoryTier", "PinnedTierConfig", "sweep_stale_segments"]
 
@@ -127,7 +126,7 @@ def _check_shm_room(size: int, where: str = "/dev/shm") -> None:
         )
 
 
-class PinnedMemoryTier(Tier):
+class PinnedMemoryTier(SlotTier):
     def __init__(
         self, config: PinnedTierConfig, on_corrupt: CorruptionCallback | None = None
     ) -> None:
@@ -234,13 +233,6 @@ class PinnedMemoryTier(Tier):
 
     async def _delete(self, keys: list[BlockHash]) -> int:
         return sum(self._slots.remove(k) for k in keys)
-
-    async def _exists(self, keys: list[BlockHash]) -> list[bool]:
-        return [k in self._slots for k in keys]
-
-    async def _keys(self) -> AsyncIterator[BlockHash]:
-        for key in self._slots:
-            yield key
 
     async def _usage(self) -> tuple[int, int]:
         return self._slots.used_bytes, len(self._slots)

@@ -38,45 +38,17 @@ address is used again, without recreating the tier.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import math
-import struct
-import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
-from redis.asyncio import Redis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import (
-    BusyLoadingError,
-    ClusterError,
-    OutOfMemoryError,
-    ReadOnlyError,
-    RedisClusterException,
-    RedisError,
-    ResponseError,
-    TryAgainError,
-)
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
-from kvstore.block_format import HEADER_BYTES, Codec, transcode_block
-from kvstore.errors import (
-    ConfigError,
+from kvstore.core.block_format import HEADER_BYTES, Codec, transcode_block
+from kvstore.core.errors import (
     CorruptBlockError,
     InvalidArgumentError,
-    KVStoreError,
-    TierError,
     TierFullError,
-    TierUnavailableError,
 )
-from kvstore.keys import DIGEST_BYTES, BlockHash
+from kvstore.core.keys import BlockHash
 from tiers.base import (
     BlockBytes,
     Buffer,
@@ -84,177 +56,28 @@ from tiers.base import (
     Read,
     Tier,
     TierStats,
-    check_capacity,
     check_fits,
+)
+from tiers.redis_config import (
+    _MANIFEST,
+    _ROUND_TRIP_BYTES,
+    _SMALL_COMMANDS_PER_TRIP,
+    _TRANSCODE_INLINE_BYTES,
+    _WRITE_ROUND_TRIP_BYTES,
+    MANIFEST_MAGIC,
+    TIER_NAME,
+    RedisTierConfig,
+    parse_manifest,
+)
+from tiers.redis_links import (
+    RedisLinks,
+    _groups,
+    _LostShard,
 )
 
 __all__ = ["MANIFEST_MAGIC", "RedisTier", "RedisTierConfig", "RedisTierStats", "parse_manifest"]
 
-log = logging.getLogger(__name__)
-
-_T = TypeVar("_T")
-
-TIER_NAME = "G4"
-
-MANIFEST_MAGIC = b"KVCM"
-_MANIFEST = struct.Struct("<4sIQ")
-
-# Redis refuses bulk strings above proto-max-bulk-len (512 MiB by default).
-_MAX_CHUNK_BYTES = 512 * 1024 * 1024
-_MIN_CHUNK_BYTES = 1024
-# Sanity bounds for manifests read back, so that a garbled one cannot make us fetch or unlink
-# billions of keys: 64 GiB is far above any block (a 4 GB block is already fp32 K/V of 256
-# tokens of a 128-layer, 128-head model), and every chunk but the last is >= _MIN_CHUNK_BYTES.
-_MAX_MANIFEST_BYTES = 1 << 36
-# One pipelined round trip carries at most this much payload. timeout_ms bounds each round
-# trip, so an unbounded batch (hundreds of MiB) would time out on a slow link even though the
-# server answers fine; 64 MiB needs only 32 MB/s at the default 2 s, and measured here redis-py
-# moves about 1 GB/s on loopback, so splitting costs a few round trips and nothing else.
-# Parallel pipelines were measured too: no faster, redis-py's reply parsing is CPU-bound.
-_ROUND_TRIP_BYTES = 64 * 1024 * 1024
-# Writes go in smaller round trips: redis-py's asyncio pipeline copies its whole command buffer
-# (twice, on Python 3.11) before sending, so a 64 MiB write spends more time copying than
-# sending; measured here, 32 MiB puts went from 0.91 to 1.74 GB/s with 8 MiB per write trip.
-_WRITE_ROUND_TRIP_BYTES = 8 * 1024 * 1024
-# Commands per round trip when replies are small (EXISTS, STRLEN, UNLINK, GETRANGE of 16 bytes).
-_SMALL_COMMANDS_PER_TRIP = 4096
-_SCAN_COUNT = 1000
-# Batches smaller than this compress inline: a few small blocks are not worth a thread hop.
-_TRANSCODE_INLINE_BYTES = 1024 * 1024
-# After a shard was lost, the slot map is read again at most this often: each reading makes
-# redis-py reconnect to every node, so once per failed batch would churn connections under load.
-_REDISCOVERY_INTERVAL_S = 1.0
-# Characters that would break the key layout: braces move the cluster hash tag, glob characters
-# break the SCAN pattern, whitespace and control characters make keys unreadable in redis-cli.
-_FORBIDDEN_KEY_CHARS = frozenset("{}*?[]\\")
-
-
-@dataclass(frozen=True, slots=True)
-class RedisTierConfig:
-    """Settings of the G4 tier; validated at construction (``ConfigError``)."""
-
-    url: str
-    """``redis://[user:password@]host:port/db``, ``rediss://...`` or ``unix:///path/to.sock``."""
-    capacity_bytes: int
-    """The operator's budget for this namespace; reported in stats. Redis' own ``maxmemory``
-    is what actually refuses writes (``TierFullError``)."""
-    cluster: bool = False
-    key_prefix: str = "kvstore"
-    namespace: str = "default"
-    ttl_s: float | None = None
-    timeout_ms: int = 2000
-    chunk_bytes: int = 2 * 1024 * 1024
-    codec: Codec = Codec.RAW
-    zstd_level: int = 1
-    max_connections: int = 32
-
-    def __post_init__(self) -> None:
-        check_capacity("RedisTierConfig", self.capacity_bytes)
-        _check_url(self.url, self.cluster)
-        _check_key_part("key_prefix", self.key_prefix, allow_colon=True)
-        # The namespace may not contain ':' so that "prefix:namespace:{hash}" splits one way only.
-        _check_key_part("namespace", self.namespace, allow_colon=False)
-        if self.ttl_s is not None and (
-            isinstance(self.ttl_s, bool)
-            or not isinstance(self.ttl_s, int | float)
-            or not math.isfinite(self.ttl_s)
-            or self.ttl_s < 0.001
-        ):
-            raise ConfigError(
-                f"RedisTierConfig.ttl_s must be None (no expiry) or a number of seconds >= 0.001, "
-                f"got {self.ttl_s!r}"
-            )
-        _check_int("timeout_ms", self.timeout_ms, 1, 3_600_000)
-        _check_int("chunk_bytes", self.chunk_bytes, _MIN_CHUNK_BYTES, _MAX_CHUNK_BYTES)
-        if not isinstance(self.codec, Codec):
-            raise ConfigError(
-                f"RedisTierConfig.codec must be a kvstore.block_format.Codec, got {self.codec!r}"
-            )
-        _check_int("zstd_level", self.zstd_level, 1, 22)
-        _check_int("max_connections", self.max_connections, 1, 65_536)
-
-
-def _check_int(name: str, value: object, lo: int, hi: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        raise ConfigError(
-            f"RedisTierConfig.{name} must be an integer in [{lo}, {hi}], got {value!r}"
-        )
-
-
-def _check_url(url: object, cluster: bool) -> None:
-    if not isinstance(url, str) or not url:
-        raise ConfigError(f"RedisTierConfig.url must be a non-empty string, got {url!r}")
-    parts = urlsplit(url)
-    if parts.scheme in ("redis", "rediss"):
-        if not parts.hostname:
-            raise ConfigError(f"RedisTierConfig.url {_redact(url)!r} names no host")
-        try:
-            parts.port  # noqa: B018 - urlsplit only validates the port when it is read
-        except ValueError:
-            raise ConfigError(f"RedisTierConfig.url {_redact(url)!r} has a bad port") from None
-    elif parts.scheme == "unix":
-        if cluster:
-            raise ConfigError(
-                "RedisTierConfig.url: Redis Cluster needs redis:// or rediss:// addresses, "
-                "not a unix socket"
-            )
-        if not parts.path:
-            raise ConfigError(f"RedisTierConfig.url {url!r} names no socket path")
-    else:
-        raise ConfigError(
-            f"RedisTierConfig.url {_redact(url)!r} must start with redis://, rediss:// or unix://"
-        )
-
-
-def _check_key_part(name: str, value: object, *, allow_colon: bool) -> None:
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"RedisTierConfig.{name} must be a non-empty string, got {value!r}")
-    bad = sorted(
-        {c for c in value if c in _FORBIDDEN_KEY_CHARS or not c.isprintable() or c.isspace()}
-        | ({":"} if not allow_colon and ":" in value else set())
-    )
-    if bad:
-        raise ConfigError(
-            f"RedisTierConfig.{name} {value!r} contains {''.join(bad)!r}; "
-            f"braces, glob characters, whitespace{'' if allow_colon else ' and colons'} "
-            f"would break the key layout"
-        )
-
-
-def _redact(url: str) -> str:
-    """The url without its password, for error messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urlunsplit(parts._replace(netloc=user + netloc))
-
-
-def parse_manifest(value: bytes) -> tuple[int, int] | None:
-    """``(num_chunks, total_bytes)`` if ``value`` is a well-formed manifest, else ``None``."""
-    if len(value) != _MANIFEST.size or value[:4] != MANIFEST_MAGIC:
-        return None
-    _, num_chunks, total = _MANIFEST.unpack(value)
-    if not (total <= _MAX_MANIFEST_BYTES and 2 <= num_chunks <= -(-total // _MIN_CHUNK_BYTES)):
-        return None
-    return num_chunks, total
-
-
-def _groups(items: Sequence[_T], size_of: Callable[[_T], int], budget: int) -> Iterator[list[_T]]:
-    """Consecutive runs of ``items`` whose sizes add up to at most ``budget`` (at least one)."""
-    group: list[_T] = []
-    used = 0
-    for item in items:
-        size = size_of(item)
-        if group and used + size > budget:
-            yield group
-            group, used = [], 0
-        group.append(item)
-        used += size
-    if group:
-        yield group
-
+log = logging.getLogger("tiers.redis_store")
 
 def _byte_view(value: Buffer) -> memoryview:
     view = memoryview(value)
@@ -268,93 +91,15 @@ class RedisTierStats(TierStats):
     could not be reached (they may still be stored there); always 0 for a standalone server."""
 
 
-@dataclass(frozen=True, slots=True)
-class _LostShard:
-    """The reply a command gets when its cluster shard cannot be reached."""
-
-    node: str
-    reason: str
-
-
-def _is_lost(exc: BaseException) -> bool:
-    """Whether ``exc`` says that no Redis serves the address: refused, reset or closed
-    connections, or a server still loading its data. Not authentication failures or our own
-    connection limit (subclasses of ConnectionError too), and not timeouts: a server that
-    accepted the connection but does not answer may be busy, stopped or failing over."""
-    return type(exc) is RedisConnectionError or isinstance(exc, BusyLoadingError)
-
-
-class RedisTier(Tier):
-    """G4: one class for a standalone server and for Redis Cluster (``config.cluster``)."""
+class RedisTier(RedisLinks, Tier):
 
     verify_reads = True
 
     def __init__(
         self, config: RedisTierConfig, on_corrupt: CorruptionCallback | None = None
     ) -> None:
-        super().__init__(TIER_NAME, config.capacity_bytes, on_corrupt)
-        self.config = config
-        self._where = _redact(config.url) + (" (cluster)" if config.cluster else "")
-        self._timeout_s = config.timeout_ms / 1000
-        self._ttl_ms = None if config.ttl_s is None else max(1, round(config.ttl_s * 1000))
-        self._key_base = f"{config.key_prefix}:{config.namespace}:"
-        # Redis Cluster nodes raise MaxConnectionsError instead of waiting for a free
-        # connection, and a plain pool does the same; a semaphore makes callers queue instead.
-        # Each round trip holds at most one connection per server, so this bound is exact.
-        self._in_flight = asyncio.Semaphore(config.max_connections)
-        # One retry, on connection errors only: it replaces a pooled connection that the
-        # server closed while idle. Timeouts are not retried: a server that did not answer in
-        # timeout_ms will not answer in the same budget either, and the caller decides.
-        retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
-        self._client: Redis | RedisCluster
-        if config.cluster:
-            self._client = RedisCluster.from_url(
-                config.url,
-                socket_timeout=self._timeout_s,
-                socket_connect_timeout=self._timeout_s,
-                max_connections=config.max_connections,
-                # No retries inside redis-py: on a connection error its cluster pipeline closes
-                # every connection of the client (breaking other calls in flight on healthy
-                # shards) and sleeps 0.25 s. _fan_out retries the one shard that failed instead.
-                retry=Retry(NoBackoff(), 0),
-            )
-        else:
-            self._client = Redis.from_url(
-                config.url,
-                socket_timeout=self._timeout_s,
-                socket_connect_timeout=self._timeout_s,
-                max_connections=config.max_connections,
-                retry=retry,
-            )
-        self._num_unreachable = 0
-        self._lost_since: dict[str, float] = {}  # shard (host:port) -> when it was lost
-        self._next_discovery = 0.0
-
-    # -- key layout ---------------------------------------------------------------------------
-
-    def head_key(self, key: bytes) -> str:
-        """The Redis key of a block's head (the block itself, or its chunk manifest)."""
-        if len(key) != DIGEST_BYTES:
-            raise InvalidArgumentError(f"a block hash is {DIGEST_BYTES} bytes, got {len(key)}")
-        return f"{self._key_base}{{{bytes(key).hex()}}}"
-
-    def chunk_key(self, key: bytes, i: int) -> str:
-        """The Redis key of chunk ``i`` (0-based) of a chunked block."""
-        return f"{self.head_key(key)}:{i}"
-
-    def _key_of_head(self, name: bytes) -> BlockHash | None:
-        """The block hash named by a head key found by SCAN; ``None`` for anything else."""
-        text = name.decode("utf-8", errors="replace")
-        inner = text[len(self._key_base) :]
-        if not (text.startswith(self._key_base) and inner[:1] == "{" and inner[-1:] == "}"):
-            return None
-        hex_digits = inner[1:-1]
-        if len(hex_digits) != 2 * DIGEST_BYTES:
-            return None
-        try:
-            return BlockHash(bytes.fromhex(hex_digits))
-        except ValueError:
-            return None
+        Tier.__init__(self, TIER_NAME, config.capacity_bytes, on_corrupt)
+        RedisLinks.__init__(self, config)
 
     # -- the contract -------------------------------------------------------------------------
 
@@ -636,316 +381,3 @@ class RedisTier(Tier):
 
     async def close(self) -> None:
         await self._client.aclose()
-
-    # -- plumbing -----------------------------------------------------------------------------
-
-    def _block_keys(self, key: BlockHash, num_chunks: int) -> list[str]:
-        return [self.head_key(key), *(self.chunk_key(key, c) for c in range(num_chunks))]
-
-    async def _unlink(self, names: list[str]) -> list[int]:
-        replies: list[int] = []
-        for start in range(0, len(names), _SMALL_COMMANDS_PER_TRIP):
-            # One key per UNLINK: a cluster pipeline sends each command to one slot's node.
-            got = await self._pipeline(
-                [("UNLINK", name) for name in names[start : start + _SMALL_COMMANDS_PER_TRIP]],
-                "deleting blocks",
-            )
-            replies.extend(int(n) for n in got)
-        return replies
-
-    async def _unlink_best_effort(self, names: list[str]) -> None:
-        try:
-            await self._unlink(names)
-        except KVStoreError as exc:
-            log.warning(
-                "%s: could not undo %d key(s) of a failed put (they expire with the TTL, if "
-                "any): %s",
-                self.name,
-                len(names),
-                exc,
-            )
-
-    async def _pipeline(
-        self,
-        commands: Sequence[tuple[Any, ...]],
-        what: str,
-        *,
-        check: bool = True,
-        lost_ok: bool = False,
-    ) -> list[Any]:
-        """Send ``commands`` in one pipelined round trip; their replies in order.
-
-        Per-command errors come back as exception objects (``raise_on_error=False``), so a
-        batch that failed half-way still tells which commands landed; ``check`` raises for
-        them. In cluster mode the commands of a lost shard get a ``_LostShard`` reply, which
-        ``check`` raises for unless ``lost_ok``.
-        """
-        async with self._bounded(what):
-            client = self._client
-            if isinstance(client, RedisCluster):
-                replies = await self._fan_out(client, commands)
-            else:
-                replies = await self._send(client, commands)
-        if any(isinstance(r, _LostShard) for r in replies):
-            await self._rediscover(what, required=all(isinstance(r, _LostShard) for r in replies))
-        if check:
-            await self._check(replies, what, lost_ok=lost_ok)
-        return replies
-
-    @staticmethod
-    async def _send(client: Redis | RedisCluster, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
-        """One pipeline, unbounded (the caller bounds it); errors come back as replies."""
-        pipe = client.pipeline(transaction=False)
-        for command in commands:
-            # execute_command rather than pipe.get/set/...: on a cluster pipeline some of
-            # those helpers are coroutines that would silently queue nothing.
-            pipe.execute_command(*command)
-        return list(await pipe.execute(raise_on_error=False))
-
-    async def _fan_out(
-        self, client: RedisCluster, commands: Sequence[tuple[Any, ...]]
-    ) -> list[Any]:
-        """One pipeline per shard, all at once; a lost shard's commands reply ``_LostShard``.
-
-        Why not one cluster pipeline for the batch, as redis-py offers: it fails the whole batch
-        when one shard refuses connections, so a dead shard would hide every other shard's
-        blocks. A shard whose connection fails is asked once more on a fresh connection (a
-        pooled connection may have been closed while idle, or the shard just came back), and
-        only then taken for lost. A shard that hangs still ends the batch with ``_bounded``'s
-        timeout: one timeout per batch, whatever the number of keys.
-        """
-        if not commands:
-            return []
-        await client.initialize()  # a no-op once the slot map is known
-        by_node: dict[str, tuple[ClusterNode, list[int]]] = {}
-        for i, command in enumerate(commands):
-            node = client.get_node_from_key(command[1])
-            if node is None:  # not for primaries (replica=False); keeps mypy honest
-                raise RedisClusterException(f"no node serves key {command[1]!r}")
-            by_node.setdefault(node.name, (node, []))[1].append(i)
-        replies: list[Any] = [None] * len(commands)
-
-        async def one_shard(node: ClusterNode, positions: list[int]) -> None:
-            reason = ""
-            for attempt in range(2):
-                if attempt:
-                    # Stale pooled connections would each fail once more: drop them first (a
-                    # call in flight on one of them gets its own second try).
-                    with contextlib.suppress(RedisError, OSError):
-                        await node.disconnect()
-                try:
-                    got = await self._send(client, [commands[i] for i in positions])
-                except (RedisError, RedisClusterException, OSError) as exc:
-                    if not _is_lost(exc):
-                        raise
-                    reason = f"{type(exc).__name__}: {exc}"
-                    continue
-                failed = []
-                for i, reply in zip(positions, got, strict=True):
-                    if isinstance(reply, BaseException) and _is_lost(reply):
-                        # The connection broke mid-pipeline; the replies before it stand.
-                        failed.append(i)
-                        reason = f"{type(reply).__name__}: {reply}"
-                    else:
-                        replies[i] = reply
-                if not failed:
-                    self._shard_answered(node.name)
-                    return
-                positions = failed
-            self._shard_lost(node.name, reason)
-            for i in positions:
-                replies[i] = _LostShard(node.name, reason)
-
-        # Every shard finishes before an error is raised: none is left running unbounded.
-        done = await asyncio.gather(
-            *(one_shard(node, pos) for node, pos in by_node.values()), return_exceptions=True
-        )
-        for result in done:
-            if isinstance(result, BaseException):
-                raise result
-        return replies
-
-    def _shard_lost(self, node: str, reason: str) -> None:
-        if node not in self._lost_since:
-            self._lost_since[node] = time.monotonic()
-            log.warning(
-                "%s: shard %s of %s cannot be reached (%s); its blocks are reported missing, "
-                "and writes to it fail, until it answers again",
-                self.name,
-                node,
-                self._where,
-                reason,
-            )
-
-    def _shard_answered(self, node: str) -> None:
-        since = self._lost_since.pop(node, None)
-        if since is not None:
-            log.warning(
-                "%s: shard %s of %s answers again after %.1f s",
-                self.name,
-                node,
-                self._where,
-                time.monotonic() - since,
-            )
-
-    def _count_unreachable(self, replies: list[Any]) -> None:
-        self._num_unreachable += sum(1 for r in replies if isinstance(r, _LostShard))
-
-    async def _rediscover(self, what: str, *, required: bool) -> None:
-        """Read the slot map again after a shard was lost (at most once a second), so that a
-        replica promoted in its place gets its commands. ``required``: no shard of the batch
-        answered, so unless some node of the cluster does, the whole tier is unavailable
-        (``TierUnavailableError``) rather than those blocks missing."""
-        client = self._client
-        now = time.monotonic()
-        if not isinstance(client, RedisCluster) or now < self._next_discovery:
-            return
-        self._next_discovery = now + _REDISCOVERY_INTERVAL_S
-        try:
-            # The nodes manager keeps its nodes' connection pools across the refresh, unlike
-            # client.aclose(), which would break the calls in flight on the healthy shards.
-            async with self._bounded(f"reading the slot map after a lost shard while {what}"):
-                await client.nodes_manager.initialize()
-        except TierUnavailableError as exc:
-            if required:
-                raise
-            log.info("%s: the slot map could not be read again: %s", self.name, exc)
-
-    async def _check(self, replies: list[Any], what: str, *, lost_ok: bool = False) -> None:
-        for reply in replies:
-            if isinstance(reply, _LostShard):
-                if lost_ok:
-                    continue
-                raise TierUnavailableError(
-                    self.name,
-                    f"Redis at {reply.node} (a shard of {self._where}) cannot be reached while "
-                    f"{what}: {reply.reason}",
-                )
-            if isinstance(reply, BaseException):
-                raise await self._failed(self._error(reply, what)) from reply
-
-    async def _failed(self, error: TierError) -> TierError:
-        """Hook run on every failure before it is raised; returns ``error``."""
-        if isinstance(error, TierUnavailableError) and isinstance(self._client, RedisCluster):
-            # redis-py re-reads the slot map when a node refuses connections, but not when one
-            # hangs: timeouts come back as pipeline replies or cancellations, and a master that
-            # hangs until its replica takes over would be asked forever. Dropping the
-            # connections makes the next call rediscover the cluster (tested: without this the
-            # tier never follows such a failover).
-            try:
-                async with asyncio.timeout(self._timeout_s):
-                    await self._client.aclose()
-            except (TimeoutError, RedisError, RedisClusterException, OSError) as exc:
-                log.debug("%s: closing cluster connections after a failure: %s", self.name, exc)
-        return error
-
-    def _error(self, exc: BaseException, what: str) -> TierError:
-        detail = f"{type(exc).__name__}: {exc}"
-        if isinstance(exc, OutOfMemoryError) or (
-            isinstance(exc, ResponseError) and str(exc).startswith("OOM")
-        ):
-            return TierFullError(
-                self.name,
-                f"Redis at {self._where} is out of memory (maxmemory reached, eviction off) "
-                f"while {what}; nothing of this batch was kept: {detail}",
-            )
-        if isinstance(
-            exc,
-            RedisConnectionError
-            | RedisTimeoutError
-            | ClusterError
-            | RedisClusterException
-            | TryAgainError
-            | ReadOnlyError
-            | OSError,
-        ):
-            return TierUnavailableError(
-                self.name, f"Redis at {self._where} is unavailable while {what}: {detail}"
-            )
-        return TierError(
-            self.name, f"Redis at {self._where} refused a command while {what}: {detail}"
-        )
-
-    async def _scan_heads(self, *, lost_ok: bool) -> AsyncIterator[list[bytes]]:
-        """Pages of names matching the head pattern, from every primary in cluster mode; with
-        ``lost_ok`` a lost primary is left out (and its pages so far stand)."""
-        # '{' and '}' are literal in Redis glob patterns, and the config refuses glob
-        # characters in the prefix and namespace; the closing brace leaves chunk keys out.
-        pattern = f"{self._key_base}{{*}}"
-        client = self._client
-        if isinstance(client, RedisCluster):
-            async with self._bounded("discovering cluster nodes"):
-                await client.initialize()
-            for node in client.get_primaries():
-                cursor = 0
-                while True:
-                    async with self._bounded("scanning keys"):
-                        # The cluster client answers SCAN with ({node name: cursor}, names).
-                        reply: Any = await self._scan_node(client, node, cursor, pattern)
-                    if isinstance(reply, _LostShard):
-                        await self._check([reply], "scanning keys", lost_ok=lost_ok)
-                        break
-                    yield list(reply[1])
-                    cursor = int(reply[0][node.name])
-                    if cursor == 0:
-                        break
-        else:
-            cursor = 0
-            while True:
-                async with self._bounded("scanning keys"):
-                    cursor, names = await client.scan(cursor, match=pattern, count=_SCAN_COUNT)
-                # decode_responses is off: names are bytes.
-                yield [name for name in names if isinstance(name, bytes)]
-                if cursor == 0:
-                    break
-
-    async def _scan_node(
-        self, client: RedisCluster, node: ClusterNode, cursor: int, pattern: str
-    ) -> Any:
-        """One SCAN page of one primary, asked twice like ``_fan_out`` asks a shard;
-        ``_LostShard`` if it cannot be reached."""
-        reason = ""
-        for attempt in range(2):
-            if attempt:
-                with contextlib.suppress(RedisError, OSError):
-                    await node.disconnect()
-            try:
-                reply = await client.execute_command(
-                    "SCAN", cursor, "MATCH", pattern, "COUNT", _SCAN_COUNT, target_nodes=node
-                )
-            except (RedisError, RedisClusterException, OSError) as exc:
-                if not _is_lost(exc):
-                    raise
-                reason = f"{type(exc).__name__}: {exc}"
-                continue
-            self._shard_answered(node.name)
-            return reply
-        self._shard_lost(node.name, reason)
-        return _LostShard(node.name, reason)
-
-    @asynccontextmanager
-    async def _bounded(self, what: str) -> AsyncIterator[None]:
-        """One round trip: a connection slot, at most ``timeout_ms``, errors mapped to ours."""
-        async with self._in_flight:
-            try:
-                # redis-py bounds each socket read and write by socket_timeout; this bounds the
-                # whole round trip, connecting and cluster slot discovery included.
-                async with asyncio.timeout(self._timeout_s):
-                    yield
-                    # redis-py shields commands from cancellation (so that a cancelled read
-                    # cannot leave a reply on a pooled connection) and then returns normally:
-                    # both an outside cancel and our own timeout would be lost. Measured with
-                    # redis-py 8.1: a cancelled pipeline completes with cancelling() == 1.
-                    task = asyncio.current_task()
-                    if task is not None and task.cancelling():
-                        raise asyncio.CancelledError
-            except TimeoutError:
-                raise await self._failed(
-                    TierUnavailableError(
-                        self.name,
-                        f"Redis at {self._where} did not answer within "
-                        f"{self.config.timeout_ms} ms while {what}",
-                    )
-                ) from None
-            except (RedisError, RedisClusterException, OSError) as exc:
-                raise await self._failed(self._error(exc, what)) from exc

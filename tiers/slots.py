@@ -8,12 +8,13 @@ allocation O(1); the price is that a block larger than a slot cannot be stored a
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 
-from kvstore.errors import BlockTooLargeError, ConfigError, TierFullError
-from kvstore.keys import BlockHash
+from kvstore.core.errors import BlockTooLargeError, ConfigError, TierFullError
+from kvstore.core.keys import BlockHash
+from tiers.base import Tier
 
-__all__ = ["SlotTable"]
+__all__ = ["SlotTable", "SlotTier"]
 
 
 class SlotTable:
@@ -78,3 +79,16 @@ class SlotTable:
         self._free.append(where[0])
         self.used_bytes -= where[1]
         return True
+
+
+class SlotTier(Tier):
+    """A tier whose blocks a ``SlotTable`` tracks (G1, G2): membership and listing come from it."""
+
+    _slots: SlotTable
+
+    async def _exists(self, keys: list[BlockHash]) -> list[bool]:
+        return [k in self._slots for k in keys]
+
+    async def _keys(self) -> AsyncIterator[BlockHash]:
+        for key in self._slots:
+            yield key

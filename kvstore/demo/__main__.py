@@ -1,0 +1,3 @@
+from kvstore.demo.demo import demo
+
+demo()
