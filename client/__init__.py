@@ -29,6 +29,11 @@ exactly those leading tokens. On the same host, bulk bytes go through shared mem
 Errors: local checks raise ``kvstore.core.errors`` classes (``SpecMismatchError`` for a tensor of
 the wrong dtype or shape, ``InvalidTokenError``); the server's status codes become the classes of
 ``client.errors`` (the tree is drawn there). Every one is a ``KVStoreError``.
+
+torch is imported only where a tensor is made or checked (inside those functions, types under
+``TYPE_CHECKING``), never at module level: it takes about a second to import, and the calls that
+carry no K/V (``lookup``, ``stats``, ``list_blocks``, so ``kvstore ls`` and ``kvstore tiers``)
+must not pay it. tests/test_client_imports.py holds this.
 """
 
 from client.aio import AsyncClient

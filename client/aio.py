@@ -36,10 +36,9 @@ import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator
-from typing import Any, Literal, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 import grpc.aio
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client.channel import Channel, MiB, Pem, channel_credentials
@@ -66,6 +65,9 @@ from client.same_host import is_local as _is_local
 from kvstore.core.errors import ConfigError, InvalidArgumentError
 from kvstore.core.keys import BlockHash, ModelSpec
 from kvstore.v1 import kvstore_pb2 as pb
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["AsyncClient", "ClientOptions"]
 

@@ -32,10 +32,9 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from client.results import (
     BlockInfo,
@@ -62,6 +61,9 @@ from kvstore.wire.convert import (
     tier_name,
     tier_value,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "BlockSink",
@@ -93,6 +95,8 @@ U8Matrix = np.ndarray[Any, np.dtype[np.uint8]]
 
 
 def _check_kv(spec: ModelSpec, kv: torch.Tensor, what: str) -> None:
+    import torch  # here, not at the top: see the package docstring
+
     if not isinstance(kv, torch.Tensor):
         raise InvalidArgumentError(f"{what} must be a torch.Tensor, not {type(kv).__name__}")
     want = torch_dtype(spec.dtype)
@@ -117,6 +121,8 @@ def _row_bytes(spec: ModelSpec) -> int:
 def _byte_matrix(spec: ModelSpec, kv: torch.Tensor) -> U8Matrix:
     """A contiguous CPU ``[layers, 2, tokens, ...]`` tensor as bytes ``[layers * 2, tokens * ..]``
     (a view: writing to it writes the tensor)."""
+    import torch
+
     rows = spec.num_layers * 2
     if kv.numel() == 0:
         return np.zeros((rows, 0), dtype=np.uint8)
@@ -185,6 +191,8 @@ class BlockSink:
     """
 
     def __init__(self, spec: ModelSpec, num_blocks: int, out: torch.Tensor | None = None) -> None:
+        import torch
+
         self.spec = spec
         self.num_blocks = num_blocks
         self.block_nbytes = spec.block_nbytes
@@ -385,6 +393,8 @@ def from_dynamic_cache(
     seq, head_dim]``), an older ``DynamicCache`` with ``key_cache`` / ``value_cache``, or the
     legacy tuple of ``(keys, values)`` per layer.
     """
+    import torch
+
     pairs = _layer_pairs(cache, whole=last is None)
     first = pairs[0][0]
     if first.dim() != 4 or first.shape[0] != 1:

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
-
-import torch
+from typing import TYPE_CHECKING, TypeAlias, TypeVar
 
 from client.channel import Channel
 from client.convert import BlockSink, ExtraKeys, Tokens, prompt_of
@@ -23,11 +21,15 @@ from kvstore.core.errors import CorruptBlockError, InvalidArgumentError
 from kvstore.core.keys import ModelSpec
 from kvstore.v1 import kvstore_pb2 as pb
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = ["fetch_blocks", "fetch_layers", "fetch_request", "fetch_shared"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-OnLayer = Callable[[int, torch.Tensor], None]
+# Quoted: torch is imported only where a tensor is made (a CLI call that never fetches skips it).
+OnLayer: TypeAlias = "Callable[[int, torch.Tensor], None]"
 
 
 def fetch_request(

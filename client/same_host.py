@@ -20,11 +20,10 @@ import mmap
 import os
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import grpc.aio
-import torch
 
 from client.channel import Channel, MiB
 from client.convert import BlockSink, BlockSource, put_result_of
@@ -35,6 +34,9 @@ from kvstore.core.errors import CorruptBlockError, KVStoreError
 from kvstore.core.keys import ModelSpec
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire.segments import receive_segment_fd
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "Segment",
@@ -208,6 +210,8 @@ def _segment_gone(exc: grpc.aio.AioRpcError) -> bool:
 
 def segment_kv(spec: ModelSpec, segment: Segment, num_blocks: int) -> torch.Tensor:
     """The leading bytes of ``segment`` as ``[layers, 2, tokens, kv_heads, head_dim]``."""
+    import torch  # here, not at the top: see the package docstring
+
     tokens = num_blocks * spec.block_tokens
     shape = (spec.num_layers, 2, tokens, spec.num_kv_heads, spec.head_dim)
     if num_blocks * spec.block_nbytes > segment.size:

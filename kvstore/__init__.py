@@ -3,9 +3,10 @@
 The public surface of the storage layer: the namespace (``ModelSpec``), block hashing, the block
 format and the error tree. Tiers live in the ``tiers`` package, clients in ``client``.
 
-The block format's names are loaded on first use (PEP 562): ``kvstore.core.block_format``
-imports torch, about 1.5 s, and every ``import kvstore.x`` runs this file first, so commands and
-tools that never touch a tensor (``kvstore ls --help``, the config loader's callers) would pay it.
+The block format's names are loaded on first use (PEP 562): every ``import kvstore.x`` runs this
+file first, and most callers (the config loader, the CLI's option modules) need only the keys and
+errors. ``kvstore.core.block_format`` itself imports torch only inside the functions that make or
+read a tensor (about a second, which ``kvstore ls`` and the tiers must not pay).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import click
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from kvstore.cli.options import print_table, size, stderr, stdout
+from kvstore.cli.options import print_table, seconds_option, size, stderr, stdout
 from kvstore.cli.remote import Remote, namespace, percent, remote_command
 from kvstore.core.keys import ModelSpec
 
@@ -31,14 +31,7 @@ def _ms(value: float | None) -> str:
 
 
 @click.command("bench")
-@click.option(
-    "--duration",
-    "duration_s",
-    type=click.FloatRange(min=0, min_open=True),
-    default=10.0,
-    show_default=True,
-    metavar="SECONDS",
-)
+@seconds_option("--duration", "duration_s", 10.0)
 @click.option("--concurrency", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--prompt-tokens", type=click.IntRange(min=1), default=1024, show_default=True)
 @click.option(

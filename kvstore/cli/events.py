@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from kvstore.cli.options import seconds_option
 from kvstore.cli.remote import Remote, hex_or_none, remote_command
 
 if TYPE_CHECKING:
@@ -62,12 +63,10 @@ _WAITING_NOTICE_S = 1.0
     default=0,
     help="Stop after this many events (default: run until Ctrl-C).",
 )
-@click.option(
+@seconds_option(
     "--idle-timeout",
     "idle_timeout_s",
-    type=click.FloatRange(min=0, min_open=True),
-    default=None,
-    metavar="SECONDS",
+    None,
     help="Stop once no event has come for this long (default: wait for ever).",
 )
 @click.option(

@@ -2,6 +2,11 @@
 is, how to authenticate, the model a worker runs, the prompt given as a file of token ids or of
 text, how a table, a size and a progress bar are printed.
 
+A group of options that several commands take together is a bundle: ``bundle(name, cls,
+options)`` adds the options and hands the command their values as one frozen ``cls`` (here
+``Connection`` and ``ModelChoice``), so that the long parameter list is written once, in the
+dataclass, and not again in every command that takes the group.
+
 Nothing here imports torch, transformers or our engine and server at module level: every
 command module imports this one, and ``kvstore ls --help`` should not wait for any of them.
 """
@@ -9,8 +14,11 @@ command module imports this one, and ``kvstore ls --help`` should not wait for a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import json
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -29,13 +37,19 @@ __all__ = [
     "DEFAULT_SERVER",
     "MODEL_OPTIONS",
     "PROMPT_FILE_OPTIONS",
+    "Connection",
+    "ModelChoice",
+    "bundle",
     "check_server",
-    "model_worker",
+    "connect_options",
+    "env_option",
+    "model_options",
     "one_line",
     "print_table",
     "progress_bar",
     "read_tokens",
     "rebuild_progress",
+    "seconds_option",
     "server_option",
     "size",
     "stderr",
@@ -51,6 +65,8 @@ stderr = Console(stderr=True)
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 
+Option = Callable[[Any], Any]
+
 
 def check_server(ctx: click.Context, param: click.Parameter, value: str) -> str:
     value = value.strip()
@@ -62,45 +78,59 @@ def check_server(ctx: click.Context, param: click.Parameter, value: str) -> str:
     return value
 
 
-server_option = click.option(
+def env_option(*decls: str, envvar: str, **attrs: Any) -> Option:
+    """A click option that may also come from ``envvar``, named in ``--help``."""
+    return click.option(*decls, envvar=envvar, show_envvar=True, **attrs)
+
+
+def seconds_option(flag: str, dest: str, default: float | None, **attrs: Any) -> Option:
+    """A duration in seconds, above 0; its default shown unless there is none."""
+    attrs.setdefault("show_default", default is not None)
+    if "envvar" in attrs:
+        attrs["show_envvar"] = True
+    return click.option(
+        flag,
+        dest,
+        type=click.FloatRange(min=0, min_open=True),
+        default=default,
+        metavar="SECONDS",
+        **attrs,
+    )
+
+
+server_option = env_option(
     "--server",
+    envvar="KVSTORE_SERVER",
     default=DEFAULT_SERVER,
     show_default=True,
-    envvar="KVSTORE_SERVER",
-    show_envvar=True,
     metavar="HOST:PORT",
     callback=check_server,
     help="The kvstore server (or unix:/path).",
 )
-token_option = click.option(
+token_option = env_option(
     "--token",
-    default=None,
     envvar="KVSTORE_TOKEN",
-    show_envvar=True,
     help="Bearer token of a tenant (an admin tenant for ls, inspect, events, flush and worker).",
 )
-tls_ca_option = click.option(
+tls_ca_option = env_option(
     "--tls-ca",
-    type=click.Path(exists=True, dir_okay=False),
-    default=None,
     envvar="KVSTORE_TLS_CA",
-    show_envvar=True,
+    type=click.Path(exists=True, dir_okay=False),
     help="PEM file of the CA that signed the server's certificate: turns TLS on.",
 )
 CONNECT_OPTIONS = (server_option, token_option, tls_ca_option)
+_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 PROMPT_FILE_OPTIONS = (
     click.option(
         "--tokens-file",
-        type=click.Path(exists=True, dir_okay=False, path_type=Path),
-        default=None,
+        type=_FILE,
         metavar="FILE",
         help="Token ids: integers separated by whitespace or commas, a JSON array (or an object "
         'with "input_ids"), or a .npy integer array.',
     ),
     click.option(
         "--text-file",
-        type=click.Path(exists=True, dir_okay=False, path_type=Path),
-        default=None,
+        type=_FILE,
         metavar="FILE",
         help="A text file, read as UTF-8 bytes with each byte one token id (no tokenizer is "
         "available offline): this finds blocks stored from the same bytes, not from a model's "
@@ -110,13 +140,11 @@ PROMPT_FILE_OPTIONS = (
 
 
 MODEL_OPTIONS = (
-    click.option(
+    env_option(
         "--model",
         "model_dir",
-        type=click.Path(exists=True, file_okay=False),
-        default=None,
         envvar="KVSTORE_WORKER_MODEL",
-        show_envvar=True,
+        type=click.Path(exists=True, file_okay=False),
         metavar="DIR",
         help="A local transformers causal LM (Llama, Qwen2, Mistral, GPT-2, ...). Default: the "
         "small built-in model, built from a config with --seed.",
@@ -129,20 +157,19 @@ MODEL_OPTIONS = (
         show_default=True,
         help="The model's compute dtype, and its blocks' dtype.",
     ),
-    click.option(
+    env_option(
         "--block-tokens",
+        envvar="KVSTORE_WORKER_BLOCK_TOKENS",
         type=click.IntRange(min=1),
         default=16,
         show_default=True,
-        envvar="KVSTORE_WORKER_BLOCK_TOKENS",
-        show_envvar=True,
         help="Tokens per block of the model's namespace.",
     ),
     click.option("--device", default="cpu", show_default=True, help="torch device of the model."),
 )
 
 
-def with_options(options: tuple[Callable[[Any], Any], ...]) -> Callable[[Any], Any]:
+def with_options(options: tuple[Option, ...]) -> Option:
     """Apply a tuple of click options, the first one listed first in ``--help``."""
 
     def decorate(fn: Any) -> Any:
@@ -153,18 +180,59 @@ def with_options(options: tuple[Callable[[Any], Any], ...]) -> Callable[[Any], A
     return decorate
 
 
-def model_worker(
-    model_dir: str | None, seed: int, dtype: str, block_tokens: int, device: str
-) -> ModelWorker:
-    """The ``ModelWorker`` of the model options (transformers is imported only here: it takes
-    seconds, and the other commands never need it)."""
-    from kvstore.worker.model import ModelWorker, WorkerConfig
+def bundle(name: str, cls: type[Any], options: tuple[Option, ...]) -> Option:
+    """Apply ``options`` (whose destinations are the fields of the dataclass ``cls``) and hand
+    the command their values as one ``cls``, in its parameter ``name``."""
+    fields = tuple(field.name for field in dataclasses.fields(cls))
 
-    config = WorkerConfig(
-        model_dir=model_dir or "", seed=seed, dtype=dtype, block_tokens=block_tokens, device=device
-    )
-    with stdout.status("loading the model"):
-        return ModelWorker(config)
+    def decorate(fn: Callable[..., Any]) -> Any:
+        @functools.wraps(fn)
+        def command(*args: Any, **kwargs: Any) -> Any:
+            kwargs[name] = cls(**{field: kwargs.pop(field) for field in fields})
+            return fn(*args, **kwargs)
+
+        return with_options(options)(command)
+
+    return decorate
+
+
+@dataclass(frozen=True, slots=True)
+class Connection:
+    """Where the server is and the credentials to reach it (``CONNECT_OPTIONS``)."""
+
+    server: str
+    token: str | None
+    tls_ca: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelChoice:
+    """The model a worker or a role runs (``MODEL_OPTIONS``)."""
+
+    model_dir: str | None
+    seed: int
+    dtype: str
+    block_tokens: int
+    device: str
+
+    def worker(self) -> ModelWorker:
+        """The ``ModelWorker`` of these options (transformers is imported only here: it takes
+        seconds, and the other commands never need it)."""
+        from kvstore.worker.model import ModelWorker, WorkerConfig
+
+        config = WorkerConfig(
+            model_dir=self.model_dir or "",
+            seed=self.seed,
+            dtype=self.dtype,
+            block_tokens=self.block_tokens,
+            device=self.device,
+        )
+        with stdout.status("loading the model"):
+            return ModelWorker(config)
+
+
+connect_options = bundle("connection", Connection, CONNECT_OPTIONS)
+model_options = bundle("model", ModelChoice, MODEL_OPTIONS)
 
 
 def progress_bar(

@@ -15,6 +15,7 @@ torch, and ``kvstore ls --help`` (or a usage error) should not wait for it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 from collections.abc import Callable, Generator, Iterator
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any, cast
 import click
 from rich.table import Table
 
-from kvstore.cli.options import one_line, server_option, tls_ca_option, token_option
+from kvstore.cli.options import CONNECT_OPTIONS, bundle, one_line, seconds_option
 from kvstore.core.errors import KVStoreError
 from kvstore.core.keys import DIGEST_BYTES, DTYPES, BlockHash, ModelSpec
 
@@ -114,18 +115,12 @@ class Remote:
 
 
 _REMOTE_OPTIONS = (
-    server_option,
-    token_option,
-    tls_ca_option,
-    click.option(
+    *CONNECT_OPTIONS,
+    seconds_option(
         "--timeout",
         "timeout_s",
-        type=click.FloatRange(min=0, min_open=True),
-        default=10.0,
-        show_default=True,
+        10.0,
         envvar="KVSTORE_TIMEOUT",
-        show_envvar=True,
-        metavar="SECONDS",
         help="Limit for each call to the server.",
     ),
     click.option(
@@ -138,20 +133,11 @@ def remote_command(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Add the connection options; the command gets them as one ``Remote`` first argument."""
 
     @functools.wraps(fn)
-    def command(
-        *args: Any,
-        server: str,
-        token: str | None,
-        tls_ca: str | None,
-        timeout_s: float,
-        as_json: bool,
-        **kwargs: Any,
-    ) -> Any:
-        return fn(Remote(server, token or None, tls_ca, timeout_s, as_json), *args, **kwargs)
+    def command(*args: Any, remote: Remote, **kwargs: Any) -> Any:
+        # An empty token (--token '' or KVSTORE_TOKEN=) is no token.
+        return fn(dataclasses.replace(remote, token=remote.token or None), *args, **kwargs)
 
-    decorated: Callable[..., Any] = command
-    for option in reversed(_REMOTE_OPTIONS):
-        decorated = option(decorated)
+    decorated: Callable[..., Any] = bundle("remote", Remote, _REMOTE_OPTIONS)(command)
     return decorated
 
 

@@ -7,17 +7,20 @@ command runs.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
 from kvstore.cli.options import (
-    CONNECT_OPTIONS,
-    MODEL_OPTIONS,
     PROMPT_FILE_OPTIONS,
-    model_worker,
+    Connection,
+    ModelChoice,
+    connect_options,
+    model_options,
     read_tokens,
     stdout,
     with_options,
@@ -35,25 +38,55 @@ _PROMPT_OPTIONS = (
 )
 
 
-def _role_client(server: str, token: str | None, tls_ca: str | None) -> AsyncClient:
+def _run_role(
+    connection: Connection,
+    what: str,
+    role: Callable[[AsyncClient], Awaitable[Any]],
+) -> Any:
+    """Run ``role`` against the service of ``connection`` under a status line ``what``; a
+    ``KVStoreError`` leaves as a one-line click error."""
     from client import AsyncClient
 
-    return AsyncClient(server, token=token, tls_ca=tls_ca, timeout_s=300.0)
+    async def run() -> Any:
+        async with AsyncClient(
+            connection.server, token=connection.token, tls_ca=connection.tls_ca, timeout_s=300.0
+        ) as kv:
+            return await role(kv)
+
+    try:
+        with stdout.status(what):
+            return asyncio.run(run())
+    except KVStoreError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _result_doc(result: Any, **first: Any) -> dict[str, Any]:
+    """The JSON document of a role's ``result``: ``first``, then each field of the result, its
+    seconds (``x_s``) as milliseconds (``x_ms``)."""
+    doc = dict(first)
+    for field in dataclasses.fields(result):
+        value = getattr(result, field.name)
+        if field.name.endswith("_s"):
+            doc[field.name.removesuffix("_s") + "_ms"] = value * 1000
+        else:
+            doc[field.name] = value
+    return doc
+
+
+def _emit(doc: dict[str, Any], as_json: bool) -> bool:
+    """Print ``doc`` as one JSON document with ``--json``; whether it did."""
+    if as_json:
+        click.echo(json.dumps(doc))
+    return as_json
 
 
 @click.command("prefill")
-@with_options(CONNECT_OPTIONS)
-@with_options(MODEL_OPTIONS)
+@connect_options
+@model_options
 @with_options(_PROMPT_OPTIONS)
 def prefill_command(
-    server: str,
-    token: str | None,
-    tls_ca: str | None,
-    model_dir: str | None,
-    seed: int,
-    dtype: str,
-    block_tokens: int,
-    device: str,
+    connection: Connection,
+    model: ModelChoice,
     tokens_file: Path | None,
     text_file: Path | None,
     as_json: bool,
@@ -67,28 +100,13 @@ def prefill_command(
     from kvstore.roles.nodes import prefill
 
     tokens = read_tokens(tokens_file, text_file)
-    worker = model_worker(model_dir, seed, dtype, block_tokens, device)
-
-    async def run() -> Any:
-        async with _role_client(server, token, tls_ca) as kv:
-            return await prefill(worker, kv, tokens)
-
-    try:
-        with stdout.status(f"prefilling {len(tokens)} tokens"):
-            result = asyncio.run(run())
-    except KVStoreError as exc:
-        raise click.ClickException(str(exc)) from None
-    doc = {
-        "server": server,
-        "namespace": worker.spec.to_dict(),
-        "num_tokens": result.num_tokens,
-        "stored_blocks": result.stored_blocks,
-        "already_blocks": result.already_blocks,
-        "compute_ms": result.compute_s * 1000,
-        "store_ms": result.store_s * 1000,
-    }
-    if as_json:
-        click.echo(json.dumps(doc))
+    worker = model.worker()
+    result = _run_role(
+        connection, f"prefilling {len(tokens)} tokens", lambda kv: prefill(worker, kv, tokens)
+    )
+    server = connection.server
+    doc = _result_doc(result, server=server, namespace=worker.spec.to_dict())
+    if _emit(doc, as_json):
         return
     click.echo(
         f"prefilled {result.num_tokens} tokens in {doc['compute_ms']:.1f} ms; stored "
@@ -98,20 +116,14 @@ def prefill_command(
 
 
 @click.command("decode")
-@with_options(CONNECT_OPTIONS)
-@with_options(MODEL_OPTIONS)
+@connect_options
+@model_options
 @with_options(_PROMPT_OPTIONS)
 @click.option("--max-new-tokens", type=click.IntRange(min=0), default=16, show_default=True)
 @click.option("--repair-holes", is_flag=True, help="Have the service repair holes before fetching.")
 def decode_command(
-    server: str,
-    token: str | None,
-    tls_ca: str | None,
-    model_dir: str | None,
-    seed: int,
-    dtype: str,
-    block_tokens: int,
-    device: str,
+    connection: Connection,
+    model: ModelChoice,
     tokens_file: Path | None,
     text_file: Path | None,
     as_json: bool,
@@ -127,30 +139,19 @@ def decode_command(
     from kvstore.roles.nodes import decode
 
     tokens = read_tokens(tokens_file, text_file)
-    worker = model_worker(model_dir, seed, dtype, block_tokens, device)
-
-    async def run() -> Any:
-        async with _role_client(server, token, tls_ca) as kv:
-            return await decode(
-                worker, kv, tokens, max_new_tokens=max_new_tokens, repair_holes=repair_holes
-            )
-
-    try:
-        with stdout.status("decoding"):
-            result = asyncio.run(run())
-    except KVStoreError as exc:
-        raise click.ClickException(str(exc)) from None
-    doc = {
-        "server": server,
-        "tokens": result.tokens,
-        "prompt_tokens": len(tokens),
-        "hit_tokens": result.hit_tokens,
-        "computed_tokens": result.computed_tokens,
-        "fetch_ms": result.fetch_s * 1000,
-        "generate_ms": result.generate_s * 1000,
-    }
-    if as_json:
-        click.echo(json.dumps(doc))
+    worker = model.worker()
+    result = _run_role(
+        connection,
+        "decoding",
+        lambda kv: decode(
+            worker, kv, tokens, max_new_tokens=max_new_tokens, repair_holes=repair_holes
+        ),
+    )
+    # tokens named here too, to keep prompt_tokens right after them in the document.
+    doc = _result_doc(
+        result, server=connection.server, tokens=result.tokens, prompt_tokens=len(tokens)
+    )
+    if _emit(doc, as_json):
         return
     click.echo(" ".join(map(str, result.tokens)))
     click.echo(

@@ -19,13 +19,15 @@ import click
 from rich.table import Table
 
 from kvstore.cli.options import (
-    CONNECT_OPTIONS,
-    MODEL_OPTIONS,
-    model_worker,
+    Connection,
+    ModelChoice,
+    connect_options,
+    env_option,
+    model_options,
     print_table,
     rebuild_progress,
+    seconds_option,
     stdout,
-    with_options,
 )
 from kvstore.cli.settings import (
     config_option,
@@ -121,13 +123,12 @@ async def _serve(cfg: StoreConfig) -> None:
 
 
 @click.command("worker")
-@with_options(CONNECT_OPTIONS)
-@with_options(MODEL_OPTIONS)
-@click.option(
+@connect_options
+@model_options
+@env_option(
     "--name",
-    default="",
     envvar="KVSTORE_WORKER_NAME",
-    show_envvar=True,
+    default="",
     help="Name in `kvstore tiers` and logs (default host:pid).",
 )
 @click.option(
@@ -137,28 +138,18 @@ async def _serve(cfg: StoreConfig) -> None:
     metavar="FILE",
     help="Write the worker's namespace as JSON (for --model-spec of the other commands).",
 )
-@click.option(
+@seconds_option(
     "--keepalive",
     "keepalive_s",
-    type=click.FloatRange(min=0, min_open=True),
-    default=30.0,
-    show_default=True,
+    30.0,
     envvar="KVSTORE_WORKER_KEEPALIVE_S",
-    show_envvar=True,
-    metavar="SECONDS",
     help="Ping the server this often while idle (the server permits server.min_ping_interval_s "
     "and up, 10 s by default), so that a dead server or network path is noticed.",
 )
 @print_config_option
 def worker_command(
-    server: str,
-    token: str | None,
-    tls_ca: str | None,
-    model_dir: str | None,
-    seed: int,
-    dtype: str,
-    block_tokens: int,
-    device: str,
+    connection: Connection,
+    model: ModelChoice,
     name: str,
     spec_out: str | None,
     keepalive_s: float,
@@ -176,14 +167,14 @@ def worker_command(
         table.add_column("setting")
         table.add_column("value", overflow="fold")
         settings = {
-            "server": server,
-            "token": "****" if token else "",
-            "tls_ca": tls_ca or "",
-            "model": model_dir or "(the built-in model)",
-            "seed": seed,
-            "dtype": dtype,
-            "block_tokens": block_tokens,
-            "device": device,
+            "server": connection.server,
+            "token": "****" if connection.token else "",
+            "tls_ca": connection.tls_ca or "",
+            "model": model.model_dir or "(the built-in model)",
+            "seed": model.seed,
+            "dtype": model.dtype,
+            "block_tokens": model.block_tokens,
+            "device": model.device,
             "name": name or "(host:pid)",
             "keepalive_s": keepalive_s,
         }
@@ -195,12 +186,17 @@ def worker_command(
 
     _log_to_stderr()
     try:
-        worker = model_worker(model_dir, seed, dtype, block_tokens, device)
+        worker = model.worker()
         spec = worker.spec
         if spec_out:
             Path(spec_out).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
         link = WorkerLink(
-            worker, server, token=token, tls_ca=tls_ca, name=name, keepalive_s=keepalive_s
+            worker,
+            connection.server,
+            token=connection.token,
+            tls_ca=connection.tls_ca,
+            name=name,
+            keepalive_s=keepalive_s,
         )
         click.echo(f"worker {link.name}: {spec.name} ({json.dumps(spec.to_dict())})")
         asyncio.run(_run_worker(link))

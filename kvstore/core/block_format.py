@@ -39,15 +39,21 @@ import threading
 import warnings
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
-import torch
 import xxhash
 import zstandard
 
 from kvstore.core.errors import CorruptBlockError, InvalidArgumentError, SpecMismatchError
 from kvstore.core.keys import DIGEST_BYTES, DTYPES, ModelSpec
+
+# torch is imported inside the functions that make or read a tensor, not here: it takes about a
+# second, and what only parses headers or moves bytes (tiers, the server's index, every client
+# call that never touches K/V, such as `kvstore ls`) must not pay it. After the first call such
+# an import is a dictionary lookup.
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "HEADER_BYTES",
@@ -91,6 +97,8 @@ class Codec(IntEnum):
 
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype of a ``ModelSpec.dtype`` name; float8 types only where torch has them."""
+    import torch
+
     dt = getattr(torch, name, None)
     if not isinstance(dt, torch.dtype):
         raise SpecMismatchError(f"this torch build has no dtype {name!r}")
@@ -219,7 +227,7 @@ _FUSE_CHUNK = 256 * 1024
 _LITTLE_ENDIAN = sys.byteorder == "little"
 
 U8Array = np.ndarray[Any, np.dtype[np.uint8]]
-WritableBuffer = bytearray | memoryview | np.ndarray[Any, Any] | torch.Tensor
+WritableBuffer: TypeAlias = "bytearray | memoryview | np.ndarray[Any, Any] | torch.Tensor"
 """What ``encode_block_into`` writes to: any writable, C-contiguous CPU buffer."""
 
 
@@ -299,12 +307,16 @@ def _fresh_bytes(nbytes: int) -> U8Array:
 def _fresh_tensor(spec: ModelSpec) -> torch.Tensor:
     """A new block tensor in numpy-allocated memory (see ``_fresh_bytes``); an ordinary CPU tensor
     in every other respect, except that its storage cannot be resized."""
+    import torch
+
     flat = torch.from_numpy(_fresh_bytes(spec.block_nbytes))
     return flat.view(torch_dtype(spec.dtype)).reshape(spec.block_shape)
 
 
 def _as_bytes_view(tensor: torch.Tensor) -> U8Array:
     """A flat uint8 numpy view of a contiguous CPU tensor; no copy for any dtype (bf16, fp8 too)."""
+    import torch
+
     return tensor.view(torch.uint8).reshape(-1).numpy()
 
 
@@ -344,6 +356,8 @@ def _source_bytes(spec: ModelSpec, tensor: torch.Tensor) -> U8Array:
 
 
 def _writable_bytes(buffer: WritableBuffer) -> memoryview:
+    import torch
+
     if isinstance(buffer, torch.Tensor):
         if buffer.device.type != "cpu":
             raise InvalidArgumentError(f"out must be in CPU memory, not on {buffer.device}")
@@ -585,6 +599,8 @@ def decode_block(
             f"block {header.block_hash.hex()} is {header.dtype}{list(header.shape)}, "
             f"namespace {spec.name} is {spec.dtype}{list(spec.block_shape)}"
         )
+    import torch
+
     payload = _byte_view(data)[HEADER_BYTES:]
     if out is None:
         out = _fresh_tensor(spec)

@@ -30,7 +30,8 @@ import asyncio
 import contextlib
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import click
 from rich.console import Console
@@ -60,59 +61,38 @@ def _quiet_cache_keyword_notices() -> Iterator[None]:
         generic.setLevel(level)
 
 
+# The sizes of the run, in --help order: option -> (DemoOptions field, smallest value, help).
+_SIZES = {
+    "--turns": ("turns", 1, "Questions asked about the document, one after another."),
+    "--doc-tokens": ("doc_tokens", 1, "Tokens of the shared document the turns are about."),
+    "--question-tokens": ("question_tokens", 1, "Tokens of each question."),
+    "--answer-tokens": ("answer_tokens", 1, "Tokens the model generates per turn (greedy)."),
+    "--block-tokens": ("block_tokens", 1, None),
+    "--seed": ("seed", 0, "Seeds the model's weights and the token ids."),
+    "--layers": ("layers", 1, "Layers of the built model."),
+    "--hidden": (
+        "hidden",
+        HEAD_DIM,
+        f"Hidden size of the built model (a multiple of {HEAD_DIM}).",
+    ),
+}
+
+
+def _size_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the options of ``_SIZES``, each defaulting to ``DemoOptions``' value."""
+    for flag, (field, smallest, help_text) in reversed(_SIZES.items()):
+        fn = click.option(
+            flag,
+            type=click.IntRange(min=smallest),
+            default=getattr(_DEFAULTS, field),
+            show_default=True,
+            help=help_text,
+        )(fn)
+    return fn
+
+
 @click.command("demo")
-@click.option(
-    "--turns",
-    type=click.IntRange(min=1),
-    default=_DEFAULTS.turns,
-    show_default=True,
-    help="Questions asked about the document, one after another.",
-)
-@click.option(
-    "--doc-tokens",
-    type=click.IntRange(min=1),
-    default=_DEFAULTS.doc_tokens,
-    show_default=True,
-    help="Tokens of the shared document the turns are about.",
-)
-@click.option(
-    "--question-tokens",
-    type=click.IntRange(min=1),
-    default=_DEFAULTS.question_tokens,
-    show_default=True,
-    help="Tokens of each question.",
-)
-@click.option(
-    "--answer-tokens",
-    type=click.IntRange(min=1),
-    default=_DEFAULTS.answer_tokens,
-    show_default=True,
-    help="Tokens the model generates per turn (greedy).",
-)
-@click.option(
-    "--block-tokens", type=click.IntRange(min=1), default=_DEFAULTS.block_tokens, show_default=True
-)
-@click.option(
-    "--seed",
-    type=click.IntRange(min=0),
-    default=_DEFAULTS.seed,
-    show_default=True,
-    help="Seeds the model's weights and the token ids.",
-)
-@click.option(
-    "--layers",
-    type=click.IntRange(min=1),
-    default=_DEFAULTS.layers,
-    show_default=True,
-    help="Layers of the built model.",
-)
-@click.option(
-    "--hidden",
-    type=click.IntRange(min=HEAD_DIM),
-    default=_DEFAULTS.hidden,
-    show_default=True,
-    help=f"Hidden size of the built model (a multiple of {HEAD_DIM}).",
-)
+@_size_options
 @click.option(
     "--model",
     "model_dir",
@@ -128,20 +108,7 @@ def _quiet_cache_keyword_notices() -> Iterator[None]:
 )
 @click.option("--redis-url", default=None, metavar="URL", help="Add G4 on this Redis server.")
 @click.option("--repair/--no-repair", default=True, show_default=True, help="The hole section.")
-def demo(
-    turns: int,
-    doc_tokens: int,
-    question_tokens: int,
-    answer_tokens: int,
-    block_tokens: int,
-    seed: int,
-    layers: int,
-    hidden: int,
-    model_dir: str | None,
-    data_dir: str | None,
-    redis_url: str | None,
-    repair: bool,
-) -> None:
+def demo(model_dir: str | None, data_dir: str | None, redis_url: str | None, **fields: Any) -> None:
     """A long document answered over several turns by a small model on this machine: per turn
     the prefill time with and without kvstore and the prefix hit rate, then a hole repaired.
 
@@ -150,18 +117,10 @@ def demo(
     console = Console()
     try:
         options = DemoOptions(
-            turns=turns,
-            doc_tokens=doc_tokens,
-            question_tokens=question_tokens,
-            answer_tokens=answer_tokens,
-            block_tokens=block_tokens,
-            seed=seed,
-            layers=layers,
-            hidden=hidden,
             model_dir=model_dir or "",
             data_dir=data_dir or "",
             redis_url=redis_url or "",
-            repair=repair,
+            **fields,  # the sizes and --repair, as DemoOptions names them
         )
         from kvstore.demo.run import run_demo
 

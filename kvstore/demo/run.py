@@ -126,6 +126,21 @@ async def _store(engine: Engine, worker: ModelWorker, conversation: list[int], c
 # -- the run -------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class _Run:
+    """What the turns and the hole section work on, built once by ``run_demo``."""
+
+    runner: Runner
+    engine: Engine
+    options: DemoOptions
+    scenario: Scenario
+    result: DemoResult  # filled in as they go
+    say: Progress
+
+    def parts(self) -> tuple[Runner, Engine, DemoOptions, Scenario, DemoResult, Progress]:
+        return self.runner, self.engine, self.options, self.scenario, self.result, self.say
+
+
 async def run_demo(
     options: DemoOptions,
     *,
@@ -167,9 +182,10 @@ async def run_demo(
             await asyncio.to_thread(
                 runner.first_token, worker.token_ids(warm), runner.new_cache(), 0
             )
-            await _turns(runner, engine, options, scenario, result, say)
+            run = _Run(runner, engine, options, scenario, result, say)
+            await _turns(run)
             if options.repair:
-                result.repair = await _hole_repair(runner, engine, options, scenario, result, say)
+                result.repair = await _hole_repair(run)
             await engine.drain()  # the repaired block's write-through copies
             result.tier_blocks = (await engine.stats()).index_blocks
         finally:
@@ -178,14 +194,8 @@ async def run_demo(
     return result
 
 
-async def _turns(
-    runner: Runner,
-    engine: Engine,
-    options: DemoOptions,
-    scenario: Scenario,
-    result: DemoResult,
-    say: Progress,
-) -> None:
+async def _turns(run: _Run) -> None:
+    runner, engine, options, scenario, result, say = run.parts()
     conversation = list(scenario.document)
     for turn in range(1, options.turns + 1):
         prompt = conversation + scenario.questions[turn - 1]
@@ -215,16 +225,10 @@ async def _turns(
         )
 
 
-async def _hole_repair(
-    runner: Runner,
-    engine: Engine,
-    options: DemoOptions,
-    scenario: Scenario,
-    result: DemoResult,
-    say: Progress,
-) -> HoleRepair | None:
+async def _hole_repair(run: _Run) -> HoleRepair | None:
     """Evict a middle block of the stored conversation, then compare recomputing from the hole
     with repairing it; ``None`` when fewer than three blocks are stored (no middle)."""
+    runner, engine, options, scenario, result, say = run.parts()
     worker = runner.worker
     spec = worker.spec
     last = result.turns[-1]

@@ -22,14 +22,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
-import torch
 
 from kvstore.core.errors import ConfigError, InvalidArgumentError
 from kvstore.core.keys import DIGEST_BYTES, BlockHash, ExtraKey, ModelSpec, tokens_to_u32
 from kvstore.v1 import kvstore_pb2 as pb
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "EVENT_KIND_NAME",
@@ -63,7 +65,8 @@ EVENT_KIND_VALUE: dict[str, pb.EventKind.ValueType] = {
 EVENT_KIND_NAME: dict[int, str] = {value: name for name, value in EVENT_KIND_VALUE.items()}
 _INT64 = 1 << 63
 
-Tokens = Sequence[int] | np.ndarray[Any, Any] | torch.Tensor
+# Quoted: torch is imported only where a tensor is made (the CLI's server commands never do).
+Tokens: TypeAlias = "Sequence[int] | np.ndarray[Any, Any] | torch.Tensor"
 ExtraKeys = Sequence[Sequence[ExtraKey]] | None
 
 
