@@ -86,7 +86,6 @@ __all__ = [
 ]
 
 _NO_PARENT = bytes(16)
-_SPEC = ("namespace",)  # a WorkerInfo message field the result holds as a ModelSpec
 
 U8Matrix = np.ndarray[Any, np.dtype[np.uint8]]
 
@@ -301,7 +300,10 @@ def stats_of(reply: pb.StatsResponse) -> Stats:
         queue_depth=reply.queue_depth,
         counters=dict(reply.counters),
         workers=[
-            WorkerInfo(spec=spec_of(w.namespace), **same_fields(w, pb.WorkerInfo, skip=_SPEC))
+            WorkerInfo(
+                spec=spec_of(w.namespace),
+                **same_fields(w, pb.WorkerInfo, skip=("namespace",)),
+            )
             for w in reply.workers
         ],
         tenant=_usage_of(reply.tenant) if reply.HasField("tenant") else {},

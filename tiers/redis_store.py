@@ -43,21 +43,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from kvstore.core.block_format import HEADER_BYTES, Codec, transcode_block
-from kvstore.core.errors import (
-    CorruptBlockError,
-    InvalidArgumentError,
-    TierFullError,
-)
+from kvstore.core.errors import CorruptBlockError, InvalidArgumentError, TierFullError
 from kvstore.core.keys import BlockHash
-from tiers.base import (
-    BlockBytes,
-    Buffer,
-    CorruptionCallback,
-    Read,
-    Tier,
-    TierStats,
-    check_fits,
-)
+from tiers.base import BlockBytes, Buffer, CorruptionCallback, Read, Tier, TierStats, check_fits
 from tiers.redis_config import (
     _MANIFEST,
     _ROUND_TRIP_BYTES,
@@ -69,11 +57,7 @@ from tiers.redis_config import (
     RedisTierConfig,
     parse_manifest,
 )
-from tiers.redis_links import (
-    RedisLinks,
-    _groups,
-    _LostShard,
-)
+from tiers.redis_links import RedisLinks, _groups, _LostShard
 
 __all__ = ["MANIFEST_MAGIC", "RedisTier", "RedisTierConfig", "RedisTierStats", "parse_manifest"]
 

@@ -34,29 +34,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from kvstore.core.block_format import (
-    HEADER_BYTES,
-    NO_PARENT,
-    read_header,
-)
-from kvstore.core.errors import (
-    CorruptBlockError,
-    InvalidArgumentError,
-    KVStoreError,
-    TierError,
-)
+from kvstore.core.block_format import HEADER_BYTES, NO_PARENT, read_header
+from kvstore.core.errors import CorruptBlockError, InvalidArgumentError, KVStoreError, TierError
 from kvstore.core.keys import BlockHash, ExtraKey, ModelSpec
 from kvstore.engine.config import EngineConfig, StoreLayout
 from kvstore.engine.index import Lease
 from kvstore.engine.reads import ReadPath
-from kvstore.engine.state import (
-    _LOOKUP_SLICE,
-    EngineStats,
-    LookupResult,
-    ProgressCallback,
-    PutResult,
-    log,
-)
+from kvstore.engine.state import EngineStats, LookupResult, ProgressCallback, PutResult, log
 from tiers.base import Tier, TierStats
 from tiers.gpu_memory import GpuMemoryTier
 from tiers.lmdb_store import LmdbTier
@@ -64,6 +48,10 @@ from tiers.pinned_memory import PinnedMemoryTier
 from tiers.redis_store import RedisTier, RedisTierStats
 
 __all__ = ["Engine", "EngineConfig", "EngineStats", "LookupResult", "ProgressCallback", "PutResult"]
+
+
+# Blocks of one lookup looked up in the index between two yields to the event loop (~3 ms).
+_LOOKUP_SLICE = 16384
 
 
 class Engine(ReadPath):

@@ -18,21 +18,21 @@ from kvstore.core.block_format import (
     transcode_block,
     verify_block,
 )
-from kvstore.core.errors import (
-    CorruptBlockError,
-    TierError,
-)
+from kvstore.core.errors import CorruptBlockError, TierError
 from kvstore.core.keys import BlockHash, ModelSpec
-from kvstore.engine.state import (
-    _LOWER_BATCH,
-    _PROMOTE_DATA_BYTES,
-    _Move,
-    log,
-)
+from kvstore.engine.state import _Move, log
 from kvstore.engine.writes import WritePath
 from tiers.pinned_memory import PinnedMemoryTier
 
 __all__ = ["ReadPath"]
+
+
+# Blocks below G2 that ``payload_sources`` reads in one call.
+_LOWER_BATCH = 32
+
+# Bytes of the promotions queued with their data (``_Move.data``); the ones beyond it read their
+# source again when their turn comes.
+_PROMOTE_DATA_BYTES = 256 << 20
 
 
 class ReadPath(WritePath):

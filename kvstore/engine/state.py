@@ -14,14 +14,8 @@ from typing import Any, Literal
 
 import torch
 
-from kvstore.core.block_format import (
-    NO_PARENT,
-    encode_block_into,
-)
-from kvstore.core.errors import (
-    InvalidArgumentError,
-    TierError,
-)
+from kvstore.core.block_format import NO_PARENT, encode_block_into
+from kvstore.core.errors import InvalidArgumentError, TierError
 from kvstore.core.keys import DIGEST_BYTES, BlockHash, ExtraKey, ModelSpec, block_hashes
 from kvstore.engine.config import EngineConfig, StoreLayout
 from kvstore.engine.events import EventLog
@@ -100,13 +94,6 @@ class _Move:
     data: bytes | None = None
 
 
-# Blocks below G2 that ``payload_sources`` reads in one call.
-_LOWER_BATCH = 32
-
-# Bytes of the promotions queued with their data (``_Move.data``); the ones beyond it read their
-# source again when their turn comes.
-_PROMOTE_DATA_BYTES = 256 << 20
-
 
 @dataclass(slots=True)
 class _Counters:
@@ -115,9 +102,6 @@ class _Counters:
     def add(self, name: str, n: int = 1) -> None:
         self.values[name] = self.values.get(name, 0) + n
 
-
-# Blocks of one lookup looked up in the index between two yields to the event loop (~3 ms).
-_LOOKUP_SLICE = 16384
 
 
 class EngineState:

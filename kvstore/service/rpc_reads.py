@@ -66,7 +66,6 @@ class ReadRpcs(ServicerBase):
         chunk_bytes = self._chunk_bytes(request.max_chunk_bytes)
         if request.repair_holes:
             await self._repair(request.prompt, p, call.who, exact=False)
-        chunk_bytes = self._chunk_bytes(request.max_chunk_bytes)
         spec = p.spec
         found = await self.engine.lookup_hashes(spec, p.hashes)
         hit = found.hit_blocks
