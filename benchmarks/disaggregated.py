@@ -64,7 +64,7 @@ TEXT = frozenset({"what", "size", "baseline"})
 def node_config(redis_url: str, g4_namespace: str, slot: int, slots: int) -> StoreConfig:
     return StoreConfig(
         g2=PinnedTierConfig(
-            slot * slots, slot, pin="never", segment_prefix=f"kvstore-bdis{uuid.uuid4().hex[:6]}"
+            slot * slots, pin="never", segment_prefix=f"kvstore-bdis{uuid.uuid4().hex[:6]}"
         ),
         g3=None,
         g4=RedisTierConfig(

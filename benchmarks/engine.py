@@ -50,7 +50,7 @@ def store_config(
     slot = block_bytes + 4096
     return StoreConfig(
         g2=PinnedTierConfig(
-            slot * (num_blocks + 8) * 2, slot, pin="never", segment_prefix="kvstore-bench"
+            slot * (num_blocks + 8) * 2, pin="never", segment_prefix="kvstore-bench"
         ),
         g3=LmdbTierConfig(str(workdir / f"g3-{time.monotonic_ns()}"), 4 * block_bytes * num_blocks),
         g4=None
@@ -243,7 +243,7 @@ async def restart_rows(num_blocks: int, workdir: Path) -> list[tuple[str, ...]]:
         )
     await tier.close()
     store = StoreConfig(
-        g2=PinnedTierConfig(64 * MiB, 4096, pin="never", segment_prefix="kvstore-bench"), g3=cfg
+        g2=PinnedTierConfig(64 * MiB, pin="never", segment_prefix="kvstore-bench"), g3=cfg
     )
     t0 = time.perf_counter()
     engine = await Engine.open(store)

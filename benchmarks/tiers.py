@@ -1,26 +1,35 @@
 """Tier throughput against the raw store underneath, measured in the same run.
 
 Run ``python -m benchmarks.tiers [--quick] [--redis-url URL]`` from the repository root. For blocks
-of 2 MiB and 32 MiB (bfloat16 K/V, header included) it times each tier's ``put``, ``get`` and
-``get_into`` (into reused, pre-faulted buffers) and, right next to them, the baseline:
+of 64 KiB, 2 MiB and 32 MiB (bfloat16 K/V, header included) it times each tier's ``put``, ``get``
+and ``get_into`` (into reused, pre-faulted buffers), the in-process engine's reads into tensors,
+and, right next to them, the baseline:
 
-- G1 (on cpu) and G2: a memcpy of the same bytes into a pre-faulted buffer (numpy ``copyto``) for
-  ``put`` and ``get_into``; for ``get``, which must hand out new memory, copies into fresh
-  ``bytes`` kept for the batch, as ``get`` keeps them (fresh memory costs page faults: ~10 ms per
-  32 MiB here, which is why ``get_into`` with reused buffers exists);
+- G1 (on cpu) and G2: a memcpy of the same bytes into pre-faulted buffers for ``put`` and
+  ``get_into``, block by block (numpy ``copyto`` per block: the bytes are separate blocks, so one
+  copy of one large buffer would be a baseline no store of blocks can reach); for ``get``, which
+  must hand out new memory, copies into fresh ``bytes`` kept for the batch, as ``get`` keeps them
+  (fresh memory costs page faults: ~10 ms per 32 MiB here, which is why ``get_into`` with reused
+  buffers exists);
+- the engine (G2 only, the blocks in G2): ``Engine.get_into`` into slices of one reused,
+  pre-faulted K/V tensor ``[layers, 2, tokens, kv_heads, head_dim]``, against the same memcpy
+  (the engine copies the payloads, 128 header bytes per block fewer than the baseline), one
+  call per 16 MiB as for the tiers; ``Engine.get`` (new tensors) against the copies into fresh
+  ``bytes``;
 - G3: raw ``lmdb`` with the same settings — one write transaction per batch; ``txn.get`` per key
   (values kept for the batch) for ``get``, and a copy from the zero-copy view into the same
   reused buffers for ``get_into``;
 - G4: raw redis-py, pipelined ``SET``/``GET`` of the whole values (the faster of the sync and the
   asyncio client), against a ``redis-server`` this benchmark starts (or ``--redis-url``).
 
-Targets: G2 ≥ 0.8× memcpy, G3 ≥ 0.8× raw LMDB, G4 ≥ 0.8× raw redis-py. Every tier and every
-baseline of one block size is set up first and then sampled round-robin (``report.medians_s``):
-one sample of each per round, so that a tier and its baseline see the same load on this shared
-machine (timed one after the other, G3 put came out at 2.82x of raw LMDB for 2 MiB blocks and
-0.31x for 32 MiB in one run; sampled round-robin, 0.87x-0.98x and 0.82x-0.91x). Puts are timed
-into an empty store each time (keys deleted before each sample, untimed); the put leaves the
-blocks in place for the gets that follow it in the round.
+Targets: G2 ≥ 0.8× memcpy, engine get into tensors ≥ 0.7× memcpy, G3 ≥ 0.8× raw LMDB, G4 ≥ 0.8×
+raw redis-py. Every tier and every baseline of one block size is set up first and then sampled
+round-robin (``report.medians_s``): one sample of each per round, so that a tier and its
+baseline see the same load on this shared machine (timed one after the other, G3 put came out
+at 2.82x of raw LMDB for 2 MiB blocks and 0.31x for 32 MiB in one run; sampled round-robin,
+0.87x-0.98x and 0.82x-0.91x). Puts are timed into an empty store each time (keys deleted before
+each sample, untimed); the put leaves the blocks in place for the gets that follow it in the
+round.
 """
 
 from __future__ import annotations
@@ -41,18 +50,27 @@ import redis.asyncio as aredis
 import torch
 
 from benchmarks.report import Case, Settings, Table, medians_s, print_tables
-from kvstore.core.block_format import encode_block
+from kvstore.config import StoreConfig
+from kvstore.core.block_format import encode_block, torch_dtype
 from kvstore.core.keys import ModelSpec, block_hashes
+from kvstore.engine.engine import Engine
 from tiers.base import Tier
 from tiers.gpu_memory import GpuMemoryTier, GpuTierConfig
 from tiers.lmdb_store import LmdbTier, LmdbTierConfig
 from tiers.pinned_memory import PinnedMemoryTier, PinnedTierConfig
 from tiers.redis_store import RedisTier, RedisTierConfig
 
+KiB = 1 << 10
 MiB = 1 << 20
 HEADERS = ("tier", "block", "op", "tier GB/s", "baseline", "baseline GB/s", "ratio", "target")
 TEXT = frozenset({"tier", "block", "op", "baseline", "target"})
-TARGETS = {"G2": 0.8, "G3": 0.8, "G4": 0.8}
+# By tier, or by (tier, op) where one op of a tier has its own.
+TARGETS: dict[str | tuple[str, str], float] = {
+    "G2": 0.8,
+    "G3": 0.8,
+    "G4": 0.8,
+    ("engine", "get into tensors"): 0.7,
+}
 # One call moves the whole data set (256 MiB), tens to hundreds of ms: one call per sample.
 FULL = Settings(repeats=9, warmup=1, min_sample_s=0.0)
 QUICK = Settings(repeats=3, warmup=1, min_sample_s=0.0)
@@ -60,22 +78,42 @@ QUICK = Settings(repeats=3, warmup=1, min_sample_s=0.0)
 Block = tuple[bytes, bytearray]
 
 
-def spec_for(block_mib: int) -> ModelSpec:
-    # 32 layers x 2 x tokens x 8 KV heads x 128 dims x 2 bytes: 16 tokens = 2 MiB, 256 = 32 MiB.
+def spec_for(block_bytes: int) -> ModelSpec:
+    """bfloat16 K/V: 64 KiB is 2 layers x 2 x 64 tokens x 2 KV heads x 64 dims x 2 bytes; 2 MiB and
+    32 MiB are 32 layers x 2 x (16 or 256) tokens x 8 KV heads x 128 dims x 2 bytes."""
+    if block_bytes == 64 * KiB:
+        return ModelSpec(
+            "bench/tiers",
+            num_layers=2,
+            num_kv_heads=2,
+            head_dim=64,
+            dtype="bfloat16",
+            block_tokens=64,
+        )
     return ModelSpec(
         "bench/tiers",
         num_layers=32,
         num_kv_heads=8,
         head_dim=128,
         dtype="bfloat16",
-        block_tokens=block_mib * 8,
+        block_tokens=block_bytes // (128 * KiB),
     )
 
 
-def make_blocks(block_mib: int, total_mib: int) -> list[Block]:
-    spec = spec_for(block_mib)
-    n = max(2, total_mib // block_mib)
-    g = torch.Generator().manual_seed(block_mib)
+BLOCK_BYTES = (64 * KiB, 2 * MiB, 32 * MiB)
+
+
+def memory_tier_configs(capacity_bytes: int) -> tuple[GpuTierConfig, PinnedTierConfig]:
+    """G1 (on the CPU) and G2 of ``capacity_bytes``: the one place their settings are written."""
+    return (
+        GpuTierConfig(capacity_bytes, device="cpu"),
+        PinnedTierConfig(capacity_bytes, pin="never", segment_prefix="kvstore-bench"),
+    )
+
+
+def make_blocks(spec: ModelSpec, total_bytes: int) -> list[Block]:
+    n = max(2, total_bytes // spec.block_nbytes)
+    g = torch.Generator().manual_seed(spec.block_nbytes)
     out: list[Block] = []
     for h in block_hashes(spec, list(range(n * spec.block_tokens))):
         t = torch.randn(spec.block_shape, generator=g).to(torch.bfloat16)
@@ -83,20 +121,24 @@ def make_blocks(block_mib: int, total_mib: int) -> list[Block]:
     return out
 
 
-def batches(blocks: Sequence[Block], block_mib: int) -> list[list[Block]]:
-    per = max(1, 16 // block_mib)  # 16 MiB per call: a prefix fetch moves several blocks at once
+def batches(blocks: Sequence[Block], block_bytes: int) -> list[list[Block]]:
+    # 16 MiB per call: a prefix fetch moves several blocks at once
+    per = max(1, 16 * MiB // block_bytes)
     return [list(blocks[i : i + per]) for i in range(0, len(blocks), per)]
 
 
 class Bench:
     """The cases of one block size: every tier's ops and every baseline, timed together."""
 
-    def __init__(self, runner: asyncio.Runner, block_mib: int, total_mib: int) -> None:
+    def __init__(self, runner: asyncio.Runner, block_bytes: int, total_bytes: int) -> None:
         self.runner = runner
-        self.block_mib = block_mib
-        self.blocks = make_blocks(block_mib, total_mib)
+        self.spec = spec_for(block_bytes)
+        self.label = (
+            f"{block_bytes // MiB} MiB" if block_bytes >= MiB else f"{block_bytes // KiB} KiB"
+        )
+        self.blocks = make_blocks(self.spec, total_bytes)
         self.nbytes = sum(len(v) for _, v in self.blocks)
-        self.batches = batches(self.blocks, block_mib)
+        self.batches = batches(self.blocks, block_bytes)
         self.keys = [k for k, _ in self.blocks]
         self.key_batches = [[k for k, _ in b] for b in self.batches]
         # Reused, pre-faulted destination buffers: the same ones for baselines and get_into.
@@ -149,6 +191,39 @@ class Bench:
         self.cases[f"{name} get"] = self.sync(get)
         self.cases[f"{name} get_into"] = self.sync(get_into)
         self.closers.append(self.sync(tier.close))
+
+    def add_engine(self, capacity_bytes: int) -> None:
+        """The in-process engine with G2 alone, every block in it."""
+        spec = self.spec
+        _, g2 = memory_tier_configs(capacity_bytes)
+        engine = self.runner.run(Engine.open(StoreConfig(g2=g2)))
+        self.closers.append(self.sync(engine.close))
+        parent = None
+        for batch in self.batches:
+            items = []
+            for key, value in batch:
+                items.append((key, parent, value))
+                parent = key
+            assert self.runner.run(engine.put_encoded(spec, items)).stored == len(batch)
+        # One prompt's K/V, pre-faulted; each call fills the slice of its blocks.
+        tokens = len(self.blocks) * spec.block_tokens
+        kv = torch.ones(
+            (spec.num_layers, 2, tokens, spec.num_kv_heads, spec.head_dim),
+            dtype=torch_dtype(spec.dtype),
+        )
+        per = len(self.key_batches[0]) * spec.block_tokens
+
+        async def get_into() -> None:
+            for i, keys in enumerate(self.key_batches):
+                got = await engine.get_into(spec, keys, kv[:, :, i * per : i * per + per])
+                assert got == len(keys)
+
+        async def get() -> None:
+            for keys in self.key_batches:
+                assert None not in await engine.get(spec, keys)
+
+        self.cases["engine get into tensors"] = self.sync(get_into)
+        self.cases["engine get"] = self.sync(get)
 
     def add_raw_lmdb(self, path: Path, map_size: int) -> None:
         path.mkdir(parents=True, exist_ok=True)
@@ -233,12 +308,12 @@ class Bench:
 
     def row(self, tier: str, op: str, ours: float, baseline: str, base: float) -> None:
         ratio = base / ours  # times -> throughput ratio
-        target = TARGETS.get(tier)
+        target = TARGETS.get((tier, op), TARGETS.get(tier))
         verdict = "—" if target is None else f"{'yes' if ratio >= target else 'NO'} (≥ {target}×)"
         self.rows.append(
             (
                 tier,
-                f"{self.block_mib} MiB",
+                self.label,
                 op,
                 f"{self.nbytes / ours / 1e9:.2f}",
                 baseline,
@@ -255,6 +330,10 @@ class Bench:
                 name, "get", times[f"{name} get"], "copy to new bytes", times["copy to new bytes"]
             )
             self.row(name, "get_into", times[f"{name} get_into"], "memcpy", times["memcpy"])
+        into = times["engine get into tensors"]
+        self.row("engine", "get into tensors", into, "memcpy", times["memcpy"])
+        new = times["copy to new bytes"]
+        self.row("engine", "get (new tensors)", times["engine get"], "copy to new bytes", new)
         self.row("G3", "put", times["G3 put"], "raw lmdb put", times["raw lmdb put"])
         self.row("G3", "get", times["G3 get"], "raw lmdb get", times["raw lmdb get"])
         self.row(
@@ -275,25 +354,21 @@ class Bench:
 def measure(
     runner: asyncio.Runner,
     settings: Settings,
-    block_mib: int,
-    total_mib: int,
+    block_bytes: int,
+    total_bytes: int,
     redis_url: str,
     workdir: Path,
 ) -> list[tuple[str, ...]]:
-    bench = Bench(runner, block_mib, total_mib)
-    slot = max(len(v) for _, v in bench.blocks) + 4096
-    capacity = slot * (len(bench.blocks) + 1)
+    bench = Bench(runner, block_bytes, total_bytes)
+    capacity = (max(len(v) for _, v in bench.blocks) + 4096) * (len(bench.blocks) + 1)
     try:
         bench.add_memcpy_baselines()
-        bench.add_tier("G1 (cpu)", GpuMemoryTier(GpuTierConfig(capacity, slot, "cpu")))
-        bench.add_tier(
-            "G2",
-            PinnedMemoryTier(
-                PinnedTierConfig(capacity, slot, pin="never", segment_prefix="kvstore-bench")
-            ),
-        )
-        lmdb_config = LmdbTierConfig(str(workdir / f"g3-{block_mib}"), 2 * bench.nbytes)
-        bench.add_raw_lmdb(workdir / f"raw-lmdb-{block_mib}", lmdb_config.map_size)
+        g1, g2 = memory_tier_configs(capacity)
+        bench.add_tier("G1 (cpu)", GpuMemoryTier(g1))
+        bench.add_tier("G2", PinnedMemoryTier(g2))
+        bench.add_engine(2 * capacity)  # under the engine's high watermark: nothing is evicted
+        lmdb_config = LmdbTierConfig(str(workdir / f"g3-{block_bytes}"), 2 * bench.nbytes)
+        bench.add_raw_lmdb(workdir / f"raw-lmdb-{block_bytes}", lmdb_config.map_size)
         # Built on the benchmark's loop: the tier's executors and clients belong to that loop.
         bench.add_tier("G3", runner.run(_build(lambda: LmdbTier(lmdb_config))))
         bench.add_raw_redis(redis_url)
@@ -331,8 +406,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             url = stack.enter_context(start_redis_server()).url
         runner = stack.enter_context(asyncio.Runner())
-        for block_mib in (2, 32):
-            rows += measure(runner, settings, block_mib, total_mib, url, workdir)
+        for block_bytes in BLOCK_BYTES:
+            rows += measure(runner, settings, block_bytes, total_mib * MiB, url, workdir)
     title = (
         f"Tier throughput vs raw baselines, {total_mib} MiB per op per block size, tiers and "
         f"baselines sampled round-robin, median of {settings.repeats}"

@@ -138,7 +138,6 @@ class Service:
         sets = [
             f"g3.path={self.g3_path}",
             "g2.capacity_bytes=4GiB",
-            "g2.slot_bytes=1MiB",  # a block here is 384 KiB plus its header
         ]
         self.proc = subprocess.Popen(
             [PYTHON, "-m", "kvstore.cli", "serve", "--listen", f"127.0.0.1:{self.port}"]

@@ -270,7 +270,7 @@ async def open_stores(spec: ModelSpec, num_blocks: int, redis_url: str, workdir:
     def g2(blocks: int) -> PinnedTierConfig:
         # Twice what is stored: placement evicts above 95% of capacity.
         return PinnedTierConfig(
-            slot * (blocks + 4) * 2, slot, pin="never", segment_prefix="kvstore-bench"
+            slot * (blocks + 4) * 2, pin="never", segment_prefix="kvstore-bench"
         )
 
     g4 = RedisTierConfig(

@@ -16,11 +16,12 @@ and, for operators: ``pin`` / ``unpin`` / ``evict`` / ``flush``, ``stats``, ``li
 How bytes move. Across hosts, block payloads stream as chunks of at most ``max_chunk_bytes``.
 On the same host (``same_host="auto"``: the target is localhost, 127.x, [::1] or a unix socket)
 nothing bulky goes through gRPC: puts and fetches go through shared-memory segments the server
-hands over (client/same_host.py), reused from call to call (one per call in flight), grown when a
-call needs more, and closed with the client. If no segment can be had (another host or
+hands over (client/same_host.py), reused from call to call (a region of one per call in flight),
+grown when a call needs more, and closed with the client. If no segment can be had (another host or
 container, segments off) the client falls back to bytes for good; when the tenant's segment
-bytes are used up, for that call. The Fetch stream is read in client/fetch.py, and the channel
-and its retries are client/channel.py.
+bytes are used up, for that call. A tensor from ``kv_buffer`` lives in a region of its own: a
+put of it, or a ``get_prefix`` into it, is one copy (by the server) instead of two. The Fetch
+stream is read in client/fetch.py, and the channel and its retries are client/channel.py.
 
 Failures. UNAVAILABLE is retried ``retries`` times with exponential backoff and jitter
 (``backoff_s``, ``2 * backoff_s``, ...), for every call: each is safe to repeat. Lookups, fetches,
@@ -35,8 +36,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator
-from typing import TYPE_CHECKING, Any, Literal, TypedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Iterator
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, TypeVar
 
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -50,6 +51,7 @@ from client.convert import (
     check_out,
     event_of,
     lookup_of,
+    lookup_request,
     namespace_of,
     prompt_of,
     put_result_of,
@@ -58,10 +60,26 @@ from client.convert import (
     tier_value,
 )
 from client.errors import NotFoundError, error_from_rpc
-from client.fetch import fetch_blocks, fetch_layers, fetch_request, fetch_shared
+from client.fetch import (
+    fetch_blocks,
+    fetch_into_buffer,
+    fetch_into_segment,
+    fetch_layers,
+    fetch_request,
+    fetch_shared,
+)
 from client.results import BlockInfo, Event, Lease, Lookup, PutResult, Repair, Stats
-from client.same_host import Segments, SegmentUnusable, put_into
+from client.same_host import (
+    Segment,
+    SegmentBusy,
+    Segments,
+    SegmentUnusable,
+    put_from_buffer,
+    put_into,
+    segment_gone,
+)
 from client.same_host import is_local as _is_local
+from kvstore.core.block_format import torch_dtype
 from kvstore.core.errors import ConfigError, InvalidArgumentError
 from kvstore.core.keys import BlockHash, ModelSpec
 from kvstore.v1 import kvstore_pb2 as pb
@@ -72,6 +90,7 @@ if TYPE_CHECKING:
 __all__ = ["AsyncClient", "ClientOptions"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 # The server refuses chunks above its own max_message_bytes / 2 (64 MiB by default).
 _MAX_CHUNK_BYTES = 32 * MiB
 
@@ -165,8 +184,42 @@ class AsyncClient:
     ) -> Lookup:
         """Where every full block of ``tokens`` is (``"G1"``..``"G4"`` or None), the leading hit
         and the holes. Holds nothing: take a lease (``reserve``) to load safely."""
-        request = pb.LookupRequest(prompt=prompt_of(spec, tokens, extra_keys))
+        request = lookup_request(spec, tokens, extra_keys)
         return lookup_of(await self._rpc.unary("Lookup", request))
+
+    async def kv_buffer(self, spec: ModelSpec, num_tokens: int) -> torch.Tensor:
+        """A K/V tensor ``[layers, 2, num_tokens, kv_heads, head_dim]`` of ``spec``'s dtype
+        (zeroed) for ``put`` and ``get_prefix(out=...)`` to move in one copy instead of two.
+
+        On the same host it lives in a shared-memory segment the server issued to this client:
+        a ``put`` of it (or of a slice along the tokens) sends no bytes, the server reads the
+        blocks out of the segment; a ``get_prefix`` into it has the server write the verified
+        blocks straight into their places. It stays valid while the client is open, and after
+        (as plain memory, no longer shared). Allocate it once and reuse it: it holds its bytes of
+        the tenant's segment bound (``server.tenant_segment_bytes``) until the client closes, or
+        until ``free_kv_buffer``.
+        Where no segment can be had (another host, segments off, the bound reached) it is an
+        ordinary tensor, and the calls move it as they move any other."""
+        import torch  # here, not at the top: see the package docstring
+
+        if num_tokens < 0:
+            raise InvalidArgumentError(f"num_tokens must be >= 0, got {num_tokens}")
+        kv = None
+        if num_tokens:
+            try:
+                kv = await self._segments.kv_buffer(spec, num_tokens)
+            except (SegmentUnusable, SegmentBusy) as exc:
+                log.info("%s: K/V buffer in ordinary memory: %s", self.target, exc)
+        if kv is None:
+            shape = (spec.num_layers, 2, num_tokens, spec.num_kv_heads, spec.head_dim)
+            kv = torch.zeros(shape, dtype=torch_dtype(spec.dtype))
+        return kv
+
+    async def free_kv_buffer(self, kv: torch.Tensor) -> bool:
+        """Give back the shared memory of a tensor that ``kv_buffer`` returned, for other calls
+        and buffers to use; False (and nothing done) for any other tensor. ``kv``, and every
+        view of it, must not be used after that: its bytes are this client's next calls'."""
+        return self._segments.free_kv_buffer(kv)
 
     async def put(
         self,
@@ -196,11 +249,19 @@ class AsyncClient:
         if num_blocks == 0:
             return PutResult([], 0, 0)
         header = pb.PutHeader(prompt=prompt, durable=durable, num_blocks=num_blocks)
+        located = self._segments.locate(spec, kv)
+        if located is not None:
+            segment, layout = located[0].segment, located[1]
+            result = await self._on_buffer(
+                segment, lambda: put_from_buffer(self._rpc, header, segment, layout)
+            )
+            if result is not None:
+                return result
         if self._segments.for_put:
             try:
                 return await self._segments.use(
                     num_blocks * source.block_nbytes,
-                    lambda segment: put_into(self._rpc, header, source, segment),
+                    lambda region: put_into(self._rpc, header, source, region),
                 )
             except SegmentUnusable as exc:
                 log.info("%s: same-host put unavailable, sending bytes: %s", self.target, exc)
@@ -229,10 +290,11 @@ class AsyncClient:
         is 0 and the tensor is empty. ``max_blocks`` caps the blocks fetched (0: all of the hit).
         ``out`` (namespace dtype, ``[layers, 2, >= tokens, kv_heads, head_dim]``) receives the
         blocks in its leading tokens, and also caps how many are fetched; the result is then a
-        view of it. Blocks after a hole are not returned: ``lookup`` shows them, and
-        ``repair_holes=True`` has the server's model worker recompute the holes first (as
-        ``repair``), so that the hit reaches past them; that call may take as long as the model
-        needs, and raises ``NoWorkerError`` when no worker of the namespace is attached.
+        view of it (a ``kv_buffer`` tensor, or a slice of one, is written by the server itself).
+        Blocks after a hole are not returned: ``lookup`` shows them, and ``repair_holes=True``
+        has the server's model worker recompute the holes first (as ``repair``), so that the hit
+        reaches past them; that call may take as long as the model needs, and raises
+        ``NoWorkerError`` when no worker of the namespace is attached.
         """
         if out is not None:
             room = check_out(spec, out)
@@ -243,8 +305,22 @@ class AsyncClient:
             spec, tokens, extra_keys, max_blocks, self.max_chunk_bytes, repair_holes=repair_holes
         )
         rpc = self._rpc
+        located = None if out is None else self._segments.locate(spec, out)
+        if located is not None:
+            assert out is not None
+            segment, layout = located[0].segment, located[1]
+            into = out
+            kv = await self._on_buffer(
+                segment, lambda: fetch_into_buffer(rpc, spec, request, segment, layout, into)
+            )
+            if kv is not None:
+                return kv, kv.shape[2]
         shared = await fetch_shared(
-            rpc, self._segments, spec, request, lambda r, seg: fetch_blocks(rpc, spec, r, out, seg)
+            rpc,
+            self._segments,
+            spec,
+            request,
+            lambda r, seg: fetch_into_segment(rpc, spec, r, seg, out),
         )
         if shared is not None:
             return shared, shared.shape[2]
@@ -425,6 +501,18 @@ class AsyncClient:
             lambda: stub.Check(request, timeout=rpc.timeout_s, metadata=rpc.metadata)
         )
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+    async def _on_buffer(self, segment: Segment, call: Callable[[], Awaitable[T]]) -> T | None:
+        """``call`` (one attempt of a put or fetch of a K/V buffer, retried); None when the
+        server closed the buffer's segment (idle): the buffer then goes the ordinary way."""
+        try:
+            return await self._rpc.retrying(call, raw=True)
+        except grpc.aio.AioRpcError as exc:
+            if not segment_gone(exc):
+                raise error_from_rpc(exc, self.target) from None
+        log.info("%s: K/V buffer's segment closed by the server; copying it", self.target)
+        self._segments.forget(segment)
+        return None
 
 
 class _Reservation:

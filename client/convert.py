@@ -14,9 +14,10 @@ What the server needs too (namespaces, prompts, extra keys, tier and event enums
 3. ``BlockSink(spec, num_blocks, out)`` — the reverse: block payloads arriving in chunks or as
    shared-memory slots are written straight into their place in one tensor
    ``[layers, 2, num_blocks * block_tokens, kv_heads, head_dim]``.
-4. ``lookup_of``, ``put_result_of``, ``stats_of``, ``block_info_of``, ``event_of`` — replies to the
+4. ``lookup_request`` — a prompt's ``LookupRequest``.
+5. ``lookup_of``, ``put_result_of``, ``stats_of``, ``block_info_of``, ``event_of`` — replies to the
    dataclasses of ``client.results``.
-5. ``from_dynamic_cache`` / ``to_dynamic_cache`` — a transformers ``DynamicCache`` (batch size 1)
+6. ``from_dynamic_cache`` / ``to_dynamic_cache`` — a transformers ``DynamicCache`` (batch size 1)
    and the K/V tensor the store takes.
 
 Why block payloads are addressed as a byte matrix: a block's payload is ``[layers, 2,
@@ -32,7 +33,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -48,7 +49,7 @@ from client.results import (
 )
 from kvstore.core.block_format import torch_dtype
 from kvstore.core.errors import CorruptBlockError, InvalidArgumentError, SpecMismatchError
-from kvstore.core.keys import BlockHash, ModelSpec
+from kvstore.core.keys import DIGEST_BYTES, BlockHash, ModelSpec
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire.convert import (
     EVENT_KIND_NAME,
@@ -60,6 +61,8 @@ from kvstore.wire.convert import (
     spec_of,
     tier_name,
     tier_value,
+    unpack_hashes,
+    unpack_tiers,
 )
 
 if TYPE_CHECKING:
@@ -75,6 +78,7 @@ __all__ = [
     "event_of",
     "from_dynamic_cache",
     "lookup_of",
+    "lookup_request",
     "namespace_of",
     "prompt_of",
     "put_result_of",
@@ -133,7 +137,10 @@ def _byte_matrix(spec: ModelSpec, kv: torch.Tensor) -> U8Matrix:
 class BlockSource:
     """The full blocks of a prompt's K/V, read out as block payloads for a put.
 
-    A CPU tensor that is already contiguous is read in place; anything else is copied to one once.
+    Checked against the namespace when made. For ``chunks`` a CPU tensor that is already
+    contiguous is read in place, anything else is copied to one once (on first use: a put of a
+    K/V buffer never reads it here); ``copy_into`` reads any CPU tensor whose last dimension is
+    contiguous in place.
     """
 
     def __init__(self, spec: ModelSpec, kv: torch.Tensor) -> None:
@@ -142,9 +149,17 @@ class BlockSource:
         self.num_blocks = kv.shape[2] // spec.block_tokens
         self.block_nbytes = spec.block_nbytes
         self._row = _row_bytes(spec)
-        # Keep the tensor: the byte matrix borrows its memory.
-        self._kv = kv.detach().to("cpu").contiguous()
-        self._rows = _byte_matrix(spec, self._kv)
+        self._given = kv.detach()
+        self._kv: torch.Tensor | None = None
+        self._matrix: U8Matrix | None = None
+
+    @property
+    def _rows(self) -> U8Matrix:
+        if self._matrix is None:
+            # Keep the tensor: the byte matrix borrows its memory.
+            self._kv = self._given.to("cpu").contiguous()
+            self._matrix = _byte_matrix(self.spec, self._kv)
+        return self._matrix
 
     def payload(self, index: int, offset: int = 0, length: int | None = None) -> bytes:
         """Bytes ``[offset, offset + length)`` of block ``index``'s payload, in one copy."""
@@ -173,10 +188,21 @@ class BlockSource:
     def copy_into(self, num_blocks: int, buffer: memoryview) -> None:
         """Write the payloads of blocks ``0 .. num_blocks - 1`` back to back at the start of
         ``buffer`` (a shared-memory segment), in one strided copy."""
-        rows = self.spec.num_layers * 2
+        import torch
+
+        spec, kv = self.spec, self._given
         dst = np.frombuffer(buffer, dtype=np.uint8, count=num_blocks * self.block_nbytes)
-        src = self._rows[:, : num_blocks * self._row].reshape(rows, num_blocks, self._row)
-        np.copyto(dst.reshape(num_blocks, rows, self._row), src.transpose(1, 0, 2))
+        if kv.device.type == "cpu" and kv.stride(-1) == 1:
+            # [layers, 2, tokens, heads, dim bytes] as [layers, 2, blocks, block_tokens, ...]:
+            # splitting the tokens axis is a view whatever its stride, so no contiguous copy.
+            src = kv.view(torch.uint8).numpy()[:, :, : num_blocks * spec.block_tokens]
+            src = src.reshape(*src.shape[:2], num_blocks, spec.block_tokens, *src.shape[3:])
+            to = dst.reshape(num_blocks, *src.shape[:2], *src.shape[3:])
+            np.copyto(to, src.transpose(2, 0, 1, 3, 4, 5))
+            return
+        rows = spec.num_layers * 2
+        matrix = self._rows[:, : num_blocks * self._row].reshape(rows, num_blocks, self._row)
+        np.copyto(dst.reshape(num_blocks, rows, self._row), matrix.transpose(1, 0, 2))
 
 
 class BlockSink:
@@ -266,10 +292,31 @@ def _hash_or_none(value: bytes) -> BlockHash | None:
     return None if not value or value == _NO_PARENT else BlockHash(value)
 
 
+def lookup_request(
+    spec: ModelSpec, tokens: Tokens, extra_keys: ExtraKeys = None
+) -> pb.LookupRequest:
+    """The ``LookupRequest`` of a prompt, asking for the packed reply (``lookup_of`` reads both)."""
+    return pb.LookupRequest(prompt=prompt_of(spec, tokens, extra_keys), packed_reply=True)
+
+
 def lookup_of(reply: pb.LookupResponse) -> Lookup:
+    """The ``Lookup`` of a reply in either form: the packed fields (what ``packed_reply`` asks
+    for) or the repeated ones (a server that predates them)."""
+    if reply.packed_hashes or reply.packed_tiers:
+        packed = reply.packed_hashes
+        if len(packed) != DIGEST_BYTES * len(reply.packed_tiers):
+            raise CorruptBlockError(
+                f"the server's Lookup reply has {len(packed)} bytes of hashes for "
+                f"{len(reply.packed_tiers)} blocks; hashes are {DIGEST_BYTES} bytes"
+            )
+        hashes = unpack_hashes(packed)
+        tiers = unpack_tiers(reply.packed_tiers)
+    else:
+        hashes = cast(list[BlockHash], list(reply.block_hashes))
+        tiers = [tier_name(t) for t in reply.tiers]
     return Lookup(
-        hashes=[BlockHash(h) for h in reply.block_hashes],
-        tiers=[tier_name(t) for t in reply.tiers],
+        hashes=hashes,
+        tiers=tiers,
         hit_blocks=reply.hit_blocks,
         hit_tokens=reply.hit_tokens,
         holes=list(reply.holes),
@@ -355,6 +402,7 @@ def event_of(event: pb.WatchEvent) -> Event:
         namespace_fingerprint=event.namespace_fingerprint,
         time_s=event.time_s,
         snapshot=event.snapshot,
+        reason=event.reason or None,
     )
 
 

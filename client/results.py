@@ -107,6 +107,11 @@ class TierUsage:
     num_hits: int
     num_misses: int
     num_corrupt: int
+    # Memory tiers (G1, G2), which allocate extents of one slab; 0 for the others.
+    allocated_bytes: int = 0  # blocks rounded up to the allocator's granularity
+    largest_free_bytes: int = 0  # the largest block that fits without an eviction
+    fragmentation: float = 0.0  # 1 - largest free extent / free bytes
+    free_extents: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,3 +184,6 @@ class Event:
     namespace_fingerprint: bytes
     time_s: float
     snapshot: bool  # part of the snapshot of what is stored, sent first; not a change
+    # Removals only: "capacity" (the tier passed its high watermark), "fragmentation" (free bytes
+    # too split for the incoming blocks), "request" (Evict, Flush).
+    reason: str | None = None

@@ -146,6 +146,8 @@ class Client:
     # -- the calls of AsyncClient, one line each -------------------------------------------------
 
     lookup = _forward(AsyncClient.lookup, _run)
+    kv_buffer = _forward(AsyncClient.kv_buffer, _run)
+    free_kv_buffer = _forward(AsyncClient.free_kv_buffer, _run)
     put = _forward(AsyncClient.put, _run)
     start_put = _forward(AsyncClient.put, _start, "start_put", _START_PUT)
     get_prefix = _forward(AsyncClient.get_prefix, _run)

@@ -12,6 +12,7 @@ themselves: ``load_config`` is the only place that does.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import tomllib
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvstore.core.block_format import HEADER_BYTES, Codec
+from kvstore.core.block_format import Codec
 from kvstore.core.errors import ConfigError
 from kvstore.engine.config import EngineConfig
 from kvstore.engine.placement import PlacementConfig
@@ -35,6 +36,8 @@ from tiers.redis_store import RedisTierConfig
 
 __all__ = ["DEFAULT_DATA_DIR", "StoreConfig", "load_config", "parse_size"]
 
+log = logging.getLogger(__name__)
+
 MiB = 1 << 20
 GiB = 1 << 30
 # Every command (serve, stats, backup, restore, config, selfcheck) resolves the data folder the
@@ -42,11 +45,14 @@ GiB = 1 << 30
 # the environment (KVSTORE_G3_PATH) or a flag. It is made absolute once, here, so that what
 # `--print-config` shows is the folder every command then opens.
 DEFAULT_DATA_DIR = Path("kvstore-data")
-# A slot holds the largest block expected plus its header, rounded to a page: 8 MiB payloads by
-# default (e.g. 64 tokens of an 8B Llama in fp16); set slot_bytes to your block size.
-DEFAULT_SLOT_BYTES = 8 * MiB + 4096
-assert 8 * MiB + HEADER_BYTES <= DEFAULT_SLOT_BYTES
 
+# Settings of earlier versions that a config may still carry: ignored with a warning, not refused,
+# so that an upgrade does not stop a service from starting.
+_SLOT_GONE = "G1 and G2 allocate by bytes and take blocks of any size up to their capacity"
+_RETIRED: dict[str, dict[str, str]] = {
+    "g1": {"slot_bytes": _SLOT_GONE},
+    "g2": {"slot_bytes": _SLOT_GONE},
+}
 _TIERS: dict[str, type[Any]] = {
     "g1": GpuTierConfig,
     "g2": PinnedTierConfig,
@@ -60,8 +66,8 @@ _SECTIONS: dict[str, type[Any]] = {
     "server": ServerConfig,
 }
 _DEFAULTS: dict[str, dict[str, Any]] = {
-    "g1": {"enabled": False, "capacity_bytes": 4 * GiB, "slot_bytes": DEFAULT_SLOT_BYTES},
-    "g2": {"enabled": True, "capacity_bytes": 1 * GiB, "slot_bytes": DEFAULT_SLOT_BYTES},
+    "g1": {"enabled": False, "capacity_bytes": 4 * GiB},
+    "g2": {"enabled": True, "capacity_bytes": 1 * GiB},
     "g3": {"enabled": True, "capacity_bytes": 16 * GiB, "path": str(DEFAULT_DATA_DIR / "g3")},
     "g4": {"enabled": False, "capacity_bytes": 64 * GiB, "url": "redis://127.0.0.1:6379/0"},
 }
@@ -205,7 +211,11 @@ def load_config(
             layers[section].update(values)
     env = os.environ if env is None else env
     for section, cls in sections.items():
-        names = [*_field_types(cls), *(["enabled"] if section in _TIERS else [])]
+        names = [
+            *_field_types(cls),
+            *(["enabled"] if section in _TIERS else []),
+            *_RETIRED.get(section, ()),
+        ]
         keys = {f"KVSTORE_{section.upper()}_{name.upper()}": name for name in names}
         for key, name in keys.items():
             if key in env:
@@ -230,6 +240,14 @@ def load_config(
             section, "enabled", bool, values.pop("enabled", True)
         )
         types_ = _field_types(cls)
+        for name in _RETIRED.get(section, ()):
+            if values.pop(name, None) is not None:
+                log.warning(
+                    "%s.%s is no longer used and is ignored: %s; remove it from your settings",
+                    section,
+                    name,
+                    _RETIRED[section][name],
+                )
         unknown = set(values) - set(types_)
         if unknown:
             raise ConfigError(

@@ -308,6 +308,26 @@ def test_encode_block_into_writes_what_encode_block_returns(kind: str) -> None:
     assert torch.equal(decode_block(spec, h1, written[:n]).view(torch.uint8), t.view(torch.uint8))
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float8_e4m3fn"])
+def test_a_block_sliced_out_of_a_prompt_encodes_as_its_contiguous_copy(dtype: str) -> None:
+    # Blocks cut along the tokens of [layers, 2, tokens, heads, dim] are gathered row by row
+    # (each layer's K and V) straight into the block; other strides go through contiguous().
+    spec = multi_chunk_spec(dtype)
+    prompt = torch.cat([tensor_for(spec, seed=s) for s in range(3)], dim=2)
+    odd = prompt.transpose(3, 4).contiguous().transpose(3, 4)  # heads and dim swapped in memory
+    for kv in (prompt, odd):
+        for i in range(3):
+            block = kv[:, :, i * spec.block_tokens : (i + 1) * spec.block_tokens]
+            assert not block.is_contiguous()
+            (h,) = block_hashes(spec, list(range(i, i + spec.block_tokens)))
+            out = bytearray(HEADER_BYTES + spec.block_nbytes)
+            encode_block_into(spec, h, block, out)
+            assert bytes(out) == bytes(encode_block(spec, h, block.contiguous()))
+            assert torch.equal(
+                decode_block(spec, h, out).view(torch.uint8), block.contiguous().view(torch.uint8)
+            )
+
+
 def test_encode_block_into_refuses_bad_buffers() -> None:
     spec = spec_for("float16")
     (h,) = block_hashes(spec, [1, 2, 3, 4])

@@ -56,7 +56,7 @@ BAR = r"\s*[│|\t]\s*"
 
 def store_config(tmp_path: Path, tenants: tuple[TenantConfig, ...] = ()) -> StoreConfig:
     return StoreConfig(
-        g2=PinnedTierConfig(256 * SLOT, SLOT, pin="never", segment_prefix="kvstore-clitest"),
+        g2=PinnedTierConfig(256 * SLOT, pin="never", segment_prefix="kvstore-clitest"),
         g3=LmdbTierConfig(str(tmp_path / "g3"), 64 << 20),
         engine=EngineConfig(reaper_interval_s=0.05),
         server=ServerConfig(listen="127.0.0.1:0", shutdown_grace_s=0.5),
@@ -158,6 +158,7 @@ async def test_tiers_shows_each_tier_and_the_counters(server: KVStoreServer) -> 
     assert table.rc == 0, table.err
     assert re.search(rf"G2{BAR}6{BAR}", table.out), table.out
     assert re.search(rf"G3{BAR}6{BAR}", table.out), table.out
+    assert re.search(rf"fragmentation{BAR}largest free", table.out), table.out
     for counter in ("lookups", "promotions", "demotions", "evictions", "corrupt", "leases"):
         assert re.search(rf"{counter}{BAR}\d+", table.out), counter
 
@@ -168,6 +169,12 @@ async def test_tiers_shows_each_tier_and_the_counters(server: KVStoreServer) -> 
     assert tiers["G2"]["used_bytes"] == 6 * (HEADER_BYTES + SPEC.block_nbytes)
     assert tiers["G2"]["capacity_bytes"] == 256 * SLOT
     g2 = tiers["G2"]
+    # G2 allocates by bytes: six blocks rounded up to 256 bytes each, the rest one free extent.
+    assert g2["allocated_bytes"] == 6 * -(-(HEADER_BYTES + SPEC.block_nbytes) // 256) * 256
+    assert g2["largest_free_bytes"] == g2["capacity_bytes"] - g2["allocated_bytes"]
+    assert g2["fragmentation"] == 0.0
+    assert g2["free_extents"] == 1
+    assert tiers["G3"]["allocated_bytes"] == 0  # not a slab tier
     assert g2["num_hits"] >= 6
     assert g2["hit_rate"] == pytest.approx(g2["num_hits"] / (g2["num_hits"] + g2["num_misses"]))
     assert doc["counters"]["lookups"] >= 1
@@ -378,6 +385,20 @@ async def test_events_stop_after_count_and_on_ctrl_c(server: KVStoreServer) -> N
     docs = [json.loads(line) for line in (await finish(snapshot)).out.splitlines()]
     assert len(docs) == 2
     assert all(d["snapshot"] and d["kind"] == "stored" for d in docs)
+
+
+async def test_events_say_why_a_block_was_removed(server: KVStoreServer) -> None:
+    hashes = await put(server, tokens_of(8, 2 * BT))
+    after = server.engine.events.last_seq
+    tail = await start(server, "events", "--after", str(after), "--count", "1")
+    as_json = await start(server, "events", "--after", str(after), "--count", "1", "--json")
+    async with AsyncClient(target(server)) as client:
+        assert await client.evict(SPEC, [hashes[1]], tier="G2") == 1
+    line = (await finish(tail)).out.split()
+    assert line[1:3] == ["removed", "G2"]
+    assert line[-2:] == [hashes[1].hex(), "request"]
+    doc = json.loads((await finish(as_json)).out)
+    assert (doc["kind"], doc["hash"], doc["reason"]) == ("removed", hashes[1].hex(), "request")
 
 
 # -- bench -----------------------------------------------------------------------------------------

@@ -108,7 +108,7 @@ def store_config(
     tenants: tuple[TenantConfig, ...] = (),
 ) -> StoreConfig:
     return StoreConfig(
-        g2=PinnedTierConfig(g2_slots * SLOT, SLOT, pin="never", segment_prefix="kvstore-ctest"),
+        g2=PinnedTierConfig(g2_slots * SLOT, pin="never", segment_prefix="kvstore-ctest"),
         g3=LmdbTierConfig(str(tmp_path / "g3"), 64 << 20),
         engine=EngineConfig(reaper_interval_s=0.05),
         server=ServerConfig(listen=listen, shutdown_grace_s=0.5),

@@ -48,7 +48,7 @@ RUN_CLI = (
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[KVStoreServer]:
     config = StoreConfig(
-        g2=PinnedTierConfig(64 << 20, 4096, pin="never", segment_prefix="kvstore-importtest"),
+        g2=PinnedTierConfig(64 << 20, pin="never", segment_prefix="kvstore-importtest"),
         g3=LmdbTierConfig(str(tmp_path / "g3"), 64 << 20),
         server=ServerConfig(listen="127.0.0.1:0", shutdown_grace_s=0.5),
     )

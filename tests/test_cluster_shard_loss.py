@@ -180,7 +180,7 @@ async def test_a_killed_shards_blocks_are_misses_and_the_same_tier_recovers(
 def node_config(cluster: RedisClusterServers, namespace: str) -> StoreConfig:
     """G2 and G4 only: what a node does not hold in its own memory comes from the cluster."""
     return StoreConfig(
-        g2=PinnedTierConfig(96 * SLOT, SLOT, pin="never", segment_prefix="kvstore-shardloss"),
+        g2=PinnedTierConfig(96 * SLOT, pin="never", segment_prefix="kvstore-shardloss"),
         g4=RedisTierConfig(
             url=cluster.url,
             cluster=True,

@@ -571,7 +571,6 @@ def test_the_service_serves_what_the_file_says(document: dict[str, Any]) -> None
     assert cfg.server.listen == "0.0.0.0:50051"
     assert cfg.server.metrics_listen == "0.0.0.0:9464"
     assert cfg.g2.capacity_bytes == 2 << 30
-    assert cfg.g2.slot_bytes == 8 * 1024 * 1024 + 4096
     assert cfg.g3 is not None
     assert cfg.g3.path == "/data/g3"
     assert cfg.g3.capacity_bytes == 50 << 30

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -22,6 +23,26 @@ def test_defaults_are_g2_and_g3() -> None:
     assert cfg.g3.path.endswith("kvstore-data/g3")
 
 
+def test_the_retired_slot_bytes_is_ignored_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Configs written for fixed-slot memory tiers still start: file, environment and --set.
+    f = tmp_path / "kvstore.toml"
+    f.write_text('[g2]\ncapacity_bytes = "64MiB"\nslot_bytes = "1MiB"\n')
+    with caplog.at_level(logging.WARNING, logger="kvstore.config"):
+        cfg = load_config(
+            f,
+            env={"KVSTORE_G1_ENABLED": "0", "KVSTORE_G2_SLOT_BYTES": "8MiB"},
+            overrides={"g1": {"slot_bytes": "2MiB"}},
+        )
+    assert cfg.g2.capacity_bytes == 64 << 20
+    warned = [r.getMessage() for r in caplog.records if "slot_bytes" in r.getMessage()]
+    assert len(warned) == 2  # g1 and g2, once each
+    assert all("allocate by bytes" in w for w in warned)
+    with pytest.raises(ConfigError, match="no such setting"):
+        load_config(None, env={"KVSTORE_G2_SLOT_BYTE": "8MiB"})  # a typo is still an error
+
+
 def test_precedence_file_env_flags(tmp_path: Path) -> None:
     f = tmp_path / "kvstore.toml"
     f.write_text(
@@ -31,7 +52,7 @@ def test_precedence_file_env_flags(tmp_path: Path) -> None:
     )
     cfg = load_config(f, env={"KVSTORE_G3_PATH": "/from/env", "KVSTORE_G4_TTL_S": "60"})
     assert cfg.g2.capacity_bytes == 64 << 20
-    assert cfg.g2.slot_bytes == 1 << 20
+    assert not hasattr(cfg.g2, "slot_bytes")  # the old setting is ignored (with a warning)
     assert cfg.g3 is not None
     assert cfg.g3.path == "/from/env"
     assert cfg.g3.capacity_bytes == 1_000_000
@@ -108,8 +129,6 @@ def test_selfcheck_through_g2_g3_and_g4(tmp_path: Path, redis_server: RedisServe
         "g3.capacity_bytes=256MiB",
         "--set",
         "g2.capacity_bytes=64MiB",
-        "--set",
-        "g2.slot_bytes=4MiB",
         env={
             "KVSTORE_G4_ENABLED": "1",
             "KVSTORE_G4_URL": redis_server.url,
@@ -142,8 +161,6 @@ def test_selfcheck_fails_loudly_when_redis_is_down(tmp_path: Path) -> None:
         f"g3.path={tmp_path / 'g3'}",
         "--set",
         "g2.capacity_bytes=64MiB",
-        "--set",
-        "g2.slot_bytes=4MiB",
         "--set",
         "g4.enabled=true",
         "--set",
@@ -184,7 +201,7 @@ def test_stats_rebuilds_the_index_from_g3(tmp_path: Path) -> None:
 
     async def fill() -> None:
         cfg = StoreConfig(
-            g2=PinnedTierConfig(1 << 20, 4096, pin="never", segment_prefix="kvstore-clitest"),
+            g2=PinnedTierConfig(1 << 20, pin="never", segment_prefix="kvstore-clitest"),
             g3=LmdbTierConfig(str(tmp_path / "g3"), 1 << 24),
         )
         engine = await Engine.open(cfg)
@@ -203,8 +220,6 @@ def test_stats_rebuilds_the_index_from_g3(tmp_path: Path) -> None:
         f"g3.path={tmp_path / 'g3'}",
         "--set",
         "g2.capacity_bytes=16MiB",
-        "--set",
-        "g2.slot_bytes=4KiB",
     )
     assert proc.returncode == 0, proc.stderr
     assert "10 blocks indexed" in proc.stdout

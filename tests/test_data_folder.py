@@ -29,7 +29,7 @@ SPEC = ModelSpec(
 )
 NUM_BLOCKS = 12
 # make run's defaults but a small G2; nothing about where G3 lives.
-ENV = {"KVSTORE_G2_CAPACITY_BYTES": "64MiB", "KVSTORE_G2_SLOT_BYTES": "64KiB"}
+ENV = {"KVSTORE_G2_CAPACITY_BYTES": "64MiB"}
 
 
 def cli_env() -> dict[str, str]:

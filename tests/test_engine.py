@@ -67,7 +67,7 @@ def config(
     g3_path: Path | None = None,
 ) -> StoreConfig:
     return StoreConfig(
-        g2=PinnedTierConfig(g2_blocks * SLOT, SLOT, pin="never", segment_prefix="kvstore-etest"),
+        g2=PinnedTierConfig(g2_blocks * SLOT, pin="never", segment_prefix="kvstore-etest"),
         g3=None
         if g3_blocks is None
         else LmdbTierConfig(str(g3_path or tmp_path / "g3"), g3_blocks * BLOCK),

@@ -171,7 +171,7 @@ async def test_durable_put_with_g4_down_is_unavailable_and_never_ok_on_retry(
 def _serve(tmp_path: Path, g3: Path, *settings: str) -> tuple[subprocess.Popen[str], int]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
     args = [*_kvstore(), "serve", "--set", f"g3.path={g3}", "--listen", "127.0.0.1:0"]
-    for setting in ("g2.capacity_bytes=2MiB", "g2.slot_bytes=64KiB", "g2.pin=never", *settings):
+    for setting in ("g2.capacity_bytes=2MiB", "g2.pin=never", *settings):
         args += ["--set", setting]
     proc = subprocess.Popen(
         args,

@@ -132,3 +132,50 @@ def test_touch_keeps_parents_more_recent() -> None:
     put_chain(index, ["x0"])
     index.touch([h("a0")])  # a shorter prompt hits the root only
     assert list(index.keys_in("G2")) == [h("a2"), h("a1"), h("x0"), h("a0")]
+
+
+def test_touch_moves_a_block_in_every_tier_it_is_in() -> None:
+    index = BlockIndex()
+    put_chain(index, ["a0", "a1", "a2", "a3"], "G3")
+    put_chain(index, ["a0", "a1"], "G2")  # a0, a1 in G2 and G3; a2, a3 in G3 only
+    put_chain(index, ["x0"], "G2")
+    put_chain(index, ["x0"], "G3")
+    assert index.begin_write(h("w"), "G2", namespace=NS, parent=None, nbytes=10)
+    # Missing keys are skipped, a block still being written moves in no tier (but is counted);
+    # the rest move in each of their tiers, last first.
+    index.touch([h("a0"), h("a1"), h("w"), h("gone"), h("a2"), h("a3")], hit=True)
+    assert list(index.keys_in("G2")) == [h("x0"), h("a1"), h("a0")]
+    assert list(index.keys_in("G3")) == [h("x0"), h("a3"), h("a2"), h("a1"), h("a0")]
+    entries = [index.get(h(n)) for n in ("a0", "a1", "a2", "a3", "x0", "w")]
+    assert [e.hits for e in entries if e is not None] == [1, 1, 1, 1, 0, 1]
+    # The clock: a parent's last access is later than its child's, and later than any before.
+    a0, a1, a2, a3, x0, w = (e.last_access for e in entries if e is not None)
+    assert a0 > a1 > w > a2 > a3 > x0
+    index.touch([h("a0"), h("a1"), h("a2"), h("a3")])  # hit=False counts nothing
+    assert [e.hits for e in entries[:4] if e is not None] == [1, 1, 1, 1]
+    assert list(index.keys_in("G3")) == [h("x0"), h("a3"), h("a2"), h("a1"), h("a0")]
+
+
+def test_touch_of_a_repeated_key_moves_it_on_its_last_turn() -> None:
+    index = BlockIndex()
+    put_chain(index, ["a", "b", "c"])
+    index.touch([h("a"), h("c"), h("a")])  # reversed: a, c, a
+    assert list(index.keys_in("G2")) == [h("b"), h("c"), h("a")]
+    a, c = index.get(h("a")), index.get(h("c"))
+    assert a is not None
+    assert c is not None
+    assert a.last_access > c.last_access
+
+
+def test_hottest_many_is_hottest_of_each() -> None:
+    index = BlockIndex()
+    put_chain(index, ["a", "b"], "G3")
+    put_chain(index, ["a"], "G2")
+    put_chain(index, ["c"], "G1")
+    assert index.begin_write(h("w"), "G2", namespace=NS, parent=None, nbytes=10)
+    keys = [h(n) for n in ("a", "b", "c", "w", "gone", "a")]
+    assert index.hottest_many(keys) == ["G2", "G3", "G1", None, None, "G2"]
+    assert index.hottest_many(keys) == [index.hottest(k) for k in keys]
+    assert index.hottest_many([h("b"), h("b")]) == ["G3", "G3"]
+    assert index.hottest_many([h("gone")]) == [None]
+    assert index.hottest_many([]) == []

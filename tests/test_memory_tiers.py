@@ -1,4 +1,4 @@
-"""G1 and G2 beyond the contract: slot limits, the shared-memory segment's life cycle (no leak on
+"""G1 and G2 beyond the contract: size limits, the shared-memory segment's life cycle (no leak on
 close or on ``kill -9``), and G1's in-place tensor views."""
 
 from __future__ import annotations
@@ -32,12 +32,11 @@ def blocks(n: int, codec: Codec = Codec.RAW) -> list[tuple[bytes, bytearray]]:
     return out
 
 
-async def test_g2_refuses_a_block_larger_than_a_slot() -> None:
-    tier = PinnedMemoryTier(
-        PinnedTierConfig(1 << 20, 1024, pin="never", segment_prefix="kvstore-t")
-    )
+async def test_g2_refuses_a_block_larger_than_the_tier() -> None:
+    # A block of SPEC is 2048 payload bytes + the 128-byte header: more than a 2 KiB tier.
+    tier = PinnedMemoryTier(PinnedTierConfig(2048, pin="never", segment_prefix="kvstore-t"))
     try:
-        with pytest.raises(BlockTooLargeError, match="larger than a slot"):
+        with pytest.raises(BlockTooLargeError, match="larger than the whole tier"):
             await tier.put(blocks(2))
         assert (await tier.stats()).num_blocks == 0
     finally:
@@ -46,7 +45,7 @@ async def test_g2_refuses_a_block_larger_than_a_slot() -> None:
 
 async def test_g2_segment_is_named_mapped_and_unlinked_on_close() -> None:
     tier = PinnedMemoryTier(
-        PinnedTierConfig(1 << 20, 4096, pin="never", segment_prefix="kvstore-t")
+        PinnedTierConfig(1 << 20, pin="never", segment_prefix="kvstore-t")
     )
     name = tier.segment_name
     assert (SHM / name).exists()
@@ -74,7 +73,7 @@ def test_g2_segment_does_not_leak_when_the_owner_is_killed() -> None:
         """
         import time
         from tiers.pinned_memory import PinnedMemoryTier, PinnedTierConfig
-        t = PinnedMemoryTier(PinnedTierConfig(1 << 20, 4096, pin="never",
+        t = PinnedMemoryTier(PinnedTierConfig(1 << 20, pin="never",
                                               segment_prefix="kvstore-crash"))
         print(t.segment_name, flush=True)
         time.sleep(60)
@@ -120,24 +119,24 @@ def test_g2_larger_than_dev_shm_is_refused_before_it_can_crash() -> None:
     slot = 1 << 20
     before = set(os.listdir("/dev/shm"))
     with pytest.raises(ConfigError, match=r"G2 needs \d+ bytes of shared memory but /dev/shm"):
-        PinnedMemoryTier(PinnedTierConfig(free + 64 * slot, slot, pin="never"))
+        PinnedMemoryTier(PinnedTierConfig(free + 64 * slot, pin="never"))
     assert set(os.listdir("/dev/shm")) == before
 
 
 def test_g2_config_errors() -> None:
-    with pytest.raises(ConfigError, match="smaller than one slot"):
-        PinnedMemoryTier(PinnedTierConfig(1000, 4096, pin="never"))
+    with pytest.raises(ConfigError, match="smaller than the allocation granularity"):
+        PinnedMemoryTier(PinnedTierConfig(100, pin="never"))
     with pytest.raises(ConfigError, match="pin must be"):
-        PinnedTierConfig(1 << 20, 4096, pin="sometimes")  # type: ignore[arg-type]
+        PinnedTierConfig(1 << 20, pin="sometimes")  # type: ignore[arg-type]
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="pin=require"):
             PinnedMemoryTier(
-                PinnedTierConfig(1 << 20, 4096, pin="require", segment_prefix="kvstore-t")
+                PinnedTierConfig(1 << 20, pin="require", segment_prefix="kvstore-t")
             )
 
 
 async def test_g1_tensor_view_is_the_block_in_place() -> None:
-    tier = GpuMemoryTier(GpuTierConfig(1 << 20, 4096, device="cpu"))
+    tier = GpuMemoryTier(GpuTierConfig(1 << 20, device="cpu"))
     try:
         items = blocks(3)
         await tier.put(items)
@@ -152,7 +151,7 @@ async def test_g1_tensor_view_is_the_block_in_place() -> None:
 
 
 async def test_g1_stores_raw_blocks_only() -> None:
-    tier = GpuMemoryTier(GpuTierConfig(1 << 20, 4096, device="cpu"))
+    tier = GpuMemoryTier(GpuTierConfig(1 << 20, device="cpu"))
     try:
         with pytest.raises(InvalidArgumentError, match="raw blocks only"):
             await tier.put(blocks(1, codec=Codec.ZSTD))
@@ -164,14 +163,14 @@ def test_g1_on_cuda_without_cuda_is_a_config_error() -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     with pytest.raises(ConfigError, match="no CUDA device"):
-        GpuTierConfig(1 << 20, 4096, device="cuda")
+        GpuTierConfig(1 << 20, device="cuda")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 async def test_g1_and_pinned_g2_on_cuda() -> None:
-    g1 = GpuMemoryTier(GpuTierConfig(1 << 22, 4096, device="cuda"))
+    g1 = GpuMemoryTier(GpuTierConfig(1 << 22, device="cuda"))
     g2 = PinnedMemoryTier(
-        PinnedTierConfig(1 << 22, 4096, pin="require", segment_prefix="kvstore-t")
+        PinnedTierConfig(1 << 22, pin="require", segment_prefix="kvstore-t")
     )
     try:
         assert g2.pinned

@@ -13,7 +13,7 @@ import asyncio
 import mmap
 import os
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ import grpc
 import pytest
 import torch
 from test_server import (
+    BIG,
     SPEC,
     bearer,
     expect_status,
@@ -35,8 +36,12 @@ from test_server import (
 )
 
 from client import AsyncClient
-from kvstore.core.block_format import HEADER_BYTES
-from kvstore.core.keys import block_hashes
+from client.channel import MiB
+from client.convert import BlockSource, prompt_of
+from client.fetch import fetch_into_segment, fetch_request, fetch_shared
+from client.same_host import Region, put_into
+from kvstore.core.block_format import HEADER_BYTES, torch_dtype
+from kvstore.core.keys import ModelSpec, block_hashes
 from kvstore.service.auth import TenantConfig
 from kvstore.service.segments import SegmentRegistry
 from kvstore.service.server import SERVICE_NAME as SERVICE
@@ -481,3 +486,194 @@ async def test_segments_off_means_bytes(tmp_path: Path) -> None:
             assert torch.equal(got, kv)
         metric = "kvstore_payload_bytes_in_total"
         assert server.metrics.registry.get_sample_value(metric, {"path": "stream"}) == 2 * NBYTES
+
+
+# -- one client's segments, shared through the allocator (issue 16) -----------------------------
+
+
+def kv_random(spec: ModelSpec, num_tokens: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    shape = (spec.num_layers, 2, num_tokens, spec.num_kv_heads, spec.head_dim)
+    return torch.randn(shape, generator=g).to(torch_dtype(spec.dtype))
+
+
+def bits(kv: torch.Tensor) -> torch.Tensor:
+    return kv.contiguous().view(torch.uint8)
+
+
+async def test_concurrent_calls_share_one_segment_at_disjoint_offsets(tmp_path: Path) -> None:
+    async with (
+        running(store_config(tmp_path)) as (server, _stub, _),
+        AsyncClient(f"127.0.0.1:{server.port}", same_host=True) as client,
+    ):
+        segments, rpc = client._segments, client._rpc
+        kvs = [kv_random(SPEC, 12, seed=60 + i) for i in range(2)]
+        tokens = [tokens_of(12, seed=60 + i) for i in range(2)]
+        regions: list[Region] = []
+        both = asyncio.Event()
+
+        async def in_flight(region: Region, call: Awaitable[Any]) -> Any:
+            # Neither call goes on before both hold their regions: they are in flight together.
+            regions.append(region)
+            if len(regions) % 2 == 0:
+                both.set()
+            await asyncio.wait_for(both.wait(), 10)
+            return await call
+
+        def put_one(i: int) -> Awaitable[Any]:
+            source = BlockSource(SPEC, kvs[i])
+            header = pb.PutHeader(prompt=prompt_of(SPEC, tokens[i], None), num_blocks=3)
+            return segments.use(
+                3 * NBYTES, lambda r: in_flight(r, put_into(rpc, header, source, r))
+            )
+
+        results = await asyncio.gather(put_one(0), put_one(1))
+        assert [r.stored for r in results] == [3, 3]
+        first, second = regions
+        assert first.segment is second.segment
+        assert len(server.segments.usage()) == 1
+        assert len(segments.segments) == 1
+        assert first.end <= second.offset or second.end <= first.offset
+
+        both.clear()
+
+        def fetch_one(i: int) -> Awaitable[Any]:
+            request = fetch_request(SPEC, tokens[i], None, 0, MiB)
+            return fetch_shared(
+                rpc,
+                segments,
+                SPEC,
+                request,
+                lambda r, region: in_flight(region, fetch_into_segment(rpc, SPEC, r, region, None)),
+            )
+
+        got = await asyncio.gather(fetch_one(0), fetch_one(1))
+        third, fourth = regions[2:]
+        assert third.segment is fourth.segment is first.segment
+        assert third.end <= fourth.offset or fourth.end <= third.offset
+        for i in range(2):
+            assert torch.equal(bits(got[i]), bits(kvs[i]))
+        # Through the public calls as well: puts and fetches at once, exact bytes back.
+        more = [kv_random(SPEC, 16, seed=62 + i) for i in range(3)]
+        more_tokens = [tokens_of(16, seed=62 + i) for i in range(3)]
+        puts = await asyncio.gather(
+            *(client.put(SPEC, t, kv) for t, kv in zip(more_tokens, more, strict=True))
+        )
+        assert [r.stored for r in puts] == [4, 4, 4]
+        fetched = await asyncio.gather(*(client.get_prefix(SPEC, t) for t in more_tokens))
+        for (kv, n), want in zip(fetched, more, strict=True):
+            assert n == 16
+            assert torch.equal(bits(kv), bits(want))
+        assert len(server.segments.usage()) == 1
+        metric = "kvstore_payload_bytes_out_total"
+        shm = server.metrics.registry.get_sample_value(metric, {"path": "shm"})
+        assert shm == (2 * 3 + 3 * 4) * NBYTES  # every fetch went through the segment
+
+
+async def test_a_kv_buffer_and_calls_share_one_segment(tmp_path: Path) -> None:
+    async with (
+        running(store_config(tmp_path)) as (server, stub, _),
+        AsyncClient(f"127.0.0.1:{server.port}", same_host=True) as client,
+    ):
+        segments = client._segments
+        kv, other = kv_random(SPEC, 8, seed=64), kv_random(SPEC, 8, seed=65)
+        tokens, other_tokens = tokens_of(8, seed=64), tokens_of(8, seed=65)
+        buffer = await client.kv_buffer(SPEC, 8)
+        buffer.copy_(kv)
+        located = segments.locate(SPEC, buffer)
+        assert located is not None
+        region, layout = located
+        assert layout.offset == region.offset
+        assert (await client.put(SPEC, tokens, buffer)).stored == 2  # from the buffer
+        assert (await client.put(SPEC, other_tokens, other)).stored == 2  # through a region
+        got, n = await client.get_prefix(SPEC, other_tokens)  # into a region, then copied
+        assert n == 8
+        assert torch.equal(bits(got), bits(other))
+        layers: list[torch.Tensor] = []
+        hit = await client.get_prefix_by_layer(
+            SPEC, other_tokens, lambda _layer, kv: layers.append(kv.clone())
+        )
+        assert hit == 8
+        assert torch.equal(bits(torch.stack(layers)), bits(other))  # a region past the buffer
+        assert torch.equal(bits(buffer), bits(kv))  # no call wrote over the buffer
+        buffer.zero_()
+        got, n = await client.get_prefix(SPEC, tokens, out=buffer)  # straight into it
+        assert n == 8
+        assert got.data_ptr() == buffer.data_ptr()
+        assert torch.equal(bits(buffer), bits(kv))
+        assert [n for n, _ in server.segments.usage().values()] == [1]
+        assert segments.segments == [region.segment]
+        assert (await fetch(stub, prompt(other_tokens)))[1] == [
+            bits(other[:, :, i : i + 4]).numpy().tobytes() for i in (0, 4)
+        ]
+        # Freed, its extent goes to the next buffer; an ordinary tensor is not a buffer.
+        assert not await client.free_kv_buffer(kv)
+        assert await client.free_kv_buffer(buffer)
+        assert segments.locate(SPEC, buffer) is None
+        again = await client.kv_buffer(SPEC, 8)
+        assert not again.any()  # zeroed, though the region held the old buffer's bytes
+        located = segments.locate(SPEC, again)
+        assert located is not None
+        assert located[0].offset == region.offset
+
+
+async def test_the_segments_stay_few_over_calls_of_growing_size(tmp_path: Path) -> None:
+    bound = 7 << 20
+    server_config = ServerConfig(
+        listen="127.0.0.1:0", tenant_segment_bytes=bound, max_prompt_tokens=8192
+    )
+    config = store_config(tmp_path, g2_bytes=32 << 20, g3=False, server=server_config)
+    async with (
+        running(config) as (server, _stub, _),
+        AsyncClient(f"127.0.0.1:{server.port}", same_host=True) as client,
+    ):
+        sizes = []
+        for i, blocks in enumerate((1, 8, 40, 80, 200, 10, 120)):  # 32 KiB blocks: to 6.25 MiB
+            tokens = tokens_of(blocks * BIG.block_tokens, seed=70 + i)
+            kv = kv_random(BIG, blocks * BIG.block_tokens, seed=70 + i)
+            assert (await client.put(BIG, tokens, kv)).stored == blocks
+            got, n = await client.get_prefix(BIG, tokens)
+            assert n == blocks * BIG.block_tokens
+            assert torch.equal(bits(got), bits(kv))
+            ((count, nbytes),) = server.segments.usage().values()
+            assert count == 1
+            assert nbytes <= bound
+            sizes.append(nbytes)
+        # Doubled while that fits the bound, then just the need (7 MiB), then reused.
+        assert sizes == [1 << 20, 1 << 20, 2 << 20, 4 << 20, 7 << 20, 7 << 20, 7 << 20]
+        for path in ("in", "out"):
+            metric = f"kvstore_payload_bytes_{path}_total"
+            shm = server.metrics.registry.get_sample_value(metric, {"path": "shm"})
+            assert shm == 459 * BIG.block_nbytes  # no call fell back to bytes
+
+
+async def test_a_closed_segment_takes_its_regions_and_buffers_with_it(tmp_path: Path) -> None:
+    config = store_config(tmp_path, server=ServerConfig(listen="127.0.0.1:0", segment_idle_s=0.2))
+    async with (
+        running(config) as (server, _stub, _),
+        AsyncClient(f"127.0.0.1:{server.port}", same_host=True) as client,
+    ):
+        segments = client._segments
+        kvs = [kv_random(SPEC, 8, seed=80 + i) for i in range(3)]
+        tokens = [tokens_of(8, seed=80 + i) for i in range(3)]
+        buffer = await client.kv_buffer(SPEC, 8)
+        buffer.copy_(kvs[0])
+        assert (await client.put(SPEC, tokens[1], kvs[1])).stored == 2
+        (old,) = segments.segments
+        await asyncio.sleep(0.4)
+        server.segments.expire()
+        assert server.segments.usage() == {}
+        # Two calls at once find the segment gone: both go through one new segment.
+        puts = await asyncio.gather(
+            client.put(SPEC, tokens[0], buffer), client.put(SPEC, tokens[2], kvs[2])
+        )
+        assert [r.stored for r in puts] == [2, 2]
+        (new,) = segments.segments
+        assert new is not old
+        assert segments.locate(SPEC, buffer) is None  # the buffer went the ordinary way
+        assert torch.equal(bits(buffer), bits(kvs[0]))  # and is still valid memory
+        fetched = await asyncio.gather(*(client.get_prefix(SPEC, t) for t in tokens))
+        for (kv, n), want in zip(fetched, kvs, strict=True):
+            assert n == 8
+            assert torch.equal(bits(kv), bits(want))
+        assert [n for n, _ in server.segments.usage().values()] == [1]

@@ -58,6 +58,7 @@ from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 from tiers.lmdb_store import LmdbTierConfig
 from tiers.pinned_memory import PinnedTierConfig
 from tiers.redis_store import RedisTierConfig
+from tiers.slab import GRANULARITY
 
 SPEC = ModelSpec(
     "server-test", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float16", block_tokens=4
@@ -78,6 +79,7 @@ def store_config(
     tmp_path: Path,
     *,
     g2_blocks: int = 64,
+    g2_bytes: int | None = None,
     g3: bool = True,
     g4: RedisServer | None = None,
     g4_namespace: str | None = None,
@@ -86,7 +88,9 @@ def store_config(
     g3_dir: str = "g3",
 ) -> StoreConfig:
     return StoreConfig(
-        g2=PinnedTierConfig(g2_blocks * SLOT, SLOT, pin="never", segment_prefix=SEGMENT_PREFIX),
+        g2=PinnedTierConfig(
+            g2_bytes or g2_blocks * SLOT, pin="never", segment_prefix=SEGMENT_PREFIX
+        ),
         g3=LmdbTierConfig(str(tmp_path / g3_dir), 4 << 20) if g3 else None,
         g4=None
         if g4 is None
@@ -717,16 +721,18 @@ ERROR_CASES: list[tuple[str, Any, grpc.StatusCode, str]] = [
     ("empty put", _put([]), INVALID, "starts with a PutHeader; got an empty stream"),
     ("put without header", _put([_chunk(0, 0, BLOCK)]), INVALID, "got a chunk message"),
     (
-        "block larger than a slot",
+        "block larger than G2",
         _put(
             [
                 pb.PutRequest(
-                    header=pb.PutHeader(prompt=prompt(tokens_of(64, 1), replace(BIG, num_layers=8)))
+                    header=pb.PutHeader(
+                        prompt=prompt(tokens_of(64, 1), replace(BIG, num_layers=1024))
+                    )
                 )
             ]
         ),
         INVALID,
-        "more than the 65536-byte slots",
+        "more than the whole 4194304-byte G2 of this server (g2.capacity_bytes)",
     ),
     (
         "put num_blocks over the prompt",
@@ -893,7 +899,9 @@ async def test_put_broken_off_mid_block_stores_no_partial_block(
 
 
 async def test_tier_full_is_resource_exhausted(tmp_path: Path) -> None:
-    async with running(store_config(tmp_path, g2_blocks=4, g3=False)) as (_, stub, _):
+    # Room for exactly four SPEC blocks (each rounded up to the allocator's granularity).
+    g2_bytes = 4 * -(-(HEADER_BYTES + SPEC.block_nbytes) // GRANULARITY) * GRANULARITY
+    async with running(store_config(tmp_path, g2_bytes=g2_bytes, g3=False)) as (_, stub, _):
         tokens = tokens_of(4 * 4, seed=16)
         p = prompt(tokens)
         await put(stub, p, payloads(4, seed=16))
@@ -1248,8 +1256,6 @@ def test_kvstore_serve_as_a_subprocess(tmp_path: Path) -> None:
             "g3.capacity_bytes=16MiB",
             "--set",
             "g2.capacity_bytes=4MiB",
-            "--set",
-            "g2.slot_bytes=64KiB",
             "--set",
             "g2.pin=never",
             "--listen",

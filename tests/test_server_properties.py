@@ -140,7 +140,7 @@ class Harness:
 def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
     tmp: Path = tmp_path_factory.mktemp("props")
     config = StoreConfig(
-        g2=PinnedTierConfig(256 * SLOT, SLOT, pin="never", segment_prefix="kvstore-ptest"),
+        g2=PinnedTierConfig(256 * SLOT, pin="never", segment_prefix="kvstore-ptest"),
         g3=LmdbTierConfig(str(tmp / "g3"), 64 << 20),
         engine=EngineConfig(reaper_interval_s=0.05),
         server=ServerConfig(listen="127.0.0.1:0", max_prompt_tokens=4096),

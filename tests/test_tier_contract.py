@@ -28,12 +28,16 @@ from tiers.gpu_memory import GpuMemoryTier, GpuTierConfig
 from tiers.lmdb_store import LmdbTier, LmdbTierConfig
 from tiers.pinned_memory import PinnedMemoryTier, PinnedTierConfig
 from tiers.redis_store import RedisTier, RedisTierConfig
+from tiers.slab import GRANULARITY
 
 SPEC = ModelSpec(
     "contract", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float16", block_tokens=4
 )
 BLOCK_NBYTES = HEADER_BYTES + SPEC.block_nbytes
-SLOT_BYTES = 4096  # fits a float32 block of this shape (1024 B + header)
+# The memory tiers round every block up to their allocator's granularity; G1 keeps the header on
+# the host. Capacities are counted in blocks of SPEC (float16), so "full" is exact.
+G1_BLOCK_COST = -(-SPEC.block_nbytes // GRANULARITY) * GRANULARITY
+G2_BLOCK_COST = -(-BLOCK_NBYTES // GRANULARITY) * GRANULARITY
 
 
 def block_for(tokens: list[int], spec: ModelSpec = SPEC) -> list[tuple[BlockHash, bytearray]]:
@@ -89,7 +93,7 @@ class DictKind(Kind):
 class G1Kind(Kind):
     def open(self, capacity_blocks: int = 1000) -> Tier:
         return GpuMemoryTier(
-            GpuTierConfig(capacity_blocks * SLOT_BYTES, SLOT_BYTES, device="cpu"), self.on_corrupt
+            GpuTierConfig(capacity_blocks * G1_BLOCK_COST, device="cpu"), self.on_corrupt
         )
 
 
@@ -97,7 +101,7 @@ class G2Kind(Kind):
     def open(self, capacity_blocks: int = 1000) -> Tier:
         return PinnedMemoryTier(
             PinnedTierConfig(
-                capacity_blocks * SLOT_BYTES, SLOT_BYTES, pin="never", segment_prefix="kvstore-test"
+                capacity_blocks * G2_BLOCK_COST, pin="never", segment_prefix="kvstore-test"
             ),
             self.on_corrupt,
         )

@@ -82,7 +82,7 @@ def worker(request: pytest.FixtureRequest) -> ModelWorker:
 
 def store_config(tmp_path: Path) -> StoreConfig:
     return StoreConfig(
-        g2=PinnedTierConfig(64 * SLOT, SLOT, pin="never", segment_prefix="kvstore-wtest"),
+        g2=PinnedTierConfig(64 * SLOT, pin="never", segment_prefix="kvstore-wtest"),
         g3=LmdbTierConfig(str(tmp_path / "g3"), 256 * SLOT),
         engine=EngineConfig(reaper_interval_s=0.05),
     )

@@ -1,18 +1,20 @@
-"""G2 ``PinnedMemoryTier``: fixed-size slots in one named POSIX shared-memory segment.
+"""G2 ``PinnedMemoryTier``: blocks of any size in one named POSIX shared-memory segment.
 
-The segment is named (``/dev/shm/<prefix>-<pid>-<random>``) so that a client on the same host can
-map it and copy straight between a slot and its own tensor (a later issue). When CUDA is present the
-whole segment is registered with ``cudaHostRegister`` once, so host<->device copies from any slot
-run at pinned-memory speed without a staging buffer.
+Blocks are extents of the segment handed out by the offset allocator of ``tiers/slab.py``
+(best fit, coalescing, 256-byte granularity), so capacity and every figure are in bytes. The
+segment is named (``/dev/shm/<prefix>-<pid>-<random>``) so that operators can see it and a crashed
+server's segment can be swept; clients never map it (see kvstore/wire/segments.py). When CUDA is
+present the whole segment is registered with ``cudaHostRegister`` once, so host<->device copies
+from any block run at pinned-memory speed without a staging buffer.
 
 No leak on a crash: Python's ``multiprocessing.resource_tracker`` (a separate process started with
 the segment) unlinks every segment it was told about when our process dies, ``kill -9`` included;
 ``close()`` unlinks it in the normal case; and at start we unlink segments with our prefix whose
 owner pid is dead, for the case where the tracker itself was killed too.
 
-Copies run inline on the event loop: a slot copy is a memcpy (about 0.4 ms for a 2 MiB block here),
-cheaper than a thread hop, and keeping bookkeeping and copies on one thread means a slot cannot be
-freed and reused while it is being read.
+Copies run inline on the event loop: a block copy is a memcpy (about 0.4 ms for a 2 MiB block
+here), cheaper than a thread hop, and keeping bookkeeping and copies on one thread means an extent
+cannot be freed and reused while it is being read.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import logging
 import os
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from multiprocessing import shared_memory
 from pathlib import Path
 from typing import Literal
@@ -41,7 +43,7 @@ from tiers.base import (
     check_fits,
     check_header,
 )
-from tiers.slots import SlotTable, SlotTier
+from tiers.slab import SlabTable, SlabTier
 
 __all__ = ["PinnedMemoryTier", "PinnedTierConfig", "sweep_stale_segments"]
 
@@ -52,7 +54,7 @@ _SHM_DIR = Path("/dev/shm")
 @dataclass(frozen=True, slots=True)
 class PinnedTierConfig:
     capacity_bytes: int
-    slot_bytes: int
+    _: KW_ONLY
     segment_prefix: str = "kvstore-g2"
     # auto: pin when CUDA is available; never: plain shared memory; require: fail without CUDA.
     pin: Literal["auto", "never", "require"] = "auto"
@@ -126,17 +128,17 @@ def _check_shm_room(size: int, where: str = "/dev/shm") -> None:
         )
 
 
-class PinnedMemoryTier(SlotTier):
+class PinnedMemoryTier(SlabTier):
     def __init__(
         self, config: PinnedTierConfig, on_corrupt: CorruptionCallback | None = None
     ) -> None:
         super().__init__("G2", config.capacity_bytes, on_corrupt)
         self.config = config
-        self._slots = SlotTable("G2", config.capacity_bytes, config.slot_bytes)
+        self._slab = SlabTable("G2", config.capacity_bytes)
         for name in sweep_stale_segments(config.segment_prefix):
             log.warning("G2: removed shared-memory segment %s left by a dead process", name)
         name = f"{config.segment_prefix}-{os.getpid()}-{secrets.token_hex(4)}"
-        size = self._slots.num_slots * self._slots.slot_bytes
+        size = self._slab.capacity
         _check_shm_room(size)
         self._shm = shared_memory.SharedMemory(name=name, create=True, size=size)
         buf = self._shm.buf
@@ -159,83 +161,80 @@ class PinnedMemoryTier(SlotTier):
     def segment_name(self) -> str:
         return self._shm.name
 
-    @property
-    def slot_bytes(self) -> int:
-        return self._slots.slot_bytes
-
     def slot_of(self, key: bytes) -> tuple[int, int] | None:
-        """``(byte offset in the segment, nbytes)`` of a stored block, for same-host readers."""
-        where = self._slots.lookup(BlockHash(bytes(key)))
-        if where is None:
-            return None
-        return where[0] * self._slots.slot_bytes, where[1]
+        """``(byte offset in the segment, nbytes)`` of a stored block."""
+        return self._slab.lookup(BlockHash(bytes(key)))
 
     async def _get(self, keys: list[BlockHash]) -> list[BlockBytes | None]:
         out: list[BlockBytes | None] = []
-        step = self._slots.slot_bytes
+        buf, lookup = self._buf, self._slab.lookup
         for key in keys:
-            where = self._slots.lookup(key)
+            where = lookup(key)
             if where is None:
                 out.append(None)
             else:
-                slot, n = where
-                out.append(bytes(self._buf[slot * step : slot * step + n]))
+                start, n = where
+                out.append(bytes(buf[start : start + n]))
         return out
 
     def view_of(self, key: bytes) -> memoryview | None:
         """The stored block itself (no copy), valid until it is deleted: callers hold a lease."""
-        where = self._slots.lookup(BlockHash(bytes(key)))
+        where = self._slab.lookup(BlockHash(bytes(key)))
         if where is None:
             return None
-        slot, n = where
-        start = slot * self._slots.slot_bytes
+        start, n = where
         return self._buf[start : start + n]
 
     async def _get_into(self, keys: list[BlockHash], views: list[memoryview]) -> list[Read | None]:
         out: list[Read | None] = []
-        step = self._slots.slot_bytes
+        buf, lookup = self._buf, self._slab.lookup
         for key, view in zip(keys, views, strict=True):
-            where = self._slots.lookup(key)
+            where = lookup(key)
             if where is None:
                 out.append(None)
                 continue
-            slot, n = where
+            start, n = where
             check_fits(key, n, view)
-            view[:n] = self._buf[slot * step : slot * step + n]
+            view[:n] = buf[start : start + n]
             out.append(Read(n))
         return out
 
     async def _put(self, items: list[tuple[BlockHash, Buffer]]) -> int:
-        new = [(k, v) for k, v in items if k not in self._slots]
-        slots = self._slots.allocate([(k, len(v)) for k, v in new])
-        step = self._slots.slot_bytes
-        for (key, value), slot in zip(new, slots, strict=True):
+        slab = self._slab
+        new = [(k, v) for k, v in items if k not in slab]
+        offsets = slab.allocate([(k, len(v)) for k, v in new])
+        buf, commit = self._buf, slab.commit
+        for (key, value), start in zip(new, offsets, strict=True):
+            if isinstance(value, memoryview) and (value.format != "B" or value.ndim != 1):
+                value = value.cast("B")
             n = len(value)
-            self._buf[slot * step : slot * step + n] = memoryview(value).cast("B")
-            self._slots.commit(key, slot, n)
+            buf[start : start + n] = value
+            commit(key, start, n)
         return len(new)
 
     async def _put_with(
         self, key: BlockHash, nbytes: int, fill: Callable[[memoryview], int]
     ) -> bool:
-        if key in self._slots:
+        if key in self._slab:
             return False
-        (slot,) = self._slots.allocate([(key, nbytes)])
-        start = slot * self._slots.slot_bytes
+        (start,) = self._slab.allocate([(key, nbytes)])
         try:
             written = fill(self._buf[start : start + nbytes])
+            if not 0 < written <= nbytes:
+                raise ValueError(f"fill wrote {written} bytes into a buffer of {nbytes}")
             check_header(key, self._buf[start : start + written])
         except BaseException:
-            self._slots.release([slot])
+            self._slab.release([(start, nbytes)])
             raise
-        self._slots.commit(key, slot, written)
+        self._slab.shrink(start, nbytes, written)
+        self._slab.commit(key, start, written)
         return True
 
     async def _delete(self, keys: list[BlockHash]) -> int:
-        return sum(self._slots.remove(k) for k in keys)
+        return sum(self._slab.remove(k) for k in keys)
 
     async def _usage(self) -> tuple[int, int]:
-        return self._slots.used_bytes, len(self._slots)
+        return self._slab.used_bytes, len(self._slab)
 
     async def close(self) -> None:
         self.close_now()

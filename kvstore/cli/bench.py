@@ -20,7 +20,7 @@ from kvstore.core.keys import ModelSpec
 __all__ = ["BENCH_SPEC", "COMMANDS"]
 
 # The default namespace is an 8B Llama's (32 layers, 8 KV heads of 128) with 64-token blocks:
-# 8 MiB blocks, the size the default G2 slots are made for.
+# 8 MiB blocks.
 BENCH_SPEC = ModelSpec(
     "kvstore/bench", num_layers=32, num_kv_heads=8, head_dim=128, dtype="bfloat16", block_tokens=64
 )
@@ -57,7 +57,7 @@ def bench_command(
 
     Each worker fetches the leading hit of a prompt, checks every block bit for bit against the
     bytes it must hold, and puts the prompt when part of it was missing. The namespace defaults
-    to an 8B Llama's with 64-token (8 MiB) blocks; blocks must fit the server's g2.slot_bytes.
+    to an 8B Llama's with 64-token (8 MiB) blocks; any block size up to the server's G2 works.
     Exits 1 if any call failed or any block differed.
     """
     if shared_prefix_tokens > prompt_tokens:

@@ -23,10 +23,11 @@ __all__ = ["COMMANDS"]
 
 def _event_line(event: Event) -> str:
     kind = event.kind + ("*" if event.snapshot else "")
-    return (
+    line = (
         f"{event.seq:>10}  {kind:<8} {event.tier or '-':<3} {event.from_tier or '-':<3} "
         f"{event.block_hash.hex()}"
     )
+    return f"{line}  {event.reason}" if event.reason else line
 
 
 def _event_doc(event: Event) -> dict[str, Any]:
@@ -40,6 +41,7 @@ def _event_doc(event: Event) -> dict[str, Any]:
         "namespace": event.namespace_fingerprint.hex(),
         "time_s": event.time_s,
         "snapshot": event.snapshot,
+        "reason": event.reason,
     }
 
 

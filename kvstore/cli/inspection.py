@@ -87,6 +87,10 @@ def _stats_doc(remote: Remote, stats: Stats) -> dict[str, Any]:
                 "num_misses": t.num_misses,
                 "hit_rate": rate(t.num_hits, t.num_misses),
                 "num_corrupt": t.num_corrupt,
+                "allocated_bytes": t.allocated_bytes,
+                "largest_free_bytes": t.largest_free_bytes,
+                "fragmentation": t.fragmentation,
+                "free_extents": t.free_extents,
             }
             for t in stats.tiers
         ],
@@ -111,6 +115,10 @@ def _stats_doc(remote: Remote, stats: Stats) -> dict[str, Any]:
 def tiers_command(remote: Remote) -> None:
     """Each tier of a running server (capacity, use, blocks, hit rate, corrupt) and its counters.
 
+    For the memory tiers (G1, G2), which allocate blocks of any size in one slab, also the
+    fragmentation of their free bytes (1 - largest free extent / free bytes) and the largest block
+    that fits without an eviction.
+
     `kvstore stats` is the offline counterpart: it opens the store's files itself.
     """
     with remote.client() as kv:
@@ -120,16 +128,20 @@ def tiers_command(remote: Remote) -> None:
         return
     table = Table(title=f"kvstore at {remote.server}: {stats.num_blocks} blocks")
     table.add_column("tier")
-    for col in ("blocks", "used", "capacity", "used %", "hit rate", "corrupt"):
+    columns = ("blocks", "used", "capacity", "used %", "fragmentation", "largest free")
+    for col in (*columns, "hit rate", "corrupt"):
         table.add_column(col, justify="right", no_wrap=True)
     for t in stats.tiers:
         used = t.used_bytes / t.capacity_bytes if t.capacity_bytes else None
+        slab = t.tier in ("G1", "G2")  # the tiers that allocate in a slab of their own
         table.add_row(
             t.name,
             str(t.num_blocks),
             size(t.used_bytes),
             size(t.capacity_bytes),
             percent(used),
+            percent(t.fragmentation) if slab else "-",
+            size(t.largest_free_bytes) if slab else "-",
             percent(rate(t.num_hits, t.num_misses)),
             f"[red]{t.num_corrupt}" if t.num_corrupt else "0",
         )

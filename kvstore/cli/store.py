@@ -306,7 +306,7 @@ async def _stats(cfg: StoreConfig) -> None:
     finally:
         await engine.close()
     table = Table(title=f"kvstore tiers ({info.num_blocks} blocks indexed in {elapsed:.2f} s)")
-    for col in ("tier", "blocks", "used", "capacity", "used %"):
+    for col in ("tier", "blocks", "used", "capacity", "used %", "fragmentation %"):
         table.add_column(col, justify="left" if col == "tier" else "right")
     for name, tier in info.tiers.items():
         pct = 100 * tier.used_bytes / tier.capacity_bytes if tier.capacity_bytes else 0.0
@@ -316,6 +316,7 @@ async def _stats(cfg: StoreConfig) -> None:
             size(tier.used_bytes),
             size(tier.capacity_bytes),
             f"{pct:.1f}",
+            f"{100 * tier.fragmentation:.1f}" if name in ("G1", "G2") else "-",
         )
     print_table(table, stdout)
 

@@ -37,6 +37,7 @@ import struct
 import sys
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -45,6 +46,10 @@ import numpy as np
 import xxhash
 import zstandard
 
+from kvstore.core.copies import FUSE_CHUNK as _FUSE_CHUNK
+from kvstore.core.copies import byte_view as _byte_view
+from kvstore.core.copies import copy_hash as _copy_hash
+from kvstore.core.copies import gather_hash
 from kvstore.core.errors import CorruptBlockError, InvalidArgumentError, SpecMismatchError
 from kvstore.core.keys import DIGEST_BYTES, DTYPES, ModelSpec
 
@@ -64,6 +69,7 @@ __all__ = [
     "decode_block",
     "encode_block",
     "encode_block_into",
+    "raw_payload_check",
     "read_header",
     "torch_dtype",
     "transcode_block",
@@ -144,6 +150,33 @@ def _pack_header(h: BlockHeader) -> bytes:
     return fixed + tail + bytes(HEADER_BYTES - len(fixed) - len(tail))
 
 
+_HASH_AT = 52
+# magic, version, block hash (52), payload bytes (92), header checksum (116): one unpack.
+_NAMING = struct.Struct("<4sB47x16s24xQ16xQ")
+
+
+def header_block_hash(data: bytes | bytearray | memoryview) -> bytes:
+    """The block hash that a whole block's header names, after the checks that make the name
+    trustworthy (length, magic, version, header checksum, payload size) but without parsing the
+    rest: what a tier needs on every put to refuse a block stored under another block's name, at
+    a fraction of ``read_header``'s cost (it matters for small blocks)."""
+    if isinstance(data, memoryview) and (data.format != "B" or data.ndim != 1):
+        data = data.cast("B")
+    n = len(data)
+    if n < HEADER_BYTES:
+        raise CorruptBlockError(f"block is {n} bytes, shorter than its {HEADER_BYTES}-byte header")
+    magic, version, block_hash, payload_n, header_sum = _NAMING.unpack_from(data)
+    if xxhash.xxh3_64_intdigest(memoryview(data)[: _FIXED.size]) != header_sum:
+        raise CorruptBlockError("block header checksum mismatch")
+    if magic != MAGIC or version != FORMAT_VERSION:
+        raise CorruptBlockError("not a kvstore block of this format version")
+    if n != HEADER_BYTES + payload_n:
+        raise CorruptBlockError(
+            f"block is {n} bytes but its header says {HEADER_BYTES + payload_n}"
+        )
+    return block_hash  # type: ignore[no-any-return]
+
+
 def read_header(
     data: bytes | bytearray | memoryview, *, total_nbytes: int | None = None
 ) -> BlockHeader:
@@ -218,10 +251,21 @@ def verify_block(
     return header
 
 
-# Chunk of the fused copy-and-hash passes: small enough that source and destination of a chunk
-# stay in L2 (1 MiB per core here) until the hash has read it. Measured at 32 MiB: 128-512 KiB
-# all run at 0.80-0.86x of a bare copy, 1 MiB at 0.69x, copy-then-hash at 0.64x.
-_FUSE_CHUNK = 256 * 1024
+def raw_payload_check(spec: ModelSpec) -> Callable[[bytes, memoryview], memoryview | None]:
+    """``check(block_hash, data)``: ``data``'s payload if its length and header fields up to the
+    hash (magic, version, codec, dtype, shape, namespace, hash) are a raw block of ``spec`` stored
+    as ``block_hash``, else None. No parse or checksum (~0.2 us): for memory tiers' blocks."""
+    fields = (Codec.RAW, DTYPES[spec.dtype][0], 5, *spec.block_shape, spec.fingerprint)
+    fixed = _FIXED.pack(MAGIC, FORMAT_VERSION, *fields, NO_PARENT, NO_PARENT, 0, 0, 0, 0)[:_HASH_AT]
+    end, total = _HASH_AT + DIGEST_BYTES, HEADER_BYTES + spec.block_nbytes
+
+    def check(block_hash: bytes, data: memoryview) -> memoryview | None:
+        ok = len(data) == total and bytes(data[:end]) == fixed + block_hash
+        return data[HEADER_BYTES:] if ok else None
+
+    return check
+
+
 # Byte-plane shifts below read 2-byte elements as native integers: plane 0 is the low bytes only
 # where native order is little-endian. Elsewhere the general (slower) transpose keeps the layout.
 _LITTLE_ENDIAN = sys.byteorder == "little"
@@ -229,36 +273,6 @@ _LITTLE_ENDIAN = sys.byteorder == "little"
 U8Array = np.ndarray[Any, np.dtype[np.uint8]]
 WritableBuffer: TypeAlias = "bytearray | memoryview | np.ndarray[Any, Any] | torch.Tensor"
 """What ``encode_block_into`` writes to: any writable, C-contiguous CPU buffer."""
-
-
-def _copy_hash(src: memoryview, dst: memoryview) -> int:
-    """Copy ``src`` into ``dst`` (flat byte views of one length) and return xxh3-64 of the bytes.
-
-    Copying then hashing reads the bytes from DRAM twice; hashing each chunk right after copying it
-    (while it is still in cache) reads them once. The destination is what gets hashed, so the sum
-    is the sum of the bytes that landed.
-    """
-    hasher = xxhash.xxh3_64()
-    n = len(src)
-    for start in range(0, n, _FUSE_CHUNK):
-        end = min(n, start + _FUSE_CHUNK)
-        dst[start:end] = src[start:end]
-        hasher.update(dst[start:end])
-    return hasher.intdigest()
-
-
-def copy_payload_and_checksum(src: memoryview, dst: memoryview) -> int:
-    """Copy a payload (flat byte views of one length) and return the xxh3-64 of what landed, in
-    one pass over memory: compare it with the header's ``payload_xxh3`` to verify the copy."""
-    return _copy_hash(_byte_view(src), _byte_view(dst))
-
-
-def _byte_view(buffer: Any) -> memoryview:
-    """A flat ``B`` memoryview of any C-contiguous buffer (bytes, bytearray, numpy, memoryview)."""
-    view = memoryview(buffer)
-    if view.format != "B" or view.ndim != 1:
-        view = view.cast("B")
-    return view
 
 
 def copy_and_checksum(src: bytes | bytearray | memoryview, dst: memoryview) -> int:
@@ -515,19 +529,33 @@ def encode_block_into(
     The payload is copied and checksummed in one pass (see ``_copy_hash``).
     """
     parent = _check_hashes(block_hash, parent_hash)
-    raw = _source_bytes(spec, tensor)
+    rows = _block_rows(spec, tensor)
     dst = _writable_bytes(out)
-    total = HEADER_BYTES + raw.nbytes
+    nbytes = spec.block_nbytes
+    total = HEADER_BYTES + nbytes
     if len(dst) < total:
         raise InvalidArgumentError(
             f"out is {len(dst)} bytes, too small for a block of {total} bytes "
-            f"({HEADER_BYTES}-byte header + {raw.nbytes}-byte payload)"
+            f"({HEADER_BYTES}-byte header + {nbytes}-byte payload)"
         )
-    raw_sum = _copy_hash(raw.data, dst[HEADER_BYTES:total])
-    dst[:HEADER_BYTES] = _header_for(
-        spec, Codec.RAW, block_hash, parent, raw.nbytes, raw_sum, raw_sum
-    )
+    if rows is not None:
+        raw_sum = gather_hash(rows, dst[HEADER_BYTES:total])
+    else:
+        raw_sum = _copy_hash(_source_bytes(spec, tensor).data, dst[HEADER_BYTES:total])
+    dst[:HEADER_BYTES] = _header_for(spec, Codec.RAW, block_hash, parent, nbytes, raw_sum, raw_sum)
     return total
+
+
+def _block_rows(spec: ModelSpec, tensor: torch.Tensor) -> U8Array | None:
+    """A CPU block tensor that is not contiguous but whose last dimension is (a slice along the
+    tokens of a prompt's K/V, or a block of a K/V tensor in a same-host segment) as a strided
+    uint8 array, no copy; None for any other tensor (``_source_bytes`` makes it contiguous)."""
+    if tensor.is_contiguous() or tensor.device.type != "cpu" or tensor.stride(-1) != 1:
+        return None
+    _check_tensor(spec, tensor)
+    import torch
+
+    return tensor.detach().view(torch.uint8).numpy()
 
 
 def encode_block(

@@ -220,9 +220,11 @@ def tokens_to_u32(tokens: Sequence[int] | np.ndarray[Any, Any] | Any) -> bytes:
         return b""
     if np_tokens.dtype.kind not in "iu":
         raise InvalidTokenError(f"token ids must be integers, got an array of {np_tokens.dtype}")
-    lo, hi = int(np_tokens.min()), int(np_tokens.max())
-    if lo < 0 or hi > _U32_MAX:
-        _raise_bad_token(np_tokens.tolist())
+    # Unsigned ids of at most 32 bits (the server's u32 tokens from the wire) are all in range.
+    if np_tokens.dtype.kind == "i" or np_tokens.dtype.itemsize > 4:
+        lo, hi = int(np_tokens.min()), int(np_tokens.max())
+        if lo < 0 or hi > _U32_MAX:
+            _raise_bad_token(np_tokens.tolist())
     return np_tokens.astype("<u4", copy=False).tobytes()
 
 

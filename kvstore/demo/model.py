@@ -118,7 +118,6 @@ def store_config(options: DemoOptions, spec: ModelSpec, data_dir: Path) -> Store
     return StoreConfig(
         g2=PinnedTierConfig(
             capacity_bytes=max(64, 2 * blocks) * slot,
-            slot_bytes=slot,
             segment_prefix="kvstore-demo",
         ),
         g3=LmdbTierConfig(str(data_dir / "g3"), capacity_bytes=4 << 30),

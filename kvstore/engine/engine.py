@@ -9,7 +9,9 @@ Operations, in the order a client uses them:
    to the write-through tiers.
 3. ``lookup(spec, tokens)`` — per-block residency, leading hit, holes; blocks unknown here are
    probed in G4 in one batch. Takes no lease.
-4. ``reserve(keys, ttl_s)`` -> ``Lease``; ``read`` / ``get`` the blocks; ``release(lease_id)``.
+4. ``reserve(keys, ttl_s)`` -> ``Lease``; ``read`` the blocks (verified encoded bytes), ``get``
+   them (new tensors) or ``get_into(spec, keys, out)`` (tensors the caller reuses: the fast
+   path, one copy from G2); ``release(lease_id)``.
 5. ``pin`` / ``unpin``, ``evict``, ``stats``, ``events`` (the log watchers follow), ``close``.
 
 Three objects share the work (as vLLM's offload code splits it): the ``BlockIndex`` keeps the books,
@@ -52,6 +54,9 @@ __all__ = ["Engine", "EngineConfig", "EngineStats", "LookupResult", "ProgressCal
 
 # Blocks of one lookup looked up in the index between two yields to the event loop (~3 ms).
 _LOOKUP_SLICE = 16384
+# How long the touch of a Lookup may wait, to be done once for the same prompt looked up again
+# meanwhile. Recency at this granularity orders eviction just as well; a Lookup holds nothing.
+_TOUCH_DELAY_S = 0.005
 
 
 class Engine(ReadPath):
@@ -151,6 +156,10 @@ class Engine(ReadPath):
         await self._queue.join()
 
     # -- lookup --------------------------------------------------------------------------------
+
+    # Lookups whose touch is due (``_touch_soon``), by the last hash of their prompt, oldest first.
+    _pending_touches: dict[BlockHash, LookupResult] | None = None
+
     async def lookup(
         self,
         spec: ModelSpec,
@@ -164,22 +173,31 @@ class Engine(ReadPath):
             spec, self.hashes(spec, tokens, salt=salt, extra_keys=extra_keys)
         )
 
-    async def lookup_hashes(self, spec: ModelSpec, hashes: Sequence[BlockHash]) -> LookupResult:
+    async def lookup_hashes(
+        self, spec: ModelSpec, hashes: Sequence[BlockHash], *, touch_later: bool = False
+    ) -> LookupResult:
+        """``lookup`` of hashes already computed. ``touch_later``: the blocks found are touched
+        within ``_TOUCH_DELAY_S`` after this returns instead of before, and once for repeated
+        lookups of one prompt meanwhile (the service's Lookup, whose reply need not wait for
+        the recency update, and which engines repeat)."""
         self.counters.add("lookups")
-        tiers: list[str | None] = []
-        probe: list[int] = []
-        hottest = self.index.hottest
+        hottest_many = self.index.hottest_many
+        if len(hashes) <= _LOOKUP_SLICE:
+            tiers = hottest_many(hashes)
+        else:
+            tiers = []
+            for start in range(0, len(hashes), _LOOKUP_SLICE):
+                if start:
+                    # A huge prompt's index work in slices: other requests run in between.
+                    await asyncio.sleep(0)
+                tiers += hottest_many(hashes[start : start + _LOOKUP_SLICE])
         # Blocks this node knows only in G4 are asked again, in the same round trip as the
         # unknown ones: G4 is shared, and a lost Redis Cluster shard, the TTL or another node's
         # eviction may have removed them since this node found them.
-        for start in range(0, len(hashes), _LOOKUP_SLICE):
-            if start:
-                # A huge prompt's index work in slices: other requests run in between.
-                await asyncio.sleep(0)
-            part = [hottest(h) for h in hashes[start : start + _LOOKUP_SLICE]]
-            probe += [start + i for i, t in enumerate(part) if t is None or t == "G4"]
-            tiers += part
-        if probe and self.engine_config.g4_probe and "G4" in self.placement.order:
+        probe: list[int] = []
+        if self.engine_config.g4_probe and "G4" in self.placement.order:
+            probe = [i for i, t in enumerate(tiers) if t is None or t == "G4"]
+        if probe:
             g4 = self.tier("G4", spec.fingerprint)
             answered = True
             try:
@@ -204,14 +222,44 @@ class Engine(ReadPath):
                     if answered:
                         self.index.remove(hashes[i], "G4")
                         self.counters.add("g4_probe_gone")
-        for start in range(0, len(hashes), _LOOKUP_SLICE):
-            if start:
-                await asyncio.sleep(0)
-            end = start + _LOOKUP_SLICE
-            self.index.touch(
-                [h for h, t in zip(hashes[start:end], tiers[start:end], strict=True) if t]
-            )
-        return LookupResult(list(hashes), tiers, spec.block_tokens)
+        result = LookupResult(list(hashes), tiers, spec.block_tokens)
+        if touch_later and 0 < len(hashes) <= _LOOKUP_SLICE:
+            self._touch_soon(result)
+        else:
+            for start in range(0, len(hashes), _LOOKUP_SLICE):
+                if start:
+                    await asyncio.sleep(0)
+                self._touch_found(result, start, start + _LOOKUP_SLICE)
+        return result
+
+    def _touch_soon(self, found: LookupResult) -> None:
+        """Touch what ``found`` found within ``_TOUCH_DELAY_S``, once however often the prompt
+        is looked up meanwhile: an engine polls the lookups of its waiting requests every
+        scheduler step, and the touch of 512 blocks costs as much as their lookup."""
+        pending = self._pending_touches
+        if pending is None:
+            # What waits is bounded by what can be hashed meanwhile: ~10K blocks per core.
+            pending = self._pending_touches = {}
+            asyncio.get_running_loop().call_later(_TOUCH_DELAY_S, self._apply_touches)
+        # The last hash names the whole prefix (the hashes chain); the newest lookup of it wins,
+        # and moves to the end, so the touches land in the order of the lookups.
+        key = found.hashes[-1]
+        pending.pop(key, None)
+        pending[key] = found
+
+    def _apply_touches(self) -> None:
+        pending, self._pending_touches = self._pending_touches, None
+        for found in (pending or {}).values():
+            self._touch_found(found)
+
+    def _touch_found(self, found: LookupResult, start: int = 0, end: int | None = None) -> None:
+        hashes, tiers = found.hashes, found.tiers
+        if start or end is not None:
+            hashes, tiers = hashes[start:end], tiers[start:end]
+        # Most lookups find every block: then there is nothing to filter.
+        if None in tiers:
+            hashes = [h for h, t in zip(hashes, tiers, strict=True) if t]
+        self.index.touch(hashes)
 
     # -- leases, pins, eviction by request -----------------------------------------------------
 
@@ -258,7 +306,7 @@ class Engine(ReadPath):
             if tier is not None:
                 if self.index.in_tier(key, tier):
                     async with self._room_locks[tier]:
-                        removed += await self._evict_one(key, tier)
+                        removed += await self._evict_one(key, tier, "request")
                 continue
             held = entry.tiers()
             if key in self._copying:
@@ -267,7 +315,9 @@ class Engine(ReadPath):
             for name in held:
                 await self.tier(name, entry.namespace).delete([key])
                 self.index.remove(key, name)
-                self.events.append("removed", key, name, entry.namespace, entry.parent)
+                self.events.append(
+                    "removed", key, name, entry.namespace, entry.parent, reason="request"
+                )
             removed += bool(held)
         for settled in settling:
             await settled.wait()

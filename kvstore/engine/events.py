@@ -30,6 +30,10 @@ class Event:
     parent: BlockHash | None = None
     from_tier: str | None = None  # for "moved": where the copy came from
     time_s: float = 0.0
+    # For "removed": why. "capacity": the tier passed its high watermark; "fragmentation": its
+    # free bytes were split into extents too small for the incoming blocks; "request": Evict or
+    # Flush.
+    reason: str | None = None
 
 
 class EventLog:
@@ -51,8 +55,11 @@ class EventLog:
         namespace: bytes,
         parent: BlockHash | None = None,
         from_tier: str | None = None,
+        reason: str | None = None,
     ) -> Event:
-        event = Event(self._next_seq, kind, key, tier, namespace, parent, from_tier, time.time())
+        event = Event(
+            self._next_seq, kind, key, tier, namespace, parent, from_tier, time.time(), reason
+        )
         self._next_seq += 1
         self._events.append(event)
         # Wake every waiter once, then arm a fresh Event for the next round.

@@ -28,7 +28,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from kvstore.core.errors import InvalidArgumentError
@@ -39,6 +39,16 @@ __all__ = ["TIER_NAMES", "BlockEntry", "BlockIndex", "Lease"]
 TIER_NAMES = ("G1", "G2", "G3", "G4")
 _NUM_TIERS = len(TIER_NAMES)
 _LEVEL = {name: i for i, name in enumerate(TIER_NAMES)}
+# ``BlockEntry.resident`` (bit i: readable in TIER_NAMES[i]) -> the hottest of those tiers, and
+# -> the one level it holds when it is a single bit (else -1: none or several).
+_HOTTEST: tuple[str | None, ...] = (
+    None,
+    *(TIER_NAMES[(bits & -bits).bit_length() - 1] for bits in range(1, 1 << _NUM_TIERS)),
+)
+_SOLE_LEVEL: tuple[int, ...] = tuple(
+    bits.bit_length() - 1 if bits and not bits & (bits - 1) else -1
+    for bits in range(1 << _NUM_TIERS)
+)
 
 
 @dataclass(slots=True)
@@ -62,6 +72,16 @@ class BlockEntry:
         return [name for i, name in enumerate(TIER_NAMES) if self.resident >> i & 1]
 
 
+class _Absent:
+    """What ``hottest_many`` reads for a key the index does not hold: readable nowhere."""
+
+    __slots__ = ()
+    resident = 0
+
+
+_ABSENT = _Absent()
+
+
 @dataclass(frozen=True, slots=True)
 class Lease:
     lease_id: int
@@ -70,14 +90,15 @@ class Lease:
 
 
 class BlockIndex:
-    def __init__(self, slot_bytes: dict[str, int] | None = None) -> None:
-        """``slot_bytes``: tiers that store blocks in fixed slots (G1, G2) and the slot size; a
-        block there takes a whole slot however small it is, and the byte count says so."""
-        self._unit = [(slot_bytes or {}).get(name, 0) for name in TIER_NAMES]
+    def __init__(self, costs: dict[str, Callable[[int], int]] | None = None) -> None:
+        """``costs``: for tiers whose blocks take more room than their bytes (G1, G2 round each
+        block up to their allocator's granularity, G1 keeps the header aside), what a block of
+        ``nbytes`` costs there; the byte counts of those tiers are in that cost."""
+        self._cost = [(costs or {}).get(name) for name in TIER_NAMES]
         self._entries: dict[BlockHash, BlockEntry] = {}
         self._lru: list[OrderedDict[BlockHash, None]] = [OrderedDict() for _ in TIER_NAMES]
         self._bytes = [0] * _NUM_TIERS
-        self._clock = itertools.count(1)
+        self._clock = 0  # the last ``BlockEntry.last_access`` given out
         self._lease_ids = itertools.count(1)
         self._leases: dict[int, Lease] = {}
         self._lease_heap: list[tuple[float, int]] = []
@@ -98,10 +119,20 @@ class BlockIndex:
     def hottest(self, key: BlockHash) -> str | None:
         """The hottest tier where ``key`` is readable, or None."""
         entry = self._entries.get(key)
-        if entry is None or entry.resident == 0:
-            return None
-        low_bit = entry.resident & -entry.resident
-        return TIER_NAMES[low_bit.bit_length() - 1]
+        return None if entry is None else _HOTTEST[entry.resident]
+
+    def hottest_many(self, keys: Sequence[BlockHash]) -> list[str | None]:
+        """``hottest`` of each of ``keys``, in one call: what a lookup asks of every block."""
+        # The dict read directly, a missing key read as an entry held nowhere, the tier from a
+        # table: a ``hottest`` call per block took twice as long as this whole walk.
+        get = self._entries.get
+        absent = _ABSENT
+        resident = [get(key, absent).resident for key in keys]
+        hottest = _HOTTEST
+        # Most prompts are held in one tier throughout: counted in C, one list made in C.
+        if resident and resident.count(resident[0]) == len(resident):
+            return [hottest[resident[0]]] * len(resident)
+        return [hottest[bits] for bits in resident]
 
     def tiers_of(self, key: BlockHash) -> list[str]:
         entry = self._entries.get(key)
@@ -112,11 +143,13 @@ class BlockIndex:
         return entry is not None and bool(entry.resident >> _LEVEL[tier] & 1)
 
     def _charge(self, entry: BlockEntry, level: int) -> int:
-        return self._unit[level] or entry.nbytes
+        cost = self._cost[level]
+        return entry.nbytes if cost is None else cost(entry.nbytes)
 
     def charge(self, tier: str, nbytes: int) -> int:
         """What a block of ``nbytes`` costs in ``tier``."""
-        return self._unit[_LEVEL[tier]] or nbytes
+        cost = self._cost[_LEVEL[tier]]
+        return nbytes if cost is None else cost(nbytes)
 
     def bytes_in(self, tier: str) -> int:
         """Bytes readable or being written in ``tier``, by the index's own count."""
@@ -153,9 +186,8 @@ class BlockIndex:
     ) -> BlockEntry:
         entry = self._entries.get(key)
         if entry is None:
-            entry = BlockEntry(
-                key, namespace, parent, nbytes, last_access=next(self._clock), owner=owner
-            )
+            self._clock += 1
+            entry = BlockEntry(key, namespace, parent, nbytes, last_access=self._clock, owner=owner)
             self._entries[key] = entry
             self._owner_bytes[owner] = self._owner_bytes.get(owner, 0) + nbytes
         elif entry.parent is None and parent is not None:
@@ -240,21 +272,39 @@ class BlockIndex:
     # -- recency -------------------------------------------------------------------------------
 
     def touch(self, keys: Sequence[BlockHash], *, hit: bool = False) -> None:
-        """Mark a prefix as used, last block first, so parents stay more recent than children."""
-        for key in reversed(keys):
-            entry = self._entries.get(key)
-            if entry is None:
-                continue
-            entry.last_access = next(self._clock)
-            if hit:
-                entry.hits += 1
-            resident = entry.resident
-            level = 0
-            while resident:
-                if resident & 1:
-                    self._lru[level].move_to_end(key)
-                resident >>= 1
-                level += 1
+        """Mark a prefix as used, last block first, so parents stay more recent than children.
+
+        Every tier a block is readable in moves it to its most recent end; ``hit`` counts a hit
+        on each block."""
+        # Every lookup and read pays this per block: the names bound here, the clock a local
+        # int, and a block readable in one tier (most are) moved without a walk over its bits.
+        # Half the time of the plain loop.
+        get = self._entries.get
+        moves = [lru.move_to_end for lru in self._lru]
+        sole = _SOLE_LEVEL
+        clock = self._clock
+        try:
+            for key in reversed(keys):
+                entry = get(key)
+                if entry is None:
+                    continue
+                clock += 1
+                entry.last_access = clock
+                if hit:
+                    entry.hits += 1
+                level = sole[entry.resident]
+                if level >= 0:
+                    moves[level](key)
+                    continue
+                resident = entry.resident
+                level = 0
+                while resident:
+                    if resident & 1:
+                        moves[level](key)
+                    resident >>= 1
+                    level += 1
+        finally:
+            self._clock = clock
 
     # -- leases and pins -----------------------------------------------------------------------
 

@@ -22,8 +22,7 @@ from kvstore.engine.events import EventLog
 from kvstore.engine.index import TIER_NAMES, BlockIndex
 from kvstore.engine.placement import Placement
 from tiers.base import Tier, TierStats
-from tiers.gpu_memory import GpuMemoryTier
-from tiers.pinned_memory import PinnedMemoryTier
+from tiers.slab import SlabTier
 
 __all__ = ["EngineState", "EngineStats", "LookupResult", "ProgressCallback", "PutResult"]
 
@@ -104,6 +103,27 @@ class _Counters:
 
 
 
+class _Buffers:
+    """Reused buffers for copies between tiers (the event loop's only: no lock). Fresh memory
+    page-faults on first touch (~10 ms per 32 MiB here); a few buffers of at most ``max_bytes``
+    are kept for the next copy."""
+
+    def __init__(self, keep: int = 4, max_bytes: int = 64 << 20) -> None:
+        self._free: list[bytearray] = []
+        self._keep = keep
+        self._max_bytes = max_bytes
+
+    def take(self, nbytes: int) -> bytearray:
+        for i, buf in enumerate(self._free):
+            if len(buf) >= nbytes:
+                return self._free.pop(i)
+        return bytearray(nbytes)
+
+    def give(self, buf: bytearray) -> None:
+        if len(self._free) < self._keep and len(buf) <= self._max_bytes:
+            self._free.append(buf)
+
+
 class EngineState:
     def __init__(
         self,
@@ -126,16 +146,12 @@ class EngineState:
         names = [n for n in TIER_NAMES if n in tiers or (n == "G4" and g4_factory is not None)]
         capacities = [(n, self._capacity(n)) for n in names]
         self.placement = Placement(config.placement, capacities)
-        slot_bytes = {
-            n: t.slot_bytes
-            for n, t in tiers.items()
-            if isinstance(t, PinnedMemoryTier | GpuMemoryTier)
-        }
-        self.index = BlockIndex(slot_bytes)
+        self.index = BlockIndex({n: t.cost for n, t in tiers.items() if isinstance(t, SlabTier)})
         self.events = EventLog(self.engine_config.event_log_size)
         self.counters = _Counters()
         self._queue: asyncio.Queue[_Move] = asyncio.Queue(self.engine_config.move_queue_blocks)
         self._promote_data_bytes = 0  # held by queued promotions (``_Move.data``)
+        self._staging = _Buffers()  # copies out of G2 (``WritePath._copy_once``)
         self._room_locks = {n: asyncio.Lock() for n in names}
         self._queue_room = asyncio.Condition()
         self._tasks: list[asyncio.Task[None]] = []

@@ -121,6 +121,15 @@ class _EngineCollector(Collector):
             yield family
 
 
+@dataclass(frozen=True, slots=True)
+class _MethodMetrics:
+    """The children of one method's labelled metrics (``rpcs`` by status code)."""
+
+    in_flight: Gauge
+    seconds: Histogram
+    codes: dict[str, Counter]
+
+
 class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -156,24 +165,53 @@ class ServerMetrics:
             "Block payload bytes sent (stream) or handed over as slots (shm)",
             ["path"], registry=self.registry,
         )
+        # The labelled children, made once each: ``labels()`` costs as much as the rest of the
+        # accounting of a call (a Lookup asked for five of them).
+        self._of_method: dict[str, _MethodMetrics] = {}
+        self._hit_blocks_of: dict[str, Counter] = {}
         self._collector: _EngineCollector | None = None
         self._http: WSGIServer | None = None
         self._http_thread: threading.Thread | None = None
 
+    def _method(self, method: str) -> _MethodMetrics:
+        children = self._of_method.get(method)
+        if children is None:
+            children = self._of_method[method] = _MethodMetrics(
+                self.in_flight.labels(method), self.rpc_seconds.labels(method), {}
+            )
+        return children
+
     def rpc_started(self, method: str) -> None:
-        self.in_flight.labels(method).inc()
+        self._method(method).in_flight.inc()
 
     def rpc_finished(self, method: str, code: str, seconds: float) -> None:
-        self.in_flight.labels(method).dec()
-        self.rpc_seconds.labels(method).observe(seconds)
-        self.rpcs.labels(method, code).inc()
+        children = self._method(method)
+        children.in_flight.dec()
+        children.seconds.observe(seconds)
+        answered = children.codes.get(code)
+        if answered is None:
+            answered = children.codes[code] = self.rpcs.labels(method, code)
+        answered.inc()
 
     def lookup(self, hit_tiers: list[str], block_tokens: int) -> None:
         """One lookup whose leading hit is in ``hit_tiers`` (one tier name per hit block)."""
         self.lookups.inc()
         self.hit_tokens.inc(len(hit_tiers) * block_tokens)
-        for tier in set(hit_tiers):
-            self.hit_blocks.labels(tier).inc(hit_tiers.count(tier))
+        if not hit_tiers:
+            return
+        # Most hits lie in one tier: counted in C, without a set of the tiers.
+        first = hit_tiers[0]
+        count = hit_tiers.count(first)
+        self._hit_blocks(first).inc(count)
+        if count < len(hit_tiers):
+            for tier in set(hit_tiers) - {first}:
+                self._hit_blocks(tier).inc(hit_tiers.count(tier))
+
+    def _hit_blocks(self, tier: str) -> Counter:
+        counter = self._hit_blocks_of.get(tier)
+        if counter is None:
+            counter = self._hit_blocks_of[tier] = self.hit_blocks.labels(tier)
+        return counter
 
     def bytes_in(self, path: str, n: int) -> None:
         self.payload_bytes_in.labels(path).inc(n)

@@ -7,20 +7,29 @@ Per stream: ``PutAssembler(spec, num_blocks, segment)``, then ``chunk(message)``
 ``slot(message)`` for each message (a tensor once a block is complete), then ``finish()``
 (the stream must end on a block boundary, after every announced block). A ``SlotRef`` tensor is
 a view of the segment: it must be dropped before the segment can be unmapped.
+
+A Put whose header names a K/V tensor in the segment (``header.tensor``, a client's
+``kv_buffer``) has no messages after the header: ``TensorBlocks`` hands its blocks, a few at a
+time, to the engine as views of the segment, which it encodes straight into G2.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
 from kvstore.core.block_format import torch_dtype
 from kvstore.core.errors import InvalidArgumentError
 from kvstore.core.keys import ModelSpec
-from kvstore.service.segments import Segment
+from kvstore.service.segments import Segment, kv_rows
 
-__all__ = ["PutAssembler"]
+__all__ = ["PutAssembler", "TensorBlocks"]
+
+# Blocks per engine call of ``TensorBlocks`` (at least one): the event loop is free between calls.
+_BATCH_BYTES = 16 << 20
 
 
 class PutAssembler:
@@ -114,3 +123,44 @@ class PutAssembler:
                 f"the stream ended after {self.next_block} of the {self.num_blocks} blocks "
                 "the header announced"
             )
+
+
+class TensorBlocks:
+    """The blocks of a Put that names a K/V tensor in its segment (``header.tensor``).
+
+    The tensor is checked against the segment here, before anything is read or stored
+    (``kv_rows``: every byte inside the segment, offsets and strides in whole items), and must
+    hold the ``num_blocks`` blocks. ``batches()`` hands them out a few at a time as block tensors
+    over the server's own mapping of the segment: a block of a K/V tensor is ``layers * 2`` rows
+    apart in memory, and the encoder gathers those rows straight into G2 while checksumming them
+    (``encode_block_into``, ``kvstore.core.copies.gather_hash``): one copy in all. What the G2
+    checksum covers is what G2 holds, whatever the client writes into its segment meanwhile.
+    ``close()`` drops every view of the segment.
+    """
+
+    def __init__(self, spec: ModelSpec, num_blocks: int, segment: Segment, tensor: Any) -> None:
+        self.spec = spec
+        self.num_blocks = num_blocks
+        if tensor.num_tokens < num_blocks * spec.block_tokens:
+            raise InvalidArgumentError(
+                f"header.tensor has {tensor.num_tokens} tokens, fewer than the "
+                f"{num_blocks * spec.block_tokens} of the {num_blocks} blocks to store"
+            )
+        self._rows: np.ndarray[Any, np.dtype[np.uint8]] | None = kv_rows(
+            segment, spec, tensor, "header.tensor"
+        )
+        self._row_bytes = spec.block_nbytes // (2 * spec.num_layers)
+        self.per_batch = max(1, _BATCH_BYTES // spec.block_nbytes)
+
+    def batches(self) -> Iterator[list[torch.Tensor]]:
+        """Each batch of blocks, in order, as a list of block tensors (views of the segment)."""
+        assert self._rows is not None, "closed"
+        spec, rows, row = self.spec, self._rows, self._row_bytes
+        dtype = torch_dtype(spec.dtype)
+        for start in range(0, self.num_blocks, self.per_batch):
+            end = min(self.num_blocks, start + self.per_batch)
+            views = [rows[:, :, i * row : (i + 1) * row] for i in range(start, end)]
+            yield [torch.from_numpy(v).view(dtype).view(spec.block_shape) for v in views]
+
+    def close(self) -> None:
+        self._rows = None

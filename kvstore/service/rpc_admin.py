@@ -65,6 +65,7 @@ def _event_message(event: Event) -> Any:
         parent_hash=event.parent or b"",
         namespace_fingerprint=event.namespace,
         time_s=event.time_s,
+        reason=event.reason or "",
     )
 
 

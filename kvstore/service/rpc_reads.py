@@ -1,5 +1,6 @@
-"""The read RPCs: Lookup, Fetch (bytes, into a same-host segment, or into it layer by layer),
-and OpenSegment / CloseSegment, which hand out the segments Fetch and Put use.
+"""The read RPCs: Lookup, Fetch (bytes, into a same-host segment, straight into a K/V tensor in
+it, or into it layer by layer), and OpenSegment / CloseSegment, which hand out the segments Fetch
+and Put use.
 
 Fetch reads first and then sends: the header lists exactly the blocks that follow, so a block that
 vanished between lookup and read ends the hit there. Whatever a Fetch sends or copies is held
@@ -11,23 +12,31 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import xxhash
 
 from kvstore.core.block_format import HEADER_BYTES, Codec, read_header, transcode_block
+from kvstore.core.errors import InvalidArgumentError
 from kvstore.core.keys import BlockHash, ModelSpec
 from kvstore.service.calls import Call, stream_rpc, unary_rpc
 from kvstore.service.fetch_wire import chunk_message
-from kvstore.service.segments import Segment
+from kvstore.service.segments import Segment, copy_steps, copy_verified, kv_rows
 from kvstore.service.servicer_base import ServicerBase
 from kvstore.v1 import kvstore_pb2 as pb
-from kvstore.wire.convert import TIER_VALUE
+from kvstore.wire.convert import lookup_reply
 
 __all__ = ["ReadRpcs"]
 
 log = logging.getLogger(__name__)
+
+# Blocks whose payloads ``_fetch_into_tensor`` asks the engine for at a time: bounds the memory
+# held for blocks read from lower tiers.
+_SOURCE_BATCH = 32
+# Bytes a Fetch copies into a segment between two yields to the event loop (~5 ms here), so that
+# a huge fetch does not stall every other request. The lease keeps the blocks in place meanwhile.
+_YIELD_BYTES = 64 << 20
 
 
 def _raw_block(data: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview:
@@ -41,24 +50,24 @@ class ReadRpcs(ServicerBase):
     @unary_rpc("Lookup")
     async def Lookup(self, request: Any, call: Call) -> Any:
         p = await self._prompt(request.prompt, call.who, "prompt")
-        found = await self.engine.lookup_hashes(p.spec, p.hashes)
-        hit = found.hit_blocks
-        self.metrics.lookup([t for t in found.tiers[:hit] if t], p.spec.block_tokens)
-
-        def reply() -> Any:
-            return pb.LookupResponse(
-                block_hashes=found.hashes,
-                tiers=[TIER_VALUE[t] if t else pb.TIER_UNSPECIFIED for t in found.tiers],
-                hit_blocks=hit,
-                hit_tokens=found.hit_tokens,
-                holes=found.holes,
-                block_tokens=p.spec.block_tokens,
-            )
-
-        if len(found.hashes) * p.spec.block_tokens <= self.server_config.heavy_prompt_tokens:
-            return reply()
-        async with self._heavy:  # a reply of ~10 MiB: built off the event loop too
-            return await asyncio.to_thread(reply)
+        spec = p.spec
+        # The reply does not wait for the recency update of the blocks found (a sixth of the
+        # server's time in a 512-block Lookup), and a prompt looked up again and again is
+        # touched once per few milliseconds.
+        found = await self.engine.lookup_hashes(spec, p.hashes, touch_later=True)
+        hashes, tiers, block_tokens = found.hashes, found.tiers, spec.block_tokens
+        if len(hashes) * block_tokens <= self.server_config.heavy_prompt_tokens:
+            message = lookup_reply(hashes, tiers, block_tokens, packed=request.packed_reply)
+        else:
+            async with self._heavy:  # a reply of ~10 MiB: built off the event loop too
+                message = await asyncio.to_thread(
+                    lambda: lookup_reply(hashes, tiers, block_tokens, packed=request.packed_reply)
+                )
+        hit = message.hit_blocks
+        # The leading hit, all present (no None); most often the whole prompt, not copied then.
+        hit_tiers = cast("list[str]", tiers if hit == len(tiers) else tiers[:hit])
+        self.metrics.lookup(hit_tiers, block_tokens)
+        return message
 
     @stream_rpc("Fetch")
     async def Fetch(self, request: Any, call: Call) -> AsyncGenerator[Any, None]:
@@ -73,13 +82,19 @@ class ReadRpcs(ServicerBase):
             hit = min(hit, request.max_blocks)
         self.metrics.lookup([t for t in found.tiers[:hit] if t], spec.block_tokens)
         hashes = p.hashes[:hit]
+        tensor = request.tensor if request.HasField("tensor") else None
+        if tensor is not None and not request.segment_id:
+            raise InvalidArgumentError("tensor needs segment_id (the segment that holds it)")
         if request.segment_id:
             segment = self._segment(request.segment_id, call.who)
             if request.by_layer:
                 async for message in self._fetch_by_layer(
-                    spec, hashes, segment, request.segment_offset
+                    spec, hashes, segment, request.segment_offset, tensor
                 ):
                     yield message
+                return
+            if tensor is not None:
+                yield await self._fetch_into_tensor(spec, hashes, segment, tensor)
                 return
             yield await self._fetch_into(spec, hashes, segment, request.segment_offset)
             return
@@ -155,19 +170,99 @@ class ReadRpcs(ServicerBase):
             )
         )
 
+    async def _fetch_into_tensor(
+        self, spec: ModelSpec, hashes: list[BlockHash], segment: Segment, tensor: Any
+    ) -> Any:
+        """Copy the payloads of the hit straight into their places in the caller's K/V tensor
+        (``tensor``, a ``SegmentTensor`` of its segment), as many as it has tokens for: one copy
+        per block, checksummed in the same pass (``copy_verified``). A G2 copy that fails is
+        dropped as corrupt and the block read from the tiers below; a block found nowhere intact
+        ends the hit, and the bytes it left are zeroed. The reply lists exactly the blocks
+        written: the client uses no others."""
+        rows = kv_rows(segment, spec, tensor)
+        size = spec.block_nbytes
+        row = size // (2 * spec.num_layers)
+        steps = copy_steps(spec.num_layers, row)
+        hashes = hashes[: tensor.num_tokens // spec.block_tokens]
+        lease = self.engine.reserve(hashes) if hashes else None
+        done = unyielded = 0
+        hits: list[BlockHash] = []
+        try:
+            complete = True
+            while complete and done < len(hashes):
+                asked = hashes[done : done + _SOURCE_BATCH]
+                sources = await self.engine.payload_sources(spec, asked)
+                complete = len(sources) == len(asked)  # else the hit ends after the last found
+                for key, payload, want in sources:
+                    dst = rows[:, :, done * row : (done + 1) * row]
+                    src = np.frombuffer(payload, dtype=np.uint8).reshape(dst.shape)
+                    if want is None:  # read from a lower tier, verified there
+                        np.copyto(dst, src)
+                    elif copy_verified(src, dst, steps) == want:
+                        hits.append(key)
+                    elif not await self._copy_again(spec, key, payload, want, dst):
+                        complete = False
+                        break
+                    done += 1
+                    unyielded += size
+                    if unyielded >= _YIELD_BYTES:
+                        unyielded = 0
+                        await asyncio.sleep(0)
+                sources = []
+        finally:
+            sources = []
+            if lease is not None:
+                self.engine.release(lease.lease_id)
+            await self.engine.settle_payloads(hits, [])
+        self.metrics.bytes_out("shm", done * size)
+        return pb.FetchResponse(
+            header=pb.FetchHeader(
+                block_hashes=hashes[:done], block_tokens=spec.block_tokens, block_bytes=size
+            )
+        )
+
+    async def _copy_again(
+        self,
+        spec: ModelSpec,
+        key: BlockHash,
+        payload: memoryview,
+        want: int,
+        dst: np.ndarray[Any, np.dtype[np.uint8]],
+    ) -> bool:
+        """After G2's copy of ``key`` failed its checksum on its way into ``dst``: drop it, and
+        copy the block from a lower tier instead; False if none has it (``dst`` is zeroed then:
+        bytes that failed their checksum are not left to look valid)."""
+        await self.engine.settle_payloads([], [(key, payload, want)])  # drops G2's copy
+        again = await self.engine.payload_sources(spec, [key])
+        if again and again[0][2] is None:
+            np.copyto(dst, np.frombuffer(again[0][1], dtype=np.uint8).reshape(dst.shape))
+            return True
+        dst[...] = 0
+        return False
+
     async def _fetch_by_layer(
-        self, spec: ModelSpec, hashes: list[BlockHash], segment: Segment, offset: int
+        self,
+        spec: ModelSpec,
+        hashes: list[BlockHash],
+        segment: Segment,
+        offset: int,
+        tensor: Any = None,
     ) -> AsyncIterator[Any]:
         """Copy the hit into the caller's segment layer by layer, as ``[layers, 2, tokens,
-        kv_heads, head_dim]`` from ``offset`` on, with a ``FetchProgress`` after each layer: the
-        client puts layer ``l`` in place while the server copies the next ones. Each G2 block's
-        checksum is taken over the bytes that landed, in payload order as the layers go by; the
-        last message says how many leading blocks passed (a block that did not is dropped from
-        G2 as corrupt). Blocks from lower tiers were verified as they were read."""
+        kv_heads, head_dim]`` from ``offset`` on (or into the K/V tensor ``tensor`` of the
+        segment, as many blocks as it has tokens for), with a ``FetchProgress`` after each
+        layer: the client puts layer ``l`` in place while the server copies the next ones. Each
+        G2 block's checksum is taken over the bytes that landed, in payload order as the layers
+        go by; the last message says how many leading blocks passed (a block that did not is
+        dropped from G2 as corrupt). Blocks from lower tiers were verified as they were read."""
         size = spec.block_nbytes
-        segment.check_range(offset, 0, "segment_offset")
-        hashes = hashes[: (segment.size - offset) // size]
         piece = size // (2 * spec.num_layers)  # the K (or V) of one layer of one block
+        if tensor is not None:
+            rows = kv_rows(segment, spec, tensor)
+            hashes = hashes[: tensor.num_tokens // spec.block_tokens]
+        else:
+            segment.check_range(offset, 0, "segment_offset")
+            hashes = hashes[: (segment.size - offset) // size]
         lease = self.engine.reserve(hashes) if hashes else None
         sources: list[tuple[BlockHash, memoryview, int | None]] = []
         try:
@@ -182,23 +277,28 @@ class ReadRpcs(ServicerBase):
                 )
             )
             hashers = [None if want is None else xxhash.xxh3_64() for _, _, want in sources]
-            with memoryview(segment.mapping) as whole:
-                dst = np.frombuffer(
-                    whole, dtype=np.uint8, count=2 * spec.num_layers * n * piece, offset=offset
-                ).reshape(2 * spec.num_layers, n, piece)
-                src = [np.frombuffer(payload, dtype=np.uint8) for _, payload, _ in sources]
-                try:
-                    for layer in range(spec.num_layers):
-                        for row in (2 * layer, 2 * layer + 1):
-                            at = row * piece
-                            for i, hasher in enumerate(hashers):
-                                dst[row, i] = src[i][at : at + piece]
-                                if hasher is not None:
-                                    hasher.update(dst[row, i])
-                        if layer + 1 < spec.num_layers:
-                            yield pb.FetchResponse(progress=pb.FetchProgress(layers_done=layer + 1))
-                finally:
-                    del dst, src
+            if tensor is None:  # the default layout: [layers, 2, n * block_tokens, ...] at offset
+                rows = segment.strided(
+                    offset, (spec.num_layers, 2, n * piece), (2 * n * piece, n * piece, 1), "reply"
+                )
+            src = [np.frombuffer(payload, dtype=np.uint8) for _, payload, _ in sources]
+            dst: np.ndarray[Any, np.dtype[np.uint8]] | None = None
+            try:
+                for layer in range(spec.num_layers):
+                    for kv in (0, 1):
+                        at = (2 * layer + kv) * piece
+                        for i, hasher in enumerate(hashers):
+                            dst = rows[layer, kv, i * piece : (i + 1) * piece]
+                            dst[...] = src[i][at : at + piece]
+                            if hasher is not None:
+                                hasher.update(dst.data)
+                    if layer + 1 < spec.num_layers:
+                        yield pb.FetchResponse(progress=pb.FetchProgress(layers_done=layer + 1))
+            finally:
+                # Views of the segment must be gone before it can be unmapped; the generator
+                # lives on to send the last message.
+                del rows, src
+                dst = None
             verified = n
             hits: list[BlockHash] = []
             mismatched: list[tuple[BlockHash, memoryview, int]] = []

@@ -1,5 +1,7 @@
 """The write RPC: Put, a client stream of a ``PutHeader`` and then the blocks, as ``BlockChunk``
-messages or as ``SlotRef`` messages into a same-host segment (assembled by ``PutAssembler``).
+messages or as ``SlotRef`` messages into a same-host segment (assembled by ``PutAssembler``); on
+the same host the header may also carry every slot itself, or name a K/V tensor in the segment
+(``TensorBlocks``), and then the whole Put is one message.
 
 Blocks are stored in batches as they complete. A stream that fails or breaks off removes the
 blocks its earlier batches stored new (``_roll_back``), so a refused Put stores nothing, except
@@ -19,7 +21,7 @@ from kvstore.core.block_format import torch_dtype
 from kvstore.core.errors import InvalidArgumentError
 from kvstore.core.keys import BlockHash, root_hash
 from kvstore.service.calls import Call, unary_rpc
-from kvstore.service.put_assembly import PutAssembler
+from kvstore.service.put_assembly import PutAssembler, TensorBlocks
 from kvstore.service.servicer_base import ServicerBase
 from kvstore.v1 import kvstore_pb2 as pb
 
@@ -60,9 +62,18 @@ class WriteRpcs(ServicerBase):
         segment = self._segment(header.segment_id, tenant) if header.segment_id else None
         path = "stream" if segment is None else "shm"
         assembler = PutAssembler(spec, n, segment)
+        from_tensor = None
+        if header.HasField("tensor"):
+            if segment is None or header.slots:
+                raise InvalidArgumentError(
+                    "header.tensor needs header.segment_id (the segment that holds it) and no "
+                    "header.slots"
+                )
+            from_tensor = TensorBlocks(spec, n, segment, header.tensor)
         batch: list[tuple[BlockHash, bytes | None, torch.Tensor]] = []
         stored = already = 0
         mine: set[BlockHash] = set()  # what this put stored new: removed again if it fails
+        tensor: torch.Tensor | None = None
 
         async def store() -> None:
             nonlocal stored, already
@@ -80,24 +91,43 @@ class WriteRpcs(ServicerBase):
             batch.clear()
 
         try:
-            async for message in stream:
-                kind = message.WhichOneof("msg")
-                if kind == "chunk":
-                    tensor = assembler.chunk(message.chunk)
-                elif kind == "slot":
-                    tensor = assembler.slot(message.slot)
-                else:
+            if from_tensor is not None:
+                if await anext(stream, None) is not None:
                     raise InvalidArgumentError(
-                        f"after the header a Put stream carries chunk or slot messages; got "
-                        f"{kind or 'an empty message'}"
+                        "a Put whose header names a tensor carries no messages after the header"
                     )
-                if tensor is None:
-                    continue
-                i = assembler.next_block - 1
-                batch.append((hashes[i], parents[i], tensor))
-                if len(batch) * spec.block_nbytes >= _PUT_BATCH_BYTES:
+                start = 0
+                for tensors in from_tensor.batches():
+                    batch.extend(
+                        (hashes[i], parents[i], t) for i, t in enumerate(tensors, start)
+                    )
+                    start += len(tensors)
                     await store()
-            assembler.finish()
+            else:
+                for slot in header.slots:
+                    tensor = assembler.slot(slot)
+                    i = assembler.next_block - 1
+                    batch.append((hashes[i], parents[i], tensor))
+                    if len(batch) * spec.block_nbytes >= _PUT_BATCH_BYTES:
+                        await store()
+                async for message in stream:
+                    kind = message.WhichOneof("msg")
+                    if kind == "chunk":
+                        tensor = assembler.chunk(message.chunk)
+                    elif kind == "slot":
+                        tensor = assembler.slot(message.slot)
+                    else:
+                        raise InvalidArgumentError(
+                            f"after the header a Put stream carries chunk or slot messages; got "
+                            f"{kind or 'an empty message'}"
+                        )
+                    if tensor is None:
+                        continue
+                    i = assembler.next_block - 1
+                    batch.append((hashes[i], parents[i], tensor))
+                    if len(batch) * spec.block_nbytes >= _PUT_BATCH_BYTES:
+                        await store()
+                assembler.finish()
             await store()
         except BaseException:
             # A refused or broken-off Put stores nothing: the batches it stored go again.
@@ -109,6 +139,8 @@ class WriteRpcs(ServicerBase):
             # Tensors over the segment must be gone before it can be unmapped.
             batch.clear()
             tensor = None
+            if from_tensor is not None:
+                from_tensor.close()
             self._unclaim(mine)
         return pb.PutResponse(block_hashes=hashes, stored=stored, already=already)
 

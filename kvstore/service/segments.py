@@ -7,6 +7,10 @@ Each tenant's segments are bounded in bytes (``max_bytes_per_tenant``) and a seg
 the client unmaps too). The registry is used from the event loop and from the socket thread that
 hands out descriptors, hence the lock.
 
+A Put or Fetch may also name a K/V tensor inside a segment (a ``SegmentTensor``: what a client's
+``kv_buffer`` hands out). ``kv_rows`` turns it into a byte view of the server's own mapping once
+every byte of it is known to lie inside the segment, and ``copy_verified`` copies a block payload
+into its place in such a tensor, checksumming the payload in the same pass.
 """
 
 from __future__ import annotations
@@ -21,8 +25,13 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import xxhash
 
 from kvstore.core.errors import InvalidArgumentError, KVStoreError
+from kvstore.core.keys import ModelSpec
 from kvstore.wire.segments import GRANTED, REFUSED, TICKET_BYTES, socket_address
 
 __all__ = [
@@ -31,6 +40,9 @@ __all__ = [
     "SegmentLimitError",
     "SegmentRegistry",
     "SegmentsOffError",
+    "copy_steps",
+    "copy_verified",
+    "kv_rows",
 ]
 
 log = logging.getLogger(__name__)
@@ -77,6 +89,23 @@ class Segment:
     def view(self, offset: int, length: int) -> memoryview:
         """A view of ``[offset, offset + length)``; the caller checked the range."""
         return memoryview(self.mapping)[offset : offset + length]
+
+    def strided(
+        self, offset: int, shape: tuple[int, ...], strides: tuple[int, ...], what: str
+    ) -> np.ndarray[Any, np.dtype[np.uint8]]:
+        """A uint8 view of the server's mapping with byte ``strides``, once every byte it covers
+        is checked to lie inside the segment (the values come from the client: none is trusted,
+        and Python's integers cannot overflow)."""
+        last = offset + sum((n - 1) * s for n, s in zip(shape, strides, strict=True))
+        if offset < 0 or any(s < 0 for s in strides) or (all(shape) and last >= self.size):
+            raise InvalidArgumentError(
+                f"{what} covers bytes [{offset}, {last + 1}), outside the {self.size}-byte "
+                f"segment {self.segment_id}"
+            )
+        base = np.frombuffer(self.mapping, dtype=np.uint8)
+        if not all(shape):
+            return base[:0].reshape(shape)
+        return np.lib.stride_tricks.as_strided(base[offset:], shape=shape, strides=strides)
 
     def try_unmap(self) -> bool:
         """Unmap and close the descriptor; False while a view is still referenced."""
@@ -275,3 +304,67 @@ class SegmentRegistry:
             socket.send_fds(conn, [GRANTED], [fd])
         finally:
             os.close(fd)
+
+
+# -- K/V tensors inside a segment ------------------------------------------------------------------
+
+# Bytes of one step of ``copy_verified``: the source and destination of a step stay in L2 (1 MiB per
+# core here) until the checksum has read them. Measured on 128 MiB of 2 MiB blocks: 256 KiB steps
+# ran at 0.82x of a bare copy, 512 KiB at 0.85x, 1 MiB no better.
+_STEP_BYTES = 512 * 1024
+
+
+def kv_rows(
+    segment: Segment, spec: ModelSpec, tensor: Any, what: str = "tensor"
+) -> np.ndarray[Any, np.dtype[np.uint8]]:
+    """The K/V tensor that a ``SegmentTensor`` message names in ``segment``, as bytes ``[layers,
+    2, num_tokens * token_bytes]`` (a view of the server's own mapping, never of the client's),
+    refused with ``InvalidArgumentError`` unless it lies wholly inside the segment."""
+    item = spec.itemsize
+    for name in ("offset", "layer_stride", "kv_stride"):
+        if getattr(tensor, name) % item:
+            raise InvalidArgumentError(
+                f"{what}.{name} is {getattr(tensor, name)}, not a multiple of the {item}-byte "
+                f"items of {spec.dtype}"
+            )
+    token_bytes = spec.num_kv_heads * spec.head_dim * item
+    return segment.strided(
+        tensor.offset,
+        (spec.num_layers, 2, tensor.num_tokens * token_bytes),
+        (tensor.layer_stride, tensor.kv_stride, 1),
+        what,
+    )
+
+
+def copy_steps(layers: int, row_bytes: int) -> list[Any]:
+    """The steps of ``copy_verified`` for blocks of ``layers`` layers and ``row_bytes``-byte rows:
+    indexes of ``[layers, 2, row_bytes]`` arrays that cover them in C order, about
+    ``_STEP_BYTES`` each (whole layers while two rows fit, else pieces of one row). The same for
+    every block of a namespace: made once per request."""
+    if 2 * row_bytes <= _STEP_BYTES:
+        step = _STEP_BYTES // (2 * row_bytes)
+        return [np.s_[layer : layer + step] for layer in range(0, layers, step)]
+    return [
+        np.s_[layer, kv, start : start + _STEP_BYTES]
+        for layer in range(layers)
+        for kv in (0, 1)
+        for start in range(0, row_bytes, _STEP_BYTES)
+    ]
+
+
+def copy_verified(
+    payload: np.ndarray[Any, np.dtype[np.uint8]],
+    dst: np.ndarray[Any, np.dtype[np.uint8]],
+    steps: list[Any],
+) -> int:
+    """Copy one block's payload (C-contiguous ``[layers, 2, row_bytes]`` bytes) into its place
+    in a K/V tensor (``dst``, the same shape, any strides) and return the xxh3-64 of the payload,
+    taken step by step (``copy_steps``) right after each step is copied, while it is still in
+    cache: one pass over memory. The sum is that of the source (G2's copy, which nothing writes
+    meanwhile), so a mismatch says G2's copy is bad, whatever the client does to its own segment
+    meanwhile."""
+    hasher = xxhash.xxh3_64()
+    for index in steps:
+        np.copyto(dst[index], payload[index])
+        hasher.update(payload[index])
+    return hasher.intdigest()

@@ -76,13 +76,17 @@ class ServicerBase:
             max_bytes_per_tenant=cfg.tenant_segment_bytes,
             idle_s=cfg.segment_idle_s,
         )
-        slots = [config.g2.slot_bytes] + ([config.g1.slot_bytes] if config.g1 else [])
-        self._max_block_bytes = min(slots)
+        # Puts land in the top memory tier (G1 when it is on, else G2), which takes blocks of any
+        # size up to its capacity.
+        top = config.g1 if config.g1 is not None else config.g2
+        self._max_block_bytes = top.capacity_bytes
+        self._top_tier = "g1" if config.g1 is not None else "g2"
 
     # -- the CallHooks of the RPC wrappers ------------------------------------------------------
 
     def _begin(self, method: str, context: Any) -> Call:
-        call = Call(method, request_id(context.invocation_metadata()), peer=context.peer())
+        metadata = context.invocation_metadata()
+        call = Call(method, request_id(metadata), peer=context.peer(), metadata=metadata)
         context.set_trailing_metadata((("x-request-id", call.request_id),))
         self.metrics.rpc_started(method)
         return call
@@ -92,7 +96,7 @@ class ServicerBase:
             tenant = self.tenants.authenticate(None)
             assert tenant is not None
             return tenant
-        token = bearer(context.invocation_metadata())
+        token = bearer(call.metadata)
         if token is None:
             raise UnauthenticatedError(
                 "missing `authorization: Bearer <token>` metadata; this server has tenants"
@@ -163,8 +167,9 @@ class ServicerBase:
         if total > self._max_block_bytes:
             raise BlockTooLargeError(
                 f"a block of namespace {spec.name} ({spec.dtype} {list(spec.block_shape)}) is "
-                f"{total} bytes with its header, more than the {self._max_block_bytes}-byte "
-                "slots of this server (g2.slot_bytes): use fewer tokens per block"
+                f"{total} bytes with its header, more than the whole {self._max_block_bytes}-byte "
+                f"{self._top_tier.upper()} of this server ({self._top_tier}.capacity_bytes): use "
+                "fewer tokens per block"
             )
 
     def _check_quota(self, tenant: Tenant, spec: ModelSpec, hashes: list[BlockHash]) -> None:

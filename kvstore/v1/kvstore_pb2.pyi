@@ -80,26 +80,32 @@ class Prompt(_message.Message):
     def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., tokens_u32le: _Optional[bytes] = ..., extra_keys: _Optional[_Iterable[_Union[BlockExtraKeys, _Mapping]]] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("prompt",)
+    __slots__ = ("prompt", "packed_reply")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
+    PACKED_REPLY_FIELD_NUMBER: _ClassVar[int]
     prompt: Prompt
-    def __init__(self, prompt: _Optional[_Union[Prompt, _Mapping]] = ...) -> None: ...
+    packed_reply: bool
+    def __init__(self, prompt: _Optional[_Union[Prompt, _Mapping]] = ..., packed_reply: _Optional[bool] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
-    __slots__ = ("block_hashes", "tiers", "hit_blocks", "hit_tokens", "holes", "block_tokens")
+    __slots__ = ("block_hashes", "tiers", "hit_blocks", "hit_tokens", "holes", "block_tokens", "packed_hashes", "packed_tiers")
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
     HIT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     HOLES_FIELD_NUMBER: _ClassVar[int]
     BLOCK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PACKED_HASHES_FIELD_NUMBER: _ClassVar[int]
+    PACKED_TIERS_FIELD_NUMBER: _ClassVar[int]
     block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
     tiers: _containers.RepeatedScalarFieldContainer[Tier]
     hit_blocks: int
     hit_tokens: int
     holes: _containers.RepeatedScalarFieldContainer[int]
     block_tokens: int
-    def __init__(self, block_hashes: _Optional[_Iterable[bytes]] = ..., tiers: _Optional[_Iterable[_Union[Tier, str]]] = ..., hit_blocks: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., holes: _Optional[_Iterable[int]] = ..., block_tokens: _Optional[int] = ...) -> None: ...
+    packed_hashes: bytes
+    packed_tiers: bytes
+    def __init__(self, block_hashes: _Optional[_Iterable[bytes]] = ..., tiers: _Optional[_Iterable[_Union[Tier, str]]] = ..., hit_blocks: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., holes: _Optional[_Iterable[int]] = ..., block_tokens: _Optional[int] = ..., packed_hashes: _Optional[bytes] = ..., packed_tiers: _Optional[bytes] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
     __slots__ = ("prompt", "num_blocks", "ttl_s")
@@ -134,16 +140,32 @@ class ReleaseResponse(_message.Message):
     def __init__(self, released: _Optional[bool] = ...) -> None: ...
 
 class PutHeader(_message.Message):
-    __slots__ = ("prompt", "durable", "num_blocks", "segment_id")
+    __slots__ = ("prompt", "durable", "num_blocks", "segment_id", "tensor", "slots")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     DURABLE_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
     prompt: Prompt
     durable: bool
     num_blocks: int
     segment_id: int
-    def __init__(self, prompt: _Optional[_Union[Prompt, _Mapping]] = ..., durable: _Optional[bool] = ..., num_blocks: _Optional[int] = ..., segment_id: _Optional[int] = ...) -> None: ...
+    tensor: SegmentTensor
+    slots: _containers.RepeatedCompositeFieldContainer[SlotRef]
+    def __init__(self, prompt: _Optional[_Union[Prompt, _Mapping]] = ..., durable: _Optional[bool] = ..., num_blocks: _Optional[int] = ..., segment_id: _Optional[int] = ..., tensor: _Optional[_Union[SegmentTensor, _Mapping]] = ..., slots: _Optional[_Iterable[_Union[SlotRef, _Mapping]]] = ...) -> None: ...
+
+class SegmentTensor(_message.Message):
+    __slots__ = ("offset", "layer_stride", "kv_stride", "num_tokens")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LAYER_STRIDE_FIELD_NUMBER: _ClassVar[int]
+    KV_STRIDE_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    layer_stride: int
+    kv_stride: int
+    num_tokens: int
+    def __init__(self, offset: _Optional[int] = ..., layer_stride: _Optional[int] = ..., kv_stride: _Optional[int] = ..., num_tokens: _Optional[int] = ...) -> None: ...
 
 class BlockChunk(_message.Message):
     __slots__ = ("block_index", "offset", "data")
@@ -186,7 +208,7 @@ class PutResponse(_message.Message):
     def __init__(self, block_hashes: _Optional[_Iterable[bytes]] = ..., stored: _Optional[int] = ..., already: _Optional[int] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
-    __slots__ = ("prompt", "max_blocks", "repair_holes", "max_chunk_bytes", "segment_id", "segment_offset", "by_layer")
+    __slots__ = ("prompt", "max_blocks", "repair_holes", "max_chunk_bytes", "segment_id", "segment_offset", "by_layer", "tensor")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     REPAIR_HOLES_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +216,7 @@ class FetchRequest(_message.Message):
     SEGMENT_ID_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_OFFSET_FIELD_NUMBER: _ClassVar[int]
     BY_LAYER_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
     prompt: Prompt
     max_blocks: int
     repair_holes: bool
@@ -201,7 +224,8 @@ class FetchRequest(_message.Message):
     segment_id: int
     segment_offset: int
     by_layer: bool
-    def __init__(self, prompt: _Optional[_Union[Prompt, _Mapping]] = ..., max_blocks: _Optional[int] = ..., repair_holes: _Optional[bool] = ..., max_chunk_bytes: _Optional[int] = ..., segment_id: _Optional[int] = ..., segment_offset: _Optional[int] = ..., by_layer: _Optional[bool] = ...) -> None: ...
+    tensor: SegmentTensor
+    def __init__(self, prompt: _Optional[_Union[Prompt, _Mapping]] = ..., max_blocks: _Optional[int] = ..., repair_holes: _Optional[bool] = ..., max_chunk_bytes: _Optional[int] = ..., segment_id: _Optional[int] = ..., segment_offset: _Optional[int] = ..., by_layer: _Optional[bool] = ..., tensor: _Optional[_Union[SegmentTensor, _Mapping]] = ...) -> None: ...
 
 class FetchHeader(_message.Message):
     __slots__ = ("block_hashes", "block_tokens", "block_bytes", "slots", "by_layer")
@@ -398,7 +422,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TierStats(_message.Message):
-    __slots__ = ("tier", "name", "capacity_bytes", "used_bytes", "num_blocks", "num_hits", "num_misses", "num_corrupt")
+    __slots__ = ("tier", "name", "capacity_bytes", "used_bytes", "num_blocks", "num_hits", "num_misses", "num_corrupt", "allocated_bytes", "largest_free_bytes", "fragmentation", "free_extents")
     TIER_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -407,6 +431,10 @@ class TierStats(_message.Message):
     NUM_HITS_FIELD_NUMBER: _ClassVar[int]
     NUM_MISSES_FIELD_NUMBER: _ClassVar[int]
     NUM_CORRUPT_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LARGEST_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FRAGMENTATION_FIELD_NUMBER: _ClassVar[int]
+    FREE_EXTENTS_FIELD_NUMBER: _ClassVar[int]
     tier: Tier
     name: str
     capacity_bytes: int
@@ -415,7 +443,11 @@ class TierStats(_message.Message):
     num_hits: int
     num_misses: int
     num_corrupt: int
-    def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., name: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., num_blocks: _Optional[int] = ..., num_hits: _Optional[int] = ..., num_misses: _Optional[int] = ..., num_corrupt: _Optional[int] = ...) -> None: ...
+    allocated_bytes: int
+    largest_free_bytes: int
+    fragmentation: float
+    free_extents: int
+    def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., name: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., num_blocks: _Optional[int] = ..., num_hits: _Optional[int] = ..., num_misses: _Optional[int] = ..., num_corrupt: _Optional[int] = ..., allocated_bytes: _Optional[int] = ..., largest_free_bytes: _Optional[int] = ..., fragmentation: _Optional[float] = ..., free_extents: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("tiers", "num_blocks", "num_leases", "queue_depth", "counters", "workers", "tenant", "tenants")
@@ -543,7 +575,7 @@ class WatchRequest(_message.Message):
     def __init__(self, after_seq: _Optional[int] = ...) -> None: ...
 
 class WatchEvent(_message.Message):
-    __slots__ = ("seq", "kind", "block_hash", "tier", "from_tier", "parent_hash", "namespace_fingerprint", "time_s", "snapshot")
+    __slots__ = ("seq", "kind", "block_hash", "tier", "from_tier", "parent_hash", "namespace_fingerprint", "time_s", "snapshot", "reason")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
@@ -553,6 +585,7 @@ class WatchEvent(_message.Message):
     NAMESPACE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     TIME_S_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     seq: int
     kind: EventKind
     block_hash: bytes
@@ -562,4 +595,5 @@ class WatchEvent(_message.Message):
     namespace_fingerprint: bytes
     time_s: float
     snapshot: bool
-    def __init__(self, seq: _Optional[int] = ..., kind: _Optional[_Union[EventKind, str]] = ..., block_hash: _Optional[bytes] = ..., tier: _Optional[_Union[Tier, str]] = ..., from_tier: _Optional[_Union[Tier, str]] = ..., parent_hash: _Optional[bytes] = ..., namespace_fingerprint: _Optional[bytes] = ..., time_s: _Optional[float] = ..., snapshot: _Optional[bool] = ...) -> None: ...
+    reason: str
+    def __init__(self, seq: _Optional[int] = ..., kind: _Optional[_Union[EventKind, str]] = ..., block_hash: _Optional[bytes] = ..., tier: _Optional[_Union[Tier, str]] = ..., from_tier: _Optional[_Union[Tier, str]] = ..., parent_hash: _Optional[bytes] = ..., namespace_fingerprint: _Optional[bytes] = ..., time_s: _Optional[float] = ..., snapshot: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
