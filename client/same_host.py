@@ -195,10 +195,6 @@ class Segments:
         if extents is not None:
             extents.free(region.offset, region.size)
 
-    async def discard(self, segment: Segment) -> None:
-        """Forget a segment the server no longer knows (it was closed for idleness)."""
-        self.forget(segment)
-
     def forget(self, segment: Segment) -> None:
         """Stop using a segment the server closed (idle): every region of it is gone, and its
         K/V buffers stay valid, as memory of this client's alone, going by the ordinary path

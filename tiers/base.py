@@ -128,9 +128,7 @@ class Tier(ABC):
         reads = await self._get_into(keys, views) if keys else []
         if not self.verify_reads:
             hits = sum(r is not None for r in reads)
-            self._num_gets += len(keys)
-            self._num_hits += hits
-            self._num_misses += len(keys) - hits
+            self.count_reads(hits, len(keys) - hits)
             return [None if r is None else r.nbytes for r in reads]
         found = [
             None if r is None else (views[i][: r.nbytes], r.payload_xxh3)
@@ -162,14 +160,13 @@ class Tier(ABC):
             if corrupt:
                 await self._delete(corrupt)
         hits = sum(ok)
-        self._num_gets += len(keys)
-        self._num_hits += hits
-        self._num_misses += len(keys) - hits
+        self.count_reads(hits, len(keys) - hits)
         return ok
 
     def count_reads(self, hits: int, misses: int = 0) -> None:
-        """Count reads that bypassed ``get`` (a caller that copied a memory tier's block in place,
-        ``PinnedMemoryTier.view_of``), so that the tier's hit figures stay whole."""
+        """Count reads: ``get`` and ``get_into`` do, and so must a caller that copies a memory
+        tier's block in place (``PinnedMemoryTier.view_of``), so that the hit figures stay
+        whole."""
         self._num_gets += hits + misses
         self._num_hits += hits
         self._num_misses += misses

@@ -49,7 +49,7 @@ import zstandard
 from kvstore.core.copies import FUSE_CHUNK as _FUSE_CHUNK
 from kvstore.core.copies import byte_view as _byte_view
 from kvstore.core.copies import copy_hash as _copy_hash
-from kvstore.core.copies import gather_hash
+from kvstore.core.copies import copy_steps, copy_verified
 from kvstore.core.errors import CorruptBlockError, InvalidArgumentError, SpecMismatchError
 from kvstore.core.keys import DIGEST_BYTES, DTYPES, ModelSpec
 
@@ -539,7 +539,9 @@ def encode_block_into(
             f"({HEADER_BYTES}-byte header + {nbytes}-byte payload)"
         )
     if rows is not None:
-        raw_sum = gather_hash(rows, dst[HEADER_BYTES:total])
+        into = np.frombuffer(dst[HEADER_BYTES:total], dtype=np.uint8).reshape(rows.shape)
+        steps = copy_steps(rows.shape[0], rows.shape[2])
+        raw_sum = copy_verified(rows, into, steps, hash_dst=True)
     else:
         raw_sum = _copy_hash(_source_bytes(spec, tensor).data, dst[HEADER_BYTES:total])
     dst[:HEADER_BYTES] = _header_for(spec, Codec.RAW, block_hash, parent, nbytes, raw_sum, raw_sum)
@@ -547,15 +549,20 @@ def encode_block_into(
 
 
 def _block_rows(spec: ModelSpec, tensor: torch.Tensor) -> U8Array | None:
-    """A CPU block tensor that is not contiguous but whose last dimension is (a slice along the
-    tokens of a prompt's K/V, or a block of a K/V tensor in a same-host segment) as a strided
-    uint8 array, no copy; None for any other tensor (``_source_bytes`` makes it contiguous)."""
+    """A CPU block tensor that is not contiguous but whose (layer, K/V) rows are (a slice along
+    the tokens of a prompt's K/V, or a block of a K/V tensor in a same-host segment) as its bytes
+    ``[layers, 2, row_bytes]``, a strided view; None for any other tensor (``_source_bytes``
+    makes it contiguous)."""
     if tensor.is_contiguous() or tensor.device.type != "cpu" or tensor.stride(-1) != 1:
         return None
     _check_tensor(spec, tensor)
     import torch
 
-    return tensor.detach().view(torch.uint8).numpy()
+    array = tensor.detach().view(torch.uint8).numpy()
+    try:
+        return np.reshape(array, (spec.num_layers, 2, -1), copy=False)
+    except ValueError:  # a row is not one run of memory
+        return None
 
 
 def encode_block(

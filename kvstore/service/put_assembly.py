@@ -133,7 +133,7 @@ class TensorBlocks:
     hold the ``num_blocks`` blocks. ``batches()`` hands them out a few at a time as block tensors
     over the server's own mapping of the segment: a block of a K/V tensor is ``layers * 2`` rows
     apart in memory, and the encoder gathers those rows straight into G2 while checksumming them
-    (``encode_block_into``, ``kvstore.core.copies.gather_hash``): one copy in all. What the G2
+    (``encode_block_into``, ``kvstore.core.copies.copy_verified``): one copy in all. What the G2
     checksum covers is what G2 holds, whatever the client writes into its segment meanwhile.
     ``close()`` drops every view of the segment.
     """

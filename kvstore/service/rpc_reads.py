@@ -18,11 +18,12 @@ import numpy as np
 import xxhash
 
 from kvstore.core.block_format import HEADER_BYTES, Codec, read_header, transcode_block
+from kvstore.core.copies import copy_steps, copy_verified
 from kvstore.core.errors import InvalidArgumentError
 from kvstore.core.keys import BlockHash, ModelSpec
 from kvstore.service.calls import Call, stream_rpc, unary_rpc
 from kvstore.service.fetch_wire import chunk_message
-from kvstore.service.segments import Segment, copy_steps, copy_verified, kv_rows
+from kvstore.service.segments import Segment, kv_rows
 from kvstore.service.servicer_base import ServicerBase
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire.convert import lookup_reply

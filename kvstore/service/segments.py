@@ -9,8 +9,8 @@ hands out descriptors, hence the lock.
 
 A Put or Fetch may also name a K/V tensor inside a segment (a ``SegmentTensor``: what a client's
 ``kv_buffer`` hands out). ``kv_rows`` turns it into a byte view of the server's own mapping once
-every byte of it is known to lie inside the segment, and ``copy_verified`` copies a block payload
-into its place in such a tensor, checksumming the payload in the same pass.
+every byte of it is known to lie inside the segment; ``kvstore.core.copies.copy_verified`` copies
+a block payload into its place in such a tensor, checksumming the payload in the same pass.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import xxhash
 
 from kvstore.core.errors import InvalidArgumentError, KVStoreError
 from kvstore.core.keys import ModelSpec
@@ -40,8 +39,6 @@ __all__ = [
     "SegmentLimitError",
     "SegmentRegistry",
     "SegmentsOffError",
-    "copy_steps",
-    "copy_verified",
     "kv_rows",
 ]
 
@@ -308,12 +305,6 @@ class SegmentRegistry:
 
 # -- K/V tensors inside a segment ------------------------------------------------------------------
 
-# Bytes of one step of ``copy_verified``: the source and destination of a step stay in L2 (1 MiB per
-# core here) until the checksum has read them. Measured on 128 MiB of 2 MiB blocks: 256 KiB steps
-# ran at 0.82x of a bare copy, 512 KiB at 0.85x, 1 MiB no better.
-_STEP_BYTES = 512 * 1024
-
-
 def kv_rows(
     segment: Segment, spec: ModelSpec, tensor: Any, what: str = "tensor"
 ) -> np.ndarray[Any, np.dtype[np.uint8]]:
@@ -334,37 +325,3 @@ def kv_rows(
         (tensor.layer_stride, tensor.kv_stride, 1),
         what,
     )
-
-
-def copy_steps(layers: int, row_bytes: int) -> list[Any]:
-    """The steps of ``copy_verified`` for blocks of ``layers`` layers and ``row_bytes``-byte rows:
-    indexes of ``[layers, 2, row_bytes]`` arrays that cover them in C order, about
-    ``_STEP_BYTES`` each (whole layers while two rows fit, else pieces of one row). The same for
-    every block of a namespace: made once per request."""
-    if 2 * row_bytes <= _STEP_BYTES:
-        step = _STEP_BYTES // (2 * row_bytes)
-        return [np.s_[layer : layer + step] for layer in range(0, layers, step)]
-    return [
-        np.s_[layer, kv, start : start + _STEP_BYTES]
-        for layer in range(layers)
-        for kv in (0, 1)
-        for start in range(0, row_bytes, _STEP_BYTES)
-    ]
-
-
-def copy_verified(
-    payload: np.ndarray[Any, np.dtype[np.uint8]],
-    dst: np.ndarray[Any, np.dtype[np.uint8]],
-    steps: list[Any],
-) -> int:
-    """Copy one block's payload (C-contiguous ``[layers, 2, row_bytes]`` bytes) into its place
-    in a K/V tensor (``dst``, the same shape, any strides) and return the xxh3-64 of the payload,
-    taken step by step (``copy_steps``) right after each step is copied, while it is still in
-    cache: one pass over memory. The sum is that of the source (G2's copy, which nothing writes
-    meanwhile), so a mismatch says G2's copy is bad, whatever the client does to its own segment
-    meanwhile."""
-    hasher = xxhash.xxh3_64()
-    for index in steps:
-        np.copyto(dst[index], payload[index])
-        hasher.update(payload[index])
-    return hasher.intdigest()
