@@ -540,7 +540,7 @@ def encode_block_into(
         )
     if rows is not None:
         into = np.frombuffer(dst[HEADER_BYTES:total], dtype=np.uint8).reshape(rows.shape)
-        steps = copy_steps(rows.shape[0], rows.shape[2])
+        steps = copy_steps(rows.shape[0], rows.shape[2])  # layers, bytes of one row
         raw_sum = copy_verified(rows, into, steps, hash_dst=True)
     else:
         raw_sum = _copy_hash(_source_bytes(spec, tensor).data, dst[HEADER_BYTES:total])
@@ -549,10 +549,8 @@ def encode_block_into(
 
 
 def _block_rows(spec: ModelSpec, tensor: torch.Tensor) -> U8Array | None:
-    """A CPU block tensor that is not contiguous but whose (layer, K/V) rows are (a slice along
-    the tokens of a prompt's K/V, or a block of a K/V tensor in a same-host segment) as its bytes
-    ``[layers, 2, row_bytes]``, a strided view; None for any other tensor (``_source_bytes``
-    makes it contiguous)."""
+    """A non-contiguous CPU block whose (layer, K/V) rows are (cut from a prompt's K/V, or from a
+    K/V buffer in a segment) as bytes ``[layers, 2, row_bytes]``, a view; else None."""
     if tensor.is_contiguous() or tensor.device.type != "cpu" or tensor.stride(-1) != 1:
         return None
     _check_tensor(spec, tensor)
