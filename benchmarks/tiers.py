@@ -20,7 +20,15 @@ and, right next to them, the baseline:
   (values kept for the batch) for ``get``, and a copy from the zero-copy view into the same
   reused buffers for ``get_into``;
 - G4: raw redis-py, pipelined ``SET``/``GET`` of the whole values (the faster of the sync and the
-  asyncio client), against a ``redis-server`` this benchmark starts (or ``--redis-url``).
+  asyncio client), against a ``redis-server`` this benchmark starts (or ``--redis-url``);
+- G1 on CUDA, when this machine has a CUDA device (otherwise a line says the rows are omitted):
+  ``put`` from page-locked host memory and ``get`` (into fresh ``bytes``), against a bare
+  device-to-device copy of the same bytes (``dst.copy_(src)`` block by block, synchronized); the
+  same put against a bare pinned host-to-device copy (``non_blocking`` block by block, then
+  synchronized), the bound a put from the host can reach; and a put from G2's segment (pinned with
+  ``cudaHostRegister``: the G2->G1 promotion's copy) against the same host-to-device copy.
+  ``--g1-cuda`` measures only these rows (no LMDB, no Redis: for a GPU machine without
+  ``redis-server``).
 
 Targets: G2 ≥ 0.8× memcpy, engine get into tensors ≥ 0.7× memcpy, G3 ≥ 0.8× raw LMDB, G4 ≥ 0.8×
 raw redis-py. Every tier and every baseline of one block size is set up first and then sampled
@@ -54,7 +62,7 @@ from kvstore.config import StoreConfig
 from kvstore.core.block_format import encode_block, torch_dtype
 from kvstore.core.keys import ModelSpec, block_hashes
 from kvstore.engine.engine import Engine
-from tiers.base import Tier
+from tiers.base import Buffer, Tier
 from tiers.gpu_memory import GpuMemoryTier, GpuTierConfig
 from tiers.lmdb_store import LmdbTier, LmdbTierConfig
 from tiers.pinned_memory import PinnedMemoryTier, PinnedTierConfig
@@ -76,6 +84,7 @@ FULL = Settings(repeats=9, warmup=1, min_sample_s=0.0)
 QUICK = Settings(repeats=3, warmup=1, min_sample_s=0.0)
 
 Block = tuple[bytes, bytearray]
+NO_CUDA = "no CUDA device: the G1-on-CUDA rows are omitted"
 
 
 def spec_for(block_bytes: int) -> ModelSpec:
@@ -225,6 +234,72 @@ class Bench:
         self.cases["engine get into tensors"] = self.sync(get_into)
         self.cases["engine get"] = self.sync(get)
 
+    def add_g1_cuda(self, capacity_bytes: int) -> None:
+        """G1 on the current CUDA device: puts from pinned host memory and from a pinned G2, gets;
+        and the bare copies they are compared with, over the same bytes block by block."""
+        device = torch.device("cuda", torch.cuda.current_device())
+        # Every block side by side in one page-locked buffer, as an engine's pinned staging.
+        host = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=True)
+        spans: list[tuple[int, int]] = []
+        start = 0
+        for _, value in self.blocks:
+            host[start : start + len(value)].numpy()[:] = np.frombuffer(value, dtype=np.uint8)
+            spans.append((start, start + len(value)))
+            start += len(value)
+        whole = host.numpy().data
+        pinned: list[tuple[bytes, Buffer]] = [
+            (k, whole[a:b]) for (k, _), (a, b) in zip(self.blocks, spans, strict=True)
+        ]
+        per = len(self.batches[0])
+        pinned_batches = [pinned[i : i + per] for i in range(0, len(pinned), per)]
+        g2 = PinnedMemoryTier(
+            PinnedTierConfig(capacity_bytes, pin="require", segment_prefix="kvstore-bench")
+        )
+        self.closers.append(self.sync(g2.close))
+        assert self.runner.run(g2.put(self.blocks)) == len(self.blocks)
+        g2_views: list[tuple[bytes, Buffer]] = []
+        for key in self.keys:
+            view = g2.view_of(key)
+            assert view is not None
+            g2_views.append((key, view))
+        g2_batches = [g2_views[i : i + per] for i in range(0, len(g2_views), per)]
+        g1 = GpuMemoryTier(GpuTierConfig(capacity_bytes, device=str(device)))
+        self.closers.append(self.sync(g1.close))
+        src = host.to(device)
+        dst = torch.empty_like(src)
+
+        def d2d() -> None:
+            for a, b in spans:
+                dst[a:b].copy_(src[a:b])
+            torch.cuda.synchronize(device)
+
+        def h2d() -> None:
+            for a, b in spans:
+                dst[a:b].copy_(host[a:b], non_blocking=True)
+            torch.cuda.synchronize(device)
+
+        def putter(source: list[list[tuple[bytes, Buffer]]]) -> Callable[[], object]:
+            async def put() -> None:
+                for batch in source:
+                    assert await g1.put(batch) == len(batch)
+
+            return self.sync(put)
+
+        async def clear() -> None:
+            await g1.delete(self.keys)
+
+        async def get() -> None:
+            for keys in self.key_batches:
+                for value in await g1.get(keys):
+                    assert value is not None
+
+        self.cases["d2d copy"] = d2d
+        self.cases["pinned h2d copy"] = h2d
+        # Order matters within a round: the last put leaves the blocks in place for the get.
+        self.cases["G1 (cuda) put from G2"] = Case(putter(g2_batches), reset=self.sync(clear))
+        self.cases["G1 (cuda) put"] = Case(putter(pinned_batches), reset=self.sync(clear))
+        self.cases["G1 (cuda) get"] = self.sync(get)
+
     def add_raw_lmdb(self, path: Path, map_size: int) -> None:
         path.mkdir(parents=True, exist_ok=True)
         env = lmdb.open(str(path), map_size=map_size, max_dbs=4, sync=False, metasync=False)
@@ -350,18 +425,32 @@ class Bench:
         self.row("G4", "get", times["G4 get"], "redis-py pipelined GET", redis_get)
         self.row("G4", "get_into", times["G4 get_into"], "redis-py pipelined GET", redis_get)
 
+    def report_g1_cuda(self, times: dict[str, float]) -> None:
+        name, d2d, h2d = "G1 (cuda)", times["d2d copy"], times["pinned h2d copy"]
+        put = times[f"{name} put"]
+        self.row(name, "put (pinned host)", put, "d2d copy", d2d)
+        self.row(name, "put (pinned host)", put, "pinned h2d copy", h2d)
+        self.row(name, "get", times[f"{name} get"], "d2d copy", d2d)
+        self.row(name, "put from G2", times[f"{name} put from G2"], "pinned h2d copy", h2d)
+
 
 def measure(
     runner: asyncio.Runner,
     settings: Settings,
     block_bytes: int,
     total_bytes: int,
-    redis_url: str,
+    redis_url: str | None,
     workdir: Path,
 ) -> list[tuple[str, ...]]:
+    """The rows of one block size: every tier's, and G1 on CUDA's where there is CUDA; with no
+    ``redis_url``, G1 on CUDA's alone."""
     bench = Bench(runner, block_bytes, total_bytes)
     capacity = (max(len(v) for _, v in bench.blocks) + 4096) * (len(bench.blocks) + 1)
     try:
+        if redis_url is None:
+            bench.add_g1_cuda(capacity)
+            bench.report_g1_cuda(medians_s(bench.cases, settings))
+            return bench.rows
         bench.add_memcpy_baselines()
         g1, g2 = memory_tier_configs(capacity)
         bench.add_tier("G1 (cpu)", GpuMemoryTier(g1))
@@ -378,7 +467,12 @@ def measure(
         g4 = runner.run(_build(lambda: RedisTier(redis_config)))
         bench.add_tier("G4", g4)
         bench.closers.insert(0, bench.sync(lambda: g4.delete(bench.keys)))
-        bench.report(medians_s(bench.cases, settings))
+        if torch.cuda.is_available():
+            bench.add_g1_cuda(capacity)
+        times = medians_s(bench.cases, settings)
+        bench.report(times)
+        if torch.cuda.is_available():
+            bench.report_g1_cuda(times)
     finally:
         for close in bench.closers:
             close()
@@ -393,15 +487,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.tiers", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="less data, fewer repeats")
     parser.add_argument("--redis-url", default=None, help="use this Redis instead of starting one")
+    parser.add_argument(
+        "--g1-cuda", action="store_true", help="only the G1-on-CUDA rows (no LMDB, no Redis)"
+    )
     args = parser.parse_args(argv)
     total_mib = 64 if args.quick else 256
     settings = QUICK if args.quick else FULL
+    cuda = torch.cuda.is_available()
+    if args.g1_cuda and not cuda:
+        print(NO_CUDA)
+        return 0
     workdir = Path(tempfile.mkdtemp(prefix="kvstore-bench-"))
     rows: list[tuple[str, ...]] = []
     with ExitStack() as stack:
         stack.callback(shutil.rmtree, workdir, ignore_errors=True)
         url = args.redis_url
-        if url is None:
+        if url is None and not args.g1_cuda:
             from tests.redis_servers import start_redis_server
 
             url = stack.enter_context(start_redis_server()).url
@@ -409,11 +510,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         for block_bytes in BLOCK_BYTES:
             rows += measure(runner, settings, block_bytes, total_mib * MiB, url, workdir)
     title = (
-        f"Tier throughput vs raw baselines, {total_mib} MiB per op per block size, tiers and "
-        f"baselines sampled round-robin, median of {settings.repeats}"
-        f"{' (quick)' if args.quick else ''}"
+        f"{'G1 on CUDA' if args.g1_cuda else 'Tier'} throughput vs raw baselines, {total_mib} MiB "
+        f"per op per block size, tiers and baselines sampled round-robin, median of "
+        f"{settings.repeats}{' (quick)' if args.quick else ''}"
+        f"{f', {torch.cuda.get_device_name()}' if cuda else ''}"
     )
-    print_tables([Table(title, HEADERS, rows, TEXT, group_columns=2)], "lmdb", "redis")
+    print_tables([Table(title, HEADERS, rows, TEXT, group_columns=2)], "lmdb", "redis", "cupy")
+    if not cuda:
+        print(NO_CUDA)
     return 0
 
 

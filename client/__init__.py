@@ -40,6 +40,7 @@ from client.aio import AsyncClient
 from client.convert import from_dynamic_cache, to_dynamic_cache
 from client.errors import (
     AuthError,
+    HandOffUnavailableError,
     NotFoundError,
     NotSupportedError,
     NoWorkerError,
@@ -74,6 +75,7 @@ __all__ = [
     "Client",
     "CorruptBlockError",
     "Event",
+    "HandOffUnavailableError",
     "InvalidArgumentError",
     "InvalidTokenError",
     "KVStoreError",

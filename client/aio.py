@@ -87,6 +87,8 @@ from kvstore.v1 import kvstore_pb2 as pb
 if TYPE_CHECKING:
     import torch
 
+    from client.g1_ipc import G1Peer
+
 __all__ = ["AsyncClient", "ClientOptions"]
 
 log = logging.getLogger(__name__)
@@ -161,6 +163,7 @@ class AsyncClient:
         )
         local = _is_local(target) if same_host == "auto" else bool(same_host)
         self._segments = Segments(self._rpc, enabled=local)
+        self._g1: G1Peer | None = None  # the server's G1 slabs opened here (same-GPU hand-off)
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -174,6 +177,8 @@ class AsyncClient:
         """Close this client's segments (on the server too), then the channel."""
         if self._rpc.closed:
             return
+        if self._g1 is not None:
+            self._g1.close()
         await self._segments.close()
         await self._rpc.close()
 
@@ -326,6 +331,38 @@ class AsyncClient:
             return shared, shared.shape[2]
         kv = await rpc.retrying(lambda: fetch_blocks(rpc, spec, request, out))
         return kv, kv.shape[2]
+
+    async def get_prefix_from_g1(
+        self,
+        spec: ModelSpec,
+        tokens: Tokens,
+        out: torch.Tensor,
+        *,
+        max_blocks: int = 0,
+        extra_keys: ExtraKeys = None,
+    ) -> int:
+        """Same GPU as the server's G1: copy the leading blocks of ``tokens`` that G1 holds into
+        ``out`` (a CUDA tensor ``[layers, 2, >= tokens, kv_heads, head_dim]`` of the namespace's
+        dtype) device-to-device, through a CUDA IPC handle of G1 (``HandOffG1``); returns the
+        tokens copied (0: no leading block is in G1). The copy has finished on return.
+
+        Raises ``HandOffUnavailableError`` where there is no such path (G1 off or not on CUDA,
+        another GPU or host, a server with several tenants, cupy missing): ``get_prefix`` then.
+        Blocks past the G1 run are not fetched: call ``get_prefix`` with ``out`` sliced after
+        them for the rest."""
+        from client.g1_ipc import G1Peer, hand_off  # torch: not at import time
+
+        if self._g1 is None:
+            self._g1 = G1Peer()
+        return await hand_off(
+            self._rpc,
+            self._segments,
+            self._g1,
+            spec,
+            prompt_of(spec, tokens, extra_keys),
+            out,
+            max_blocks,
+        )
 
     async def get_prefix_by_layer(
         self,

@@ -15,6 +15,7 @@ raises them. Errors the server answers with arrive as gRPC status codes and beco
      ├── ServiceUnavailableError       UNAVAILABLE (retried first), DEADLINE_EXCEEDED
      ├── NotSupportedError             UNIMPLEMENTED (also a NotImplementedError)
      ├── NoWorkerError                 FAILED_PRECONDITION: repair without a model worker
+     ├── HandOffUnavailableError       FAILED_PRECONDITION of HandOffG1: no same-GPU path here
      └── ServerError                   any other code (INTERNAL, UNKNOWN, CANCELLED, ...)
 
 Every remote error carries the status name in ``code`` and the server's message as its text.
@@ -35,6 +36,7 @@ from kvstore.core.errors import CorruptBlockError, InvalidArgumentError, KVStore
 
 __all__ = [
     "AuthError",
+    "HandOffUnavailableError",
     "NoWorkerError",
     "NotFoundError",
     "NotSupportedError",
@@ -86,6 +88,14 @@ class NotSupportedError(_RemoteError, NotImplementedError):
 class NoWorkerError(_RemoteError):
     """Repair was asked for, but no model worker of the prompt's namespace is attached to the
     server (start one with ``kvstore worker``); the message lists the workers that are."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class HandOffUnavailableError(_RemoteError):
+    """No same-GPU hand-off (``get_prefix_from_g1``) here: G1 is off or not on a CUDA device, the
+    caller is on another GPU or host, the server has several tenants, or cupy is missing on
+    either side. ``get_prefix`` instead."""
 
     code = "FAILED_PRECONDITION"
 

@@ -152,6 +152,7 @@ class Client:
     start_put = _forward(AsyncClient.put, _start, "start_put", _START_PUT)
     get_prefix = _forward(AsyncClient.get_prefix, _run)
     get_prefix_by_layer = _forward(AsyncClient.get_prefix_by_layer, _run)
+    get_prefix_from_g1 = _forward(AsyncClient.get_prefix_from_g1, _run)
     start_get_prefix_by_layer = _forward(
         AsyncClient.get_prefix_by_layer, _start, "start_get_prefix_by_layer", _START_BY_LAYER
     )

@@ -342,6 +342,7 @@ async def test_get_returns_each_block_or_none_from_any_tier(engine: Engine) -> N
     assert as_bytes(third) == as_bytes(content(hashes[2]))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 async def test_get_into_a_gpu_tensor(engine: Engine) -> None:
     tokens, hashes, kv = prompt(3, seed=10)

@@ -166,6 +166,7 @@ def test_g1_on_cuda_without_cuda_is_a_config_error() -> None:
         GpuTierConfig(1 << 20, device="cuda")
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 async def test_g1_and_pinned_g2_on_cuda() -> None:
     g1 = GpuMemoryTier(GpuTierConfig(1 << 22, device="cuda"))

@@ -101,7 +101,9 @@ def _cuda_host_register(buf: memoryview, nbytes: int) -> bool:
     if not torch.cuda.is_available():
         return False
     address = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-    err = torch.cuda.cudart().cudaHostRegister(address, nbytes, 0)  # type: ignore[no-untyped-call]
+    # cudaHostRegisterPortable (1): pinned for every CUDA context of the process, so copies to a
+    # G1 (or an engine) on any GPU of the host run as DMA, not only on the current device's.
+    err = torch.cuda.cudart().cudaHostRegister(address, nbytes, 1)  # type: ignore[no-untyped-call]
     return int(err) == 0
 
 

@@ -8,6 +8,7 @@ The tree, beside that of kvstore/core/errors.py (every class here is a ``KVStore
      ├── NotFoundError             NOT_FOUND
      ├── QuotaExceededError        RESOURCE_EXHAUSTED
      ├── UnimplementedError        UNIMPLEMENTED
+     ├── HandOffUnavailableError   FAILED_PRECONDITION (no same-GPU hand-off here: use Fetch)
      └── WorkerFailedError         INTERNAL (a model worker said why it could not compute a task)
 
 ``STATUS_OF`` also maps the core, engine, repair and segment errors; the RPC wrappers
@@ -31,6 +32,7 @@ from kvstore.service.segments import SegmentClosedError, SegmentLimitError, Segm
 
 __all__ = [
     "STATUS_OF",
+    "HandOffUnavailableError",
     "NotFoundError",
     "PermissionDeniedError",
     "QuotaExceededError",
@@ -61,6 +63,11 @@ class UnimplementedError(KVStoreError):
     """The method exists on the wire but not in this release."""
 
 
+class HandOffUnavailableError(KVStoreError):
+    """A same-GPU hand-off (HandOffG1) cannot be had: G1 is off or has no CUDA IPC handle, the
+    caller is on another GPU, or it did not prove it runs on the server's host."""
+
+
 class WorkerFailedError(KVStoreError):
     """A model worker could not compute a task for a reason of its own (it said why)."""
 
@@ -80,6 +87,7 @@ STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (TierUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (NoWorkerError, grpc.StatusCode.FAILED_PRECONDITION),
+    (HandOffUnavailableError, grpc.StatusCode.FAILED_PRECONDITION),
     (SegmentsOffError, grpc.StatusCode.FAILED_PRECONDITION),
     (SegmentClosedError, grpc.StatusCode.FAILED_PRECONDITION),
     (SegmentLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),

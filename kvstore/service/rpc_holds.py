@@ -13,16 +13,18 @@ import math
 from typing import Any
 
 from kvstore.core.errors import InvalidArgumentError
+from kvstore.core.keys import BlockHash
+from kvstore.engine.index import Lease
 from kvstore.service.auth import Tenant
 from kvstore.service.calls import Call, unary_rpc
 from kvstore.service.errors import NotFoundError, QuotaExceededError
 from kvstore.service.servicer_base import ServicerBase
 from kvstore.v1 import kvstore_pb2 as pb
 
-__all__ = ["HoldRpcs"]
+__all__ = ["HoldRpcs", "seconds"]
 
 
-def _seconds(value: float, where: str, zero_means: str) -> float | None:
+def seconds(value: float, where: str, zero_means: str) -> float | None:
     """A TTL field: None for 0, else a positive finite number of seconds."""
     if not math.isfinite(value) or value < 0:
         raise InvalidArgumentError(
@@ -36,14 +38,22 @@ class HoldRpcs(ServicerBase):
     async def Reserve(self, request: Any, call: Call) -> Any:
         p = await self._prompt(request.prompt, call.who, "prompt")
         n = self._num_blocks(request.num_blocks, p, "num_blocks")
-        ttl = _seconds(request.ttl_s, "ttl_s", "the server default")
+        ttl = seconds(request.ttl_s, "ttl_s", "the server default")
         found = await self.engine.lookup_hashes(p.spec, p.hashes[:n])
         present = [h for h, t in zip(found.hashes, found.tiers, strict=True) if t is not None]
-        tenant = call.who
+        lease = self._hold(present, ttl, call.who)
+        return pb.ReserveResponse(
+            lease_id=lease.lease_id,
+            block_hashes=list(lease.keys),
+            ttl_s=self.engine.engine_config.default_lease_ttl_s if ttl is None else ttl,
+        )
+
+    def _hold(self, keys: list[BlockHash], ttl: float | None, tenant: Tenant) -> Lease:
+        """A lease on ``keys`` for ``tenant``, within its bound (nothing held past it)."""
         if not tenant.admin:
             index = self.engine.index
             blocks, nbytes = self._leases_of(tenant.name)
-            held = list(dict.fromkeys(present))
+            held = list(dict.fromkeys(keys))
             self._check_bound(
                 "lease",
                 tenant,
@@ -53,13 +63,9 @@ class HoldRpcs(ServicerBase):
                 self._max_leased_bytes,
                 "server.max_leased_blocks_per_tenant / server.lease_share",
             )
-        lease = self.engine.reserve(present, ttl)
-        self._own_lease(lease.lease_id, call.who)
-        return pb.ReserveResponse(
-            lease_id=lease.lease_id,
-            block_hashes=list(lease.keys),
-            ttl_s=self.engine.engine_config.default_lease_ttl_s if ttl is None else ttl,
-        )
+        lease = self.engine.reserve(keys, ttl)
+        self._own_lease(lease.lease_id, tenant)
+        return lease
 
     @unary_rpc("Release")
     async def Release(self, request: Any, call: Call) -> Any:
@@ -76,7 +82,7 @@ class HoldRpcs(ServicerBase):
 
     @unary_rpc("Pin")
     async def Pin(self, request: Any, call: Call) -> Any:
-        ttl = _seconds(request.ttl_s, "ttl_s", "pinned until Unpin")
+        ttl = seconds(request.ttl_s, "ttl_s", "pinned until Unpin")
         tenant = call.who
         keys = self._own_blocks(request, tenant)
         if not tenant.admin:

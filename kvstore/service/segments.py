@@ -75,6 +75,9 @@ class Segment:
     ticket_expires: float
     last_used: float
     closed: bool = False
+    # The descriptor went to a process that connected to the abstract socket: one on this host
+    # (the proof a same-GPU hand-off asks for, kvstore/service/rpc_g1.py).
+    handed_over: bool = False
 
     def check_range(self, offset: int, length: int, what: str) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
@@ -294,11 +297,12 @@ class SegmentRegistry:
             if segment is not None and segment.ticket_expires < time.monotonic():
                 segment = None
             fd = None if segment is None else os.dup(segment.fd)
-        if fd is None:
+        if segment is None or fd is None:
             conn.sendall(REFUSED)
             return
         try:
             socket.send_fds(conn, [GRANTED], [fd])
+            segment.handed_over = True
         finally:
             os.close(fd)
 

@@ -11,7 +11,8 @@ Operations, in the order a deployment uses them:
    export ``/metrics`` when ``server.metrics_listen`` is set. Returns the port.
 3. RPCs: Lookup, Reserve/Release, Put (client stream), Fetch (server stream), Pin/Unpin/Evict,
    Repair (and Fetch with ``repair_holes``), OpenSegment/CloseSegment (same-host shared memory,
-   kvstore/service/segments.py), Stats for every tenant; ListBlocks, Inspect, Watch, Flush and
+   kvstore/service/segments.py), HandOffG1 (same-GPU peers, CUDA IPC: rpc_g1.py), Stats for
+   every tenant; ListBlocks, Inspect, Watch, Flush and
    Work (model workers attach there) for admin tenants.
 4. ``await server.stop(grace_s)`` — health NOT_SERVING, refuse new RPCs, end the Work streams,
    let running RPCs finish within the grace period, cancel the rest, close the segments, the

@@ -10,6 +10,7 @@ request checks they share):
 - ``ReadRpcs``   (rpc_reads.py)   Lookup, Fetch, OpenSegment, CloseSegment
 - ``WriteRpcs``  (rpc_writes.py)  Put
 - ``HoldRpcs``   (rpc_holds.py)   Reserve, Release, Pin, Unpin
+- ``G1Rpcs``     (rpc_g1.py)      HandOffG1 (same-GPU peers take G1 blocks through CUDA IPC)
 - ``RepairRpcs`` (rpc_repair.py)  Repair, Work (model workers attach there)
 - ``AdminRpcs``  (rpc_admin.py)   Stats, Evict, Flush, ListBlocks, Inspect, Watch
 
@@ -20,6 +21,7 @@ INVALID_ARGUMENT and a message that names the field, what was expected and what 
 from __future__ import annotations
 
 from kvstore.service.rpc_admin import AdminRpcs
+from kvstore.service.rpc_g1 import G1Rpcs
 from kvstore.service.rpc_holds import HoldRpcs
 from kvstore.service.rpc_reads import ReadRpcs
 from kvstore.service.rpc_repair import RepairRpcs
@@ -32,6 +34,7 @@ __all__ = ["Servicer"]
 class Servicer(
     ReadRpcs,
     WriteRpcs,
+    G1Rpcs,
     HoldRpcs,
     RepairRpcs,
     AdminRpcs,

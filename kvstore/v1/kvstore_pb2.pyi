@@ -417,6 +417,50 @@ class CloseSegmentResponse(_message.Message):
     closed: bool
     def __init__(self, closed: _Optional[bool] = ...) -> None: ...
 
+class G1HandOffRequest(_message.Message):
+    __slots__ = ("prompt", "num_blocks", "ttl_s", "segment_id", "device_uuid")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    prompt: Prompt
+    num_blocks: int
+    ttl_s: float
+    segment_id: int
+    device_uuid: bytes
+    def __init__(self, prompt: _Optional[_Union[Prompt, _Mapping]] = ..., num_blocks: _Optional[int] = ..., ttl_s: _Optional[float] = ..., segment_id: _Optional[int] = ..., device_uuid: _Optional[bytes] = ...) -> None: ...
+
+class G1Extent(_message.Message):
+    __slots__ = ("offset", "nbytes", "payload_xxh3")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_XXH3_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    nbytes: int
+    payload_xxh3: int
+    def __init__(self, offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., payload_xxh3: _Optional[int] = ...) -> None: ...
+
+class G1HandOffResponse(_message.Message):
+    __slots__ = ("lease_id", "ipc_handle", "slab_bytes", "device_uuid", "block_hashes", "extents", "ttl_s", "num_blocks")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    IPC_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    SLAB_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    EXTENTS_FIELD_NUMBER: _ClassVar[int]
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    lease_id: int
+    ipc_handle: bytes
+    slab_bytes: int
+    device_uuid: bytes
+    block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
+    extents: _containers.RepeatedCompositeFieldContainer[G1Extent]
+    ttl_s: float
+    num_blocks: int
+    def __init__(self, lease_id: _Optional[int] = ..., ipc_handle: _Optional[bytes] = ..., slab_bytes: _Optional[int] = ..., device_uuid: _Optional[bytes] = ..., block_hashes: _Optional[_Iterable[bytes]] = ..., extents: _Optional[_Iterable[_Union[G1Extent, _Mapping]]] = ..., ttl_s: _Optional[float] = ..., num_blocks: _Optional[int] = ...) -> None: ...
+
 class StatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -119,6 +119,11 @@ class KVStoreStub:
                 request_serializer=kvstore_dot_v1_dot_kvstore__pb2.CloseSegmentRequest.SerializeToString,
                 response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.CloseSegmentResponse.FromString,
                 _registered_method=True)
+        self.HandOffG1 = channel.unary_unary(
+                '/kvstore.v1.KVStore/HandOffG1',
+                request_serializer=kvstore_dot_v1_dot_kvstore__pb2.G1HandOffRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.G1HandOffResponse.FromString,
+                _registered_method=True)
 
 
 class KVStoreServicer:
@@ -227,6 +232,13 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def HandOffG1(self, request, context):
+        """same-GPU peers
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -314,6 +326,11 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.CloseSegment,
                     request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.CloseSegmentRequest.FromString,
                     response_serializer=kvstore_dot_v1_dot_kvstore__pb2.CloseSegmentResponse.SerializeToString,
+            ),
+            'HandOffG1': grpc.unary_unary_rpc_method_handler(
+                    servicer.HandOffG1,
+                    request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.G1HandOffRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_kvstore__pb2.G1HandOffResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -775,6 +792,33 @@ class KVStore:
             '/kvstore.v1.KVStore/CloseSegment',
             kvstore_dot_v1_dot_kvstore__pb2.CloseSegmentRequest.SerializeToString,
             kvstore_dot_v1_dot_kvstore__pb2.CloseSegmentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HandOffG1(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/HandOffG1',
+            kvstore_dot_v1_dot_kvstore__pb2.G1HandOffRequest.SerializeToString,
+            kvstore_dot_v1_dot_kvstore__pb2.G1HandOffResponse.FromString,
             options,
             channel_credentials,
             insecure,
