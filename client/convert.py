@@ -302,24 +302,26 @@ def lookup_request(
 def lookup_of(reply: pb.LookupResponse) -> Lookup:
     """The ``Lookup`` of a reply in either form: the packed fields (what ``packed_reply`` asks
     for) or the repeated ones (a server that predates them)."""
-    if reply.packed_hashes or reply.packed_tiers:
-        packed = reply.packed_hashes
-        if len(packed) != DIGEST_BYTES * len(reply.packed_tiers):
+    # Each read of a bytes field makes a new bytes object: each is read once.
+    packed, codes = reply.packed_hashes, reply.packed_tiers
+    if packed or codes:
+        if len(packed) != DIGEST_BYTES * len(codes):
             raise CorruptBlockError(
                 f"the server's Lookup reply has {len(packed)} bytes of hashes for "
-                f"{len(reply.packed_tiers)} blocks; hashes are {DIGEST_BYTES} bytes"
+                f"{len(codes)} blocks; hashes are {DIGEST_BYTES} bytes"
             )
         hashes = unpack_hashes(packed)
-        tiers = unpack_tiers(reply.packed_tiers)
+        tiers = unpack_tiers(codes)
     else:
         hashes = cast(list[BlockHash], list(reply.block_hashes))
         tiers = [tier_name(t) for t in reply.tiers]
+    holes = reply.holes  # most often none: ``list()`` of an empty field costs 3x the test
     return Lookup(
         hashes=hashes,
         tiers=tiers,
         hit_blocks=reply.hit_blocks,
         hit_tokens=reply.hit_tokens,
-        holes=list(reply.holes),
+        holes=list(holes) if holes else [],
         block_tokens=reply.block_tokens,
     )
 

@@ -40,8 +40,12 @@ worker side (every step)
                                     shared segment, ``get_prefix_by_layer``), each layer copied
                                     into vLLM's paged cache on the client's thread as it comes.
                                     An async load arrives the same way; no step waits for it.
-    ``wait_for_layer_load``         wait for that layer alone: later layers arrive meanwhile.
-    ``save_kv_layer``               copy that layer's K/V of each save out of the paged cache.
+    ``wait_for_layer_load``         wait for that layer alone: later layers arrive meanwhile
+                                    (on a CUDA cache the forward's stream waits for the
+                                    layer's copy event; the host does not wait for the copy).
+    ``save_kv_layer``               copy that layer's K/V of each save out of the paged cache
+                                    (on a CUDA cache: on a side stream, after the forward's
+                                    event, into page-locked staging).
     ``wait_for_save``               start putting the saves' full blocks (all layers) into
                                     kvstore, in the background (the next step's saves wait).
     ``get_finished``                the async loads that are done (their errors are reported by
@@ -166,6 +170,8 @@ class KVStoreConnector(ConnectorBase):
         if self._scheduler is not None:
             self._scheduler.close()
         self._store.close()
+        if self._worker is not None:
+            self._worker.close()  # after the client: no fetch copies from a segment any more
 
     # -- scheduler side (client/vllm/scheduler.py) ---------------------------------------------
 

@@ -46,6 +46,17 @@ def torch_dtype_of(name: str) -> torch.dtype:
     return dtype
 
 
+def _index(block_ids: list[int], device: torch.device) -> torch.Tensor:
+    """Block ids as an index tensor on ``device``. To a GPU through page-locked memory without a
+    wait: a plain ``.to(device)`` waits for the current stream (the worker's side stream, behind
+    the forward's work). Likewise the copies out of a GPU cache are ``non_blocking``: their
+    caller waits for the stream's event before reading (client/vllm/gpu_copies.py)."""
+    ids = torch.tensor(block_ids, dtype=torch.long)
+    if device.type != "cuda":
+        return ids.to(device)  # a no-op on the CPU
+    return ids.pin_memory().to(device, non_blocking=True)
+
+
 def layer_index(name: str) -> int:
     """``model.layers.3.self_attn.attn`` -> 3 (the one integer in vLLM's layer names)."""
     numbers = [int(part) for part in name.split(".") if part.isdigit()]
@@ -167,15 +178,16 @@ class BlockLayout:
         the paged cache as ``[blocks, elements]`` (token ``t`` is in ``block_ids[t // B]``)."""
         n, b = out.shape[1], self.block_size
         num_blocks = -(-n // b)
-        index = torch.tensor(block_ids[:num_blocks], dtype=torch.long, device=cache.device)
+        index = _index(block_ids[:num_blocks], cache.device)
+        aside = out.device != cache.device  # device -> host: see ``_index``
         if self._affine:
             for kv, view in enumerate(self._views(cache)):
                 got = view.index_select(0, index)  # [n_blocks, B, H, D]
-                out[kv].copy_(got.reshape(num_blocks * b, *out.shape[2:])[:n])
+                out[kv].copy_(got.reshape(num_blocks * b, *out.shape[2:])[:n], non_blocking=aside)
             return
         blocks = cache.index_select(0, index)[:, self._flat]  # [n_blocks, 2 * B * H * D]
         blocks = blocks.view(num_blocks, *self.positions.shape).transpose(0, 1)
-        out.copy_(blocks.reshape(2, num_blocks * b, *out.shape[2:])[:, :n])
+        out.copy_(blocks.reshape(2, num_blocks * b, *out.shape[2:])[:, :n], non_blocking=aside)
 
     def scatter(
         self, cache: torch.Tensor, block_ids: list[int], kv: torch.Tensor, start: int
@@ -186,16 +198,15 @@ class BlockLayout:
         end, b = kv.shape[1], self.block_size
         first_full, last_full = -(-start // b), end // b  # blocks entirely inside [start, end)
         if first_full < last_full:
-            ids = torch.tensor(block_ids[first_full:last_full], dtype=torch.long)
+            ids = _index(block_ids[first_full:last_full], cache.device)
             count = last_full - first_full
             src = kv[:, first_full * b : last_full * b].reshape(2, count, b, *kv.shape[2:])
             if self._affine:
-                ids = ids.to(cache.device)
                 for which, view in enumerate(self._views(cache)):
                     view.index_copy_(0, ids, src[which].to(cache.device))
             else:
                 rows = src.transpose(0, 1).reshape(count, -1)
-                cache.index_copy_(0, ids.to(cache.device), rows.index_select(1, self._inverse))
+                cache.index_copy_(0, ids, rows.index_select(1, self._inverse))
         edges = {start // b, (end - 1) // b} - set(range(first_full, last_full))
         for block in sorted(edges):
             lo, hi = max(start, block * b), min(end, (block + 1) * b)
@@ -293,9 +304,12 @@ class ViewLayout:
         """Tokens ``[0, n)`` of one layer into ``out`` ``[2, n, kv_heads, head_dim]``."""
         n, b = out.shape[1], self.block_size
         num_blocks = -(-n // b)
-        index = torch.tensor(block_ids[:num_blocks], dtype=torch.long, device=blocks.device)
-        got = blocks.index_select(0, index)  # [n_blocks, 2, B, H, D], contiguous
-        out.copy_(got.transpose(0, 1).reshape(2, num_blocks * b, *out.shape[2:])[:, :n])
+        got = blocks.index_select(0, _index(block_ids[:num_blocks], blocks.device))
+        # got: [n_blocks, 2, B, H, D], contiguous; device -> host without a wait: see ``_index``
+        out.copy_(
+            got.transpose(0, 1).reshape(2, num_blocks * b, *out.shape[2:])[:, :n],
+            non_blocking=out.device != blocks.device,
+        )
 
     def scatter(
         self, blocks: torch.Tensor, block_ids: list[int], kv: torch.Tensor, start: int
@@ -306,9 +320,9 @@ class ViewLayout:
         first_full, last_full = -(-start // b), end // b
         if first_full < last_full:
             count = last_full - first_full
-            ids = torch.tensor(block_ids[first_full:last_full], dtype=torch.long)
+            ids = _index(block_ids[first_full:last_full], blocks.device)
             src = kv[:, first_full * b : last_full * b].reshape(2, count, b, *kv.shape[2:])
-            blocks.index_copy_(0, ids.to(blocks.device), src.transpose(0, 1).to(blocks.device))
+            blocks.index_copy_(0, ids, src.transpose(0, 1).to(blocks.device))
         edges = {start // b, (end - 1) // b} - set(range(first_full, last_full))
         for block in sorted(edges):
             lo, hi = max(start, block * b), min(end, (block + 1) * b)

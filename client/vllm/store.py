@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from client.same_host import Segment
 from client.sync import Client
 from client.vllm.config import ConnectorConfig
 from kvstore.core.keys import ModelSpec
@@ -72,6 +73,13 @@ class Store:
                     timeout_s=self.config.timeout_s,
                 )
             return self._client
+
+    def open_segments(self) -> list[Segment]:
+        """The client's open shared segments (where same-host fetches land), for the CUDA copies
+        to register. Only on the client's thread, where they are opened and closed."""
+        client = self._client
+        # Client has no public accessor for them; the attributes read are its own.
+        return [] if client is None else client._aio._segments.segments
 
     def write_stats(self) -> None:
         if not self.config.stats_path:

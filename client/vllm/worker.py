@@ -4,8 +4,9 @@ In the order vLLM calls it: ``register_kv_caches`` (once: the layout of each lay
 every step ``start_load_kv`` (start each load's layer-by-layer fetch and return), per layer
 ``wait_for_layer_load`` and ``save_kv_layer`` (copy the saves' K/V of that layer out),
 ``wait_for_save`` (start the puts in the background), ``get_finished`` (async loads that are
-done) and ``get_block_ids_with_load_errors`` (blocks vLLM must recompute). What each does is in
-``client.vllm_connector``; the copies themselves are client/vllm/layout.py.
+done), ``get_block_ids_with_load_errors`` (blocks vLLM must recompute) and ``close``. What each
+does is in ``client.vllm_connector``; the copies themselves are client/vllm/layout.py, and on a
+CUDA cache they run on side streams through page-locked memory (client/vllm/gpu_copies.py).
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from client.vllm.gpu_copies import GpuCopies
 from client.vllm.layout import BlockLayout, ViewLayout, layer_index, layout_for, torch_dtype_of
 from client.vllm.metadata import KVStoreConnectorMetadata, Transfer
 from client.vllm.namespace import rank_heads, shard_spec, tp_rank
@@ -42,8 +44,9 @@ class _Loading:
     load: Transfer
     started: float
     future: Future[int] | None = None  # the verified tokens fetched
-    layers: int = 0  # layers [0, layers) are in the paged cache
+    layers: int = 0  # layers [0, layers) are in the paged cache (on a GPU: their copies issued)
     tokens: int = 0  # tokens each of them holds
+    ready: dict[int, torch.cuda.Event] = field(default_factory=dict)  # GPU: layer -> copied
 
 
 class WorkerSide:
@@ -73,6 +76,7 @@ class WorkerSide:
         # 24 MiB here), a warm one does not.
         self._save_arena = _Arena()
         self._load_errors: set[int] = set()
+        self._gpu: GpuCopies | None = None  # caches on a CUDA device (else: None, CPU copies)
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Learn where the attention backend keeps each K/V element (``BlockLayout.probe``)
@@ -99,6 +103,13 @@ class WorkerSide:
         self._layers = layers
         self._caches = [cache for _, cache in sorted(layers.values(), key=lambda e: e[0])]
         self.layout = layout
+        devices = {cache.device for cache in kv_caches.values()}
+        if len(devices) != 1:
+            raise ConfigError(f"KVStoreConnector: the KV caches are on several devices {devices}")
+        device = devices.pop()
+        if device.type == "cuda":
+            self._gpu = GpuCopies(device)
+            self._save_arena = _Arena(pin=True)  # device -> host copies by DMA, not staged
         log.info(
             "KVStoreConnector: %d layers, paged cache %s per layer; %s",
             len(layers),
@@ -141,6 +152,8 @@ class WorkerSide:
                     self._finished_async.add(load.req_id)
             return
         kv = self._store.client()
+        if self._gpu is not None:
+            self._gpu.begin_loads()
         for load in meta.loads:
             loading = _Loading(load, time.perf_counter())
             if load.async_load:
@@ -158,6 +171,9 @@ class WorkerSide:
     def _arrive(self, loading: _Loading, layer: int, kv: torch.Tensor) -> None:
         """One layer of one load is here (the client's thread): into the paged cache with it."""
         assert self.layout is not None
+        if self._gpu is not None:
+            self._arrive_gpu(self._gpu, loading, layer, kv)
+            return
         load, started = loading.load, time.perf_counter()
         if kv.shape[1] > load.start:
             self.layout.scatter(self._caches[layer], load.block_ids, kv, load.start)
@@ -167,6 +183,35 @@ class WorkerSide:
             loading.tokens = kv.shape[1] if layer == 0 else min(loading.tokens, kv.shape[1])
             loading.layers = max(loading.layers, layer + 1)
             self._arrived.notify_all()
+
+    def _arrive_gpu(self, gpu: GpuCopies, loading: _Loading, layer: int, kv: torch.Tensor) -> None:
+        """``_arrive`` into a CUDA cache: the copies are issued on the loads' stream, vLLM is told
+        (it waits for the layer's event on its own stream), and only then does this thread wait
+        for the host -> device copy, after which ``kv`` may change (see gpu_copies.py)."""
+        assert self.layout is not None
+        load, started = loading.load, time.perf_counter()
+        copied = None
+        try:
+            ready = None
+            if kv.shape[1] > load.start:
+                ready, copied = gpu.load(
+                    self.layout,
+                    self._caches[layer],
+                    load.block_ids,
+                    kv,
+                    load.start,
+                    self._store.open_segments(),
+                )
+            with self._arrived:
+                if ready is not None:
+                    loading.ready[layer] = ready
+                loading.tokens = kv.shape[1] if layer == 0 else min(loading.tokens, kv.shape[1])
+                loading.layers = max(loading.layers, layer + 1)
+                self._arrived.notify_all()
+        finally:
+            if copied is not None:
+                copied.synchronize()
+            self._counters.inject_s += time.perf_counter() - started
 
     def _notify(self) -> None:
         with self._arrived:
@@ -189,6 +234,10 @@ class WorkerSide:
                     for x in self._loading
                 )
             )
+            events = [x.ready[index] for x in self._loading if index in x.ready]
+        if self._gpu is not None:
+            for event in events:  # the forward's stream waits; this thread does not
+                self._gpu.wait(event)
         self._injected.add(layer_name)
         self._counters.load_wait_s += time.perf_counter() - started
 
@@ -203,12 +252,22 @@ class WorkerSide:
             self._stage(meta)
         index, cache = entry
         started = time.perf_counter()
-        for save, staging, done in self._staged:
-            if layer_name not in done:
-                assert self.layout is not None
-                self.layout.gather(cache, save.block_ids, out=staging[index])
-                done.add(layer_name)
+        todo = [entry for entry in self._staged if layer_name not in entry[2]]
+        self._gather(cache, [(save.block_ids, staging[index]) for save, staging, _ in todo])
+        for *_, done in todo:
+            done.add(layer_name)
         self._counters.gather_s += time.perf_counter() - started
+
+    def _gather(self, cache: torch.Tensor, outs: list[tuple[list[int], torch.Tensor]]) -> None:
+        """One layer's tokens of each ``(block_ids, out)`` into ``out``: here, or on a CUDA
+        cache on the saves' stream (read ``out`` only after ``GpuCopies.saved``'s event)."""
+        assert self.layout is not None
+        if self._gpu is not None:
+            if outs:
+                self._gpu.save(self.layout, cache, outs)
+            return
+        for block_ids, out in outs:
+            self.layout.gather(cache, block_ids, out=out)
 
     def _stage(self, meta: KVStoreConnectorMetadata) -> None:
         """Staging tensors for this step's saves, in the reused save arena (once the puts of
@@ -233,16 +292,21 @@ class WorkerSide:
         kv = self._store.client()
         for save, staging, done in self._staged:
             missing = [name for name in self._layers if name not in done]
-            if missing:
-                # A layer vLLM ran without the save hook: its K/V is in the paged cache all
-                # the same, so copy it from there.
-                assert self.layout is not None
-                for name in missing:
-                    index, cache = self._layers[name]
-                    self.layout.gather(cache, save.block_ids, out=staging[index])
+            # A layer vLLM ran without the save hook: its K/V is in the paged cache all the
+            # same, so copy it from there.
+            for name in missing:
+                index, cache = self._layers[name]
+                self._gather(cache, [(save.block_ids, staging[index])])
+        # On a GPU the puts wait for the copies out of it, in a background thread.
+        gpu = self._gpu
+        after = None if gpu is None else functools.partial(gpu.put_after, gpu.saved())
+        for save, staging, _ in self._staged:
             # In the background: the step (and the next request's) need not wait for the
             # service. The staging copy is ours until the put is done (see ``_stage``).
-            future = kv.start_put(spec, save.tokens, staging, extra_keys=save.extra_keys)
+            start = functools.partial(
+                kv.start_put, spec, save.tokens, staging, extra_keys=save.extra_keys
+            )
+            future: Future[Any] = start() if after is None else after(start)
             self._putting.append((save, time.perf_counter(), future))
         self._staged = []
 
@@ -297,6 +361,9 @@ class WorkerSide:
         self._counters.fetch_s += time.perf_counter() - loading.started
         self._counters.loads += 1
         self._counters.async_loads += load.async_load
+        if self._gpu is not None:
+            # Before vLLM uses (or recomputes, or reassigns) a block: every copy issued is done.
+            self._gpu.settle()
         got = min(got, loading.tokens if loading.layers == len(self._caches) else 0)
         if missed:
             got = 0  # the forward ran without some layer of it: all of it is recomputed
@@ -336,6 +403,11 @@ class WorkerSide:
         errors, self._load_errors = self._load_errors, set()
         return errors
 
+    def close(self) -> None:
+        """After the puts are done and the client is closed: let go of the page-locked memory."""
+        if self._gpu is not None:
+            self._gpu.close()
+
 
 def _blocks_of(block_ids: list[int], start: int, end: int, block_size: int) -> set[int]:
     """The vLLM blocks holding tokens ``[start, end)``."""
@@ -348,7 +420,8 @@ class _Arena:
     """One pre-faulted host buffer that a step's loads (or saves) are carved from; it grows to the
     largest step seen and is reused, so the copies of a hit write into warm pages."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, pin: bool = False) -> None:
+        self._pin = pin  # page-locked (for copies out of a GPU)
         self._buf = torch.empty(0, dtype=torch.uint8)
 
     def views(self, shapes: Sequence[tuple[int, ...]], dtype: torch.dtype) -> list[torch.Tensor]:
@@ -357,7 +430,9 @@ class _Arena:
         total = sum(sizes)
         if self._buf.numel() < total:
             # zeros, not empty: the pages are touched here, once.
-            self._buf = torch.zeros(max(total, 2 * self._buf.numel()), dtype=torch.uint8)
+            self._buf = torch.zeros(
+                max(total, 2 * self._buf.numel()), dtype=torch.uint8, pin_memory=self._pin
+            )
         out, offset = [], 0
         for shape, size in zip(shapes, sizes, strict=True):
             count = math.prod(shape) * itemsize

@@ -62,15 +62,22 @@ _ID_COUNT = itertools.count()
 class Call:
     method: str
     request_id: str
+    metadata: Any = ()  # the invocation metadata, read once for the request id and the token
+    context: Any = None  # the call's grpc context: ``peer`` asks it
     tenant: Tenant | None = None
     started: float = field(default_factory=time.perf_counter)
-    peer: str = ""
-    metadata: Any = ()  # the invocation metadata, read once for the request id and the token
 
     @property
     def who(self) -> Tenant:
         assert self.tenant is not None  # set before any handler runs
         return self.tenant
+
+    @property
+    def peer(self) -> str:
+        """The client's address, asked of gRPC when wanted (the Work stream names its worker
+        after it) rather than on every call. Only while the call runs: the context is gone
+        after it (reading it then crashes the process)."""
+        return "" if self.context is None else str(self.context.peer())
 
 
 def request_id(metadata: Any) -> str:
