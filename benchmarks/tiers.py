@@ -48,6 +48,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Coroutine, Sequence
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -175,19 +176,34 @@ class Bench:
         self.cases["memcpy"] = memcpy
         self.cases["copy to new bytes"] = copy_to_new
 
-    def add_tier(self, name: str, tier: Tier) -> None:
+    def batched(self, items: Sequence[tuple[bytes, Buffer]]) -> list[list[tuple[bytes, Buffer]]]:
+        """``items`` (one per block) in the calls of ``self.batches``."""
+        per = len(self.batches[0])
+        return [list(items[i : i + per]) for i in range(0, len(items), per)]
+
+    def put_case(self, tier: Tier, source: Sequence[Sequence[tuple[bytes, Buffer]]]) -> Case:
+        """Every block put from ``source``, one call per batch, into ``tier`` emptied first."""
+
         async def put() -> None:
-            for batch in self.batches:
-                await tier.put(batch)
+            for batch in source:
+                assert await tier.put(batch) == len(batch)
 
         async def clear() -> None:
             await tier.delete(self.keys)
+
+        return Case(self.sync(put), reset=self.sync(clear))
+
+    def get_case(self, tier: Tier) -> Callable[[], object]:
+        """Every block read from ``tier`` into fresh ``bytes``, one call per batch."""
 
         async def get() -> None:
             for keys in self.key_batches:
                 for value in await tier.get(keys):
                     assert value is not None
 
+        return self.sync(get)
+
+    def add_tier(self, name: str, tier: Tier) -> None:
         async def get_into() -> None:
             i = 0
             for keys in self.key_batches:
@@ -196,8 +212,8 @@ class Bench:
                 i += len(keys)
 
         # Order matters within a round: the put leaves the blocks in place for both gets.
-        self.cases[f"{name} put"] = Case(self.sync(put), reset=self.sync(clear))
-        self.cases[f"{name} get"] = self.sync(get)
+        self.cases[f"{name} put"] = self.put_case(tier, self.batches)
+        self.cases[f"{name} get"] = self.get_case(tier)
         self.cases[f"{name} get_into"] = self.sync(get_into)
         self.closers.append(self.sync(tier.close))
 
@@ -250,11 +266,8 @@ class Bench:
         pinned: list[tuple[bytes, Buffer]] = [
             (k, whole[a:b]) for (k, _), (a, b) in zip(self.blocks, spans, strict=True)
         ]
-        per = len(self.batches[0])
-        pinned_batches = [pinned[i : i + per] for i in range(0, len(pinned), per)]
-        g2 = PinnedMemoryTier(
-            PinnedTierConfig(capacity_bytes, pin="require", segment_prefix="kvstore-bench")
-        )
+        _, g2_config = memory_tier_configs(capacity_bytes)
+        g2 = PinnedMemoryTier(replace(g2_config, pin="require"))
         self.closers.append(self.sync(g2.close))
         assert self.runner.run(g2.put(self.blocks)) == len(self.blocks)
         g2_views: list[tuple[bytes, Buffer]] = []
@@ -262,7 +275,6 @@ class Bench:
             view = g2.view_of(key)
             assert view is not None
             g2_views.append((key, view))
-        g2_batches = [g2_views[i : i + per] for i in range(0, len(g2_views), per)]
         g1 = GpuMemoryTier(GpuTierConfig(capacity_bytes, device=str(device)))
         self.closers.append(self.sync(g1.close))
         src = host.to(device)
@@ -278,27 +290,12 @@ class Bench:
                 dst[a:b].copy_(host[a:b], non_blocking=True)
             torch.cuda.synchronize(device)
 
-        def putter(source: list[list[tuple[bytes, Buffer]]]) -> Callable[[], object]:
-            async def put() -> None:
-                for batch in source:
-                    assert await g1.put(batch) == len(batch)
-
-            return self.sync(put)
-
-        async def clear() -> None:
-            await g1.delete(self.keys)
-
-        async def get() -> None:
-            for keys in self.key_batches:
-                for value in await g1.get(keys):
-                    assert value is not None
-
         self.cases["d2d copy"] = d2d
         self.cases["pinned h2d copy"] = h2d
         # Order matters within a round: the last put leaves the blocks in place for the get.
-        self.cases["G1 (cuda) put from G2"] = Case(putter(g2_batches), reset=self.sync(clear))
-        self.cases["G1 (cuda) put"] = Case(putter(pinned_batches), reset=self.sync(clear))
-        self.cases["G1 (cuda) get"] = self.sync(get)
+        self.cases["G1 (cuda) put from G2"] = self.put_case(g1, self.batched(g2_views))
+        self.cases["G1 (cuda) put"] = self.put_case(g1, self.batched(pinned))
+        self.cases["G1 (cuda) get"] = self.get_case(g1)
 
     def add_raw_lmdb(self, path: Path, map_size: int) -> None:
         path.mkdir(parents=True, exist_ok=True)
@@ -441,13 +438,14 @@ def measure(
     total_bytes: int,
     redis_url: str | None,
     workdir: Path,
+    g1_cuda_only: bool = False,
 ) -> list[tuple[str, ...]]:
-    """The rows of one block size: every tier's, and G1 on CUDA's where there is CUDA; with no
-    ``redis_url``, G1 on CUDA's alone."""
+    """The rows of one block size: every tier's, and G1 on CUDA's where there is CUDA; with
+    ``g1_cuda_only``, G1 on CUDA's alone (no LMDB, no Redis)."""
     bench = Bench(runner, block_bytes, total_bytes)
     capacity = (max(len(v) for _, v in bench.blocks) + 4096) * (len(bench.blocks) + 1)
     try:
-        if redis_url is None:
+        if g1_cuda_only:
             bench.add_g1_cuda(capacity)
             bench.report_g1_cuda(medians_s(bench.cases, settings))
             return bench.rows
@@ -460,6 +458,7 @@ def measure(
         bench.add_raw_lmdb(workdir / f"raw-lmdb-{block_bytes}", lmdb_config.map_size)
         # Built on the benchmark's loop: the tier's executors and clients belong to that loop.
         bench.add_tier("G3", runner.run(_build(lambda: LmdbTier(lmdb_config))))
+        assert redis_url is not None
         bench.add_raw_redis(redis_url)
         redis_config = RedisTierConfig(
             url=redis_url, capacity_bytes=4 * bench.nbytes, namespace="bench", timeout_ms=30_000
@@ -508,7 +507,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             url = stack.enter_context(start_redis_server()).url
         runner = stack.enter_context(asyncio.Runner())
         for block_bytes in BLOCK_BYTES:
-            rows += measure(runner, settings, block_bytes, total_mib * MiB, url, workdir)
+            rows += measure(
+                runner, settings, block_bytes, total_mib * MiB, url, workdir, args.g1_cuda
+            )
     title = (
         f"{'G1 on CUDA' if args.g1_cuda else 'Tier'} throughput vs raw baselines, {total_mib} MiB "
         f"per op per block size, tiers and baselines sampled round-robin, median of "

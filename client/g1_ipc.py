@@ -18,7 +18,6 @@ is made.
 from __future__ import annotations
 
 import contextlib
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,25 +25,16 @@ import grpc
 import torch
 
 from client.channel import Channel
+from client.convert import check_out
 from client.errors import HandOffUnavailableError, NotFoundError, error_from_rpc
 from client.same_host import Segments, SegmentUnusable
 from kvstore.core.block_format import torch_dtype
+from kvstore.core.cuda import device_uuid
 from kvstore.core.errors import InvalidArgumentError
 from kvstore.core.keys import ModelSpec
 from kvstore.v1 import kvstore_pb2 as pb
 
-__all__ = ["G1Peer", "copy_blocks", "device_uuid", "hand_off"]
-
-
-def device_uuid(device: torch.device) -> bytes:
-    """The 16 bytes of a CUDA device's UUID, as the server compares them."""
-    props = torch.cuda.get_device_properties(device)
-    # torch's _CUuuid: ``bytes`` is the 16 bytes as ints; str() their 8-4-4-4-12 hex form. The
-    # server (tiers/gpu_memory.py) reads them the same way.
-    raw = getattr(props.uuid, "bytes", None)
-    if raw is not None:
-        return bytes(raw)
-    return uuid.UUID(str(props.uuid).removeprefix("GPU-")).bytes
+__all__ = ["G1Peer", "copy_blocks", "hand_off"]
 
 
 class G1Peer:
@@ -85,25 +75,6 @@ class G1Peer:
         self._opened.clear()
 
 
-def _check_out(spec: ModelSpec, out: torch.Tensor) -> int:
-    layers, _, tokens, heads, dims = spec.block_shape
-    if out.device.type != "cuda":
-        raise InvalidArgumentError(f"out must be a CUDA tensor for a G1 hand-off, not {out.device}")
-    if out.dtype != torch_dtype(spec.dtype):
-        raise InvalidArgumentError(f"out is {out.dtype}, namespace {spec.name} is {spec.dtype}")
-    if out.dim() != 5 or (out.shape[0], out.shape[1], out.shape[3], out.shape[4]) != (
-        layers,
-        2,
-        heads,
-        dims,
-    ):
-        raise InvalidArgumentError(
-            f"out is {list(out.shape)}; {spec.name} needs [layers={layers}, 2, tokens, "
-            f"kv_heads={heads}, head_dim={dims}]"
-        )
-    return int(out.shape[2]) // tokens
-
-
 async def hand_off(
     channel: Channel,
     segments: Segments,
@@ -115,7 +86,9 @@ async def hand_off(
 ) -> int:
     """Copy the leading G1 blocks of ``prompt`` into ``out``'s leading tokens; returns how many
     tokens were copied (0: no block of the prompt is in G1)."""
-    room = _check_out(spec, out)
+    if out.device.type != "cuda":
+        raise InvalidArgumentError(f"out must be a CUDA tensor for a G1 hand-off, not {out.device}")
+    room = check_out(spec, out)
     want = room if max_blocks == 0 else min(room, max_blocks)
     if want == 0:
         return 0

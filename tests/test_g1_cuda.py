@@ -14,7 +14,6 @@ import itertools
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,6 +58,14 @@ def slab_view(tier: GpuMemoryTier, key: bytes) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8, device=view.device).set_(storage)
 
 
+def slab_payload(tier: GpuMemoryTier, key: bytes) -> bytes:
+    """The bytes of the slab at ``extent_of(key)``, read through ``tensor_of``'s storage."""
+    extent = tier.extent_of(key)
+    assert extent is not None
+    offset, nbytes, _ = extent
+    return bytes(slab_view(tier, key)[offset : offset + nbytes].cpu().numpy())
+
+
 def pinned(items: list[tuple[BlockHash, bytearray]]) -> list[tuple[BlockHash, memoryview]]:
     """The blocks copied into page-locked host memory (views of pinned tensors, which the views
     keep alive), to put from."""
@@ -74,8 +81,7 @@ def pinned(items: list[tuple[BlockHash, bytearray]]) -> list[tuple[BlockHash, me
 
 
 async def test_extent_of_names_each_payload_in_the_slab_on_cpu() -> None:
-    tier = GpuMemoryTier(GpuTierConfig(1 * MiB, device="cpu"))
-    try:
+    async with GpuMemoryTier(GpuTierConfig(1 * MiB, device="cpu")) as tier:
         assert tier.slab_bytes >= 1 * MiB
         assert tier.slab_bytes % GRANULARITY == 0
         items = blocks(5)
@@ -92,26 +98,20 @@ async def test_extent_of_names_each_payload_in_the_slab_on_cpu() -> None:
             assert offset % GRANULARITY == 0
             assert offset >= 0
             assert offset + nbytes <= tier.slab_bytes
-            slab = slab_view(tier, key)
-            assert bytes(slab[offset : offset + nbytes].numpy()) == payload
+            assert slab_payload(tier, key) == payload
             seen.append((offset, offset + nbytes))
         seen.sort()
         assert all(a[1] <= b[0] for a, b in itertools.pairwise(seen))  # no overlap
         assert tier.extent_of(b"\x00" * 16) is None
         assert await tier.delete([items[0][0]]) == 1
         assert tier.extent_of(items[0][0]) is None
-    finally:
-        await tier.close()
 
 
 async def test_ipc_handle_and_device_uuid_are_none_on_cpu() -> None:
-    tier = GpuMemoryTier(GpuTierConfig(1 * MiB, device="cpu"))
-    try:
+    async with GpuMemoryTier(GpuTierConfig(1 * MiB, device="cpu")) as tier:
         await tier.put(blocks(1))
         assert tier.ipc_handle() is None
         assert tier.device_uuid() is None
-    finally:
-        await tier.close()
 
 
 # -- on a GPU: the tier ---------------------------------------------------------------------
@@ -120,8 +120,7 @@ async def test_ipc_handle_and_device_uuid_are_none_on_cpu() -> None:
 @pytest.mark.cuda
 @needs_cuda
 async def test_g1_on_cuda_round_trip_from_pinned_and_pageable_memory() -> None:
-    tier = GpuMemoryTier(GpuTierConfig(4 * MiB, device="cuda"))
-    try:
+    async with GpuMemoryTier(GpuTierConfig(4 * MiB, device="cuda")) as tier:
         assert tier.device.type == "cuda"
         assert tier.device.index is not None
         items = blocks(8)
@@ -145,18 +144,15 @@ async def test_g1_on_cuda_round_trip_from_pinned_and_pageable_memory() -> None:
         assert await tier.delete(keys[:3]) == 3
         assert await tier.get(keys[:3]) == [None] * 3
         assert (await tier.stats()).num_blocks == 5
-    finally:
-        await tier.close()
 
 
 @pytest.mark.cuda
 @needs_cuda
 async def test_a_put_is_invisible_until_its_copies_complete() -> None:
     items = blocks(3, BIG)
-    tier = GpuMemoryTier(GpuTierConfig(4 * len(items[0][1]), device="cuda"))
     batch = pinned(items)
     keys = [k for k, _ in items]
-    try:
+    async with GpuMemoryTier(GpuTierConfig(4 * len(items[0][1]), device="cuda")) as tier:
         put = asyncio.create_task(tier.put(batch))
         await asyncio.sleep(0)  # the put queues 24 MiB of copies and waits for their event
         assert not put.done()
@@ -173,17 +169,14 @@ async def test_a_put_is_invisible_until_its_copies_complete() -> None:
         assert await put == 3
         assert await again == 0
         assert await tier.get(keys) == [v for _, v in items]
-    finally:
-        await tier.close()
 
 
 @pytest.mark.cuda
 @needs_cuda
 async def test_a_cancelled_put_stores_nothing_and_frees_its_extents() -> None:
     items = blocks(3, BIG)
-    tier = GpuMemoryTier(GpuTierConfig(4 * len(items[0][1]), device="cuda"))
     batch = pinned(items)
-    try:
+    async with GpuMemoryTier(GpuTierConfig(4 * len(items[0][1]), device="cuda")) as tier:
         free = tier.slab_stats().free_bytes
         put = asyncio.create_task(tier.put(batch))
         await asyncio.sleep(0)
@@ -196,15 +189,12 @@ async def test_a_cancelled_put_stores_nothing_and_frees_its_extents() -> None:
         # The extents are free again: the same blocks fit and land whole.
         assert await tier.put(items) == 3
         assert await tier.get([k for k, _ in items]) == [v for _, v in items]
-    finally:
-        await tier.close()
 
 
 @pytest.mark.cuda
 @needs_cuda
 async def test_ipc_handle_device_uuid_and_extent_of_on_cuda() -> None:
-    tier = GpuMemoryTier(GpuTierConfig(4 * MiB, device="cuda"))
-    try:
+    async with GpuMemoryTier(GpuTierConfig(4 * MiB, device="cuda")) as tier:
         items = blocks(4)
         await tier.put(items)
         uuid = tier.device_uuid()
@@ -215,20 +205,14 @@ async def test_ipc_handle_device_uuid_and_extent_of_on_cuda() -> None:
         for key, value in items:
             extent = tier.extent_of(key)
             assert extent is not None
-            offset, nbytes, payload_xxh3 = extent
-            assert payload_xxh3 == read_header(value).payload_xxh3
-            slab = slab_view(tier, key)
-            assert slab.device == tier.device
-            assert bytes(slab[offset : offset + nbytes].cpu().numpy()) == bytes(
-                value[HEADER_BYTES:]
-            )
+            assert extent[2] == read_header(value).payload_xxh3
+            assert slab_view(tier, key).device == tier.device
+            assert slab_payload(tier, key) == bytes(value[HEADER_BYTES:])
         pytest.importorskip("cupy", reason="the slab is a cupy cudaMalloc only with cupy")
         handle = tier.ipc_handle()
         assert isinstance(handle, bytes)
         assert len(handle) == IPC_HANDLE_BYTES
         assert tier.ipc_handle() == handle  # computed once
-    finally:
-        await tier.close()
     assert tier.ipc_handle() is None
 
 
@@ -237,8 +221,7 @@ async def test_ipc_handle_device_uuid_and_extent_of_on_cuda() -> None:
 async def test_a_second_process_reads_a_block_through_the_ipc_handle() -> None:
     """Offset 0 of the slab is the base of the allocation that the handle maps."""
     pytest.importorskip("cupy", reason="the slab is a cupy cudaMalloc only with cupy")
-    tier = GpuMemoryTier(GpuTierConfig(4 * MiB, device="cuda"))
-    try:
+    async with GpuMemoryTier(GpuTierConfig(4 * MiB, device="cuda")) as tier:
         items = blocks(6)
         await tier.put(items)
         handle = tier.ipc_handle()
@@ -276,14 +259,12 @@ async def test_a_second_process_reads_a_block_through_the_ipc_handle() -> None:
         )
         assert out.returncode == 0, out.stderr
         assert [int(x) for x in out.stdout.split()] == [e[2] for e in extents if e is not None]
-    finally:
-        await tier.close()
 
 
 # -- on a GPU: through the engine, G1 over pinned G2 ---------------------------------------------
 
 
-def engine_config(tmp_path: Path) -> StoreConfig:
+def engine_config() -> StoreConfig:
     block = HEADER_BYTES + SPEC.block_nbytes
     return StoreConfig(
         g1=GpuTierConfig(64 * block, device="cuda"),
@@ -295,16 +276,19 @@ def engine_config(tmp_path: Path) -> StoreConfig:
 def prompt(n: int, first: int) -> tuple[list[int], torch.Tensor, list[BlockHash]]:
     tokens = list(range(first, first + n * SPEC.block_tokens))
     hashes = block_hashes(SPEC, tokens)
-    kv = torch.zeros((2, 2, len(tokens), 2, 64), dtype=torch.float16)
+    kv = torch.zeros(
+        (SPEC.num_layers, 2, len(tokens), SPEC.num_kv_heads, SPEC.head_dim), dtype=torch.float16
+    )
+    bt = SPEC.block_tokens
     for i, h in enumerate(hashes):
-        kv[:, :, i * 16 : (i + 1) * 16] = content(SPEC, h)
+        kv[:, :, i * bt : (i + 1) * bt] = content(SPEC, h)
     return tokens, kv, hashes
 
 
 @pytest.mark.cuda
 @needs_cuda
-async def test_engine_puts_into_g1_and_reads_back_bit_exact(tmp_path: Path) -> None:
-    e = await Engine.open(engine_config(tmp_path))
+async def test_engine_puts_into_g1_and_reads_back_bit_exact() -> None:
+    e = await Engine.open(engine_config())
     try:
         tokens, kv, hashes = prompt(6, first=0)
         assert (await e.put(SPEC, tokens, kv)).stored == 6
@@ -334,8 +318,8 @@ async def test_engine_puts_into_g1_and_reads_back_bit_exact(tmp_path: Path) -> N
 
 @pytest.mark.cuda
 @needs_cuda
-async def test_blocks_move_between_g1_and_pinned_g2_bit_exact(tmp_path: Path) -> None:
-    e = await Engine.open(engine_config(tmp_path))
+async def test_blocks_move_between_g1_and_pinned_g2_bit_exact() -> None:
+    e = await Engine.open(engine_config())
     try:
         tokens, kv, hashes = prompt(4, first=10_000)
         await e.put(SPEC, tokens, kv)
@@ -360,13 +344,7 @@ async def test_blocks_move_between_g1_and_pinned_g2_bit_exact(tmp_path: Path) ->
         assert await g1.get(hashes) == stored
         for h, value in zip(hashes, stored, strict=True):
             assert value is not None
-            extent = g1.extent_of(h)
-            assert extent is not None
-            offset, nbytes, _ = extent
-            slab = slab_view(g1, h)
-            assert bytes(slab[offset : offset + nbytes].cpu().numpy()) == bytes(
-                value[HEADER_BYTES:]
-            )
+            assert slab_payload(g1, h) == bytes(value[HEADER_BYTES:])
         counters = (await e.stats()).counters
         assert counters["demotions"] >= 4
         assert counters["promotions"] >= 4

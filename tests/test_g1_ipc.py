@@ -52,28 +52,19 @@ async def leases(server: Any) -> int:
 # -- refusals, on any machine ----------------------------------------------------------------------
 
 
-async def test_g1_on_the_cpu_has_no_handle_and_holds_nothing(tmp_path: Path) -> None:
-    async with running(with_g1(store_config(tmp_path))) as (server, stub, _):
-        tokens = tokens_of(4 * SPEC.block_tokens, 1)
-        p = prompt(tokens)
+@pytest.mark.parametrize(
+    ("g1", "why"), [(True, "not in a CUDA allocation"), (False, "G1 is off")], ids=["cpu", "off"]
+)
+async def test_g1_on_the_cpu_or_off_has_no_handle_and_holds_nothing(
+    tmp_path: Path, g1: bool, why: str
+) -> None:
+    config = store_config(tmp_path)
+    async with running(with_g1(config) if g1 else config) as (server, stub, _):
+        p = prompt(tokens_of(4 * SPEC.block_tokens, 1))
         await put(stub, p, payloads(4, 1))
         async with segment(stub, 4096) as (segment_id, _):
             await expect_status(
-                stub.HandOffG1(hand_off(p, segment_id)),
-                StatusCode.FAILED_PRECONDITION,
-                "not in a CUDA allocation",
-            )
-        assert await leases(server) == 0
-
-
-async def test_g1_off_is_refused(tmp_path: Path) -> None:
-    async with running(store_config(tmp_path)) as (server, stub, _):
-        p = prompt(tokens_of(2 * SPEC.block_tokens, 2))
-        async with segment(stub, 4096) as (segment_id, _):
-            await expect_status(
-                stub.HandOffG1(hand_off(p, segment_id)),
-                StatusCode.FAILED_PRECONDITION,
-                "G1 is off",
+                stub.HandOffG1(hand_off(p, segment_id)), StatusCode.FAILED_PRECONDITION, why
             )
         assert await leases(server) == 0
 
@@ -231,7 +222,7 @@ def test_a_peer_process_copies_g1_blocks_through_the_ipc_handle(tmp_path: Path) 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-async def test_the_server_process_itself_gets_a_clear_refusal_from_another_gpu(
+async def test_a_caller_on_another_gpu_is_refused_before_anything_is_held(
     tmp_path: Path,
 ) -> None:
     """A caller naming a GPU other than G1's is refused before anything is held."""

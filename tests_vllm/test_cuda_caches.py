@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 from processes import Service
+from test_worker_side import _run_step
 from vllm.config import KVTransferConfig
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from vllm.v1.kv_cache_interface import (
@@ -139,17 +140,6 @@ def _connector(
     return connector
 
 
-def _run_step(connector: KVStoreConnector, meta: KVStoreConnectorMetadata) -> None:
-    """One forward pass as vLLM drives the connector: bind, load, per layer wait and save,
-    then wait for the saves."""
-    connector.bind_connector_metadata(meta)
-    connector.start_load_kv(None)
-    for name in NAMES:
-        connector.wait_for_layer_load(name)
-        connector.save_kv_layer(name, torch.empty(0), None)
-    connector.wait_for_save()
-
-
 def _kv(n: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(LAYERS, 2, n, HEADS, HEAD_DIM, generator=g).to(DTYPE)
@@ -173,7 +163,7 @@ def test_kv_saved_from_a_cuda_cache_loads_into_a_fresh_one_bit_exact(
             backend_write(cache, kv[layer].cuda(), saved_ids)
         saver = _connector(service, tmp_path / f"save-{i}", backend, prefill)
         save = Transfer("req-save", tokens[:n], 0, n, saved_ids)
-        _run_step(saver, KVStoreConnectorMetadata(spec=spec.to_dict(), saves=[save]))
+        _run_step(saver, KVStoreConnectorMetadata(spec=spec.to_dict(), saves=[save]), LAYERS)
         saver.finish_puts()
         assert saver.counters.stored_blocks == 4, src.name
         with Client(service.target) as client:
@@ -193,7 +183,7 @@ def test_kv_saved_from_a_cuda_cache_loads_into_a_fresh_one_bit_exact(
         loaded_ids = [9, 0, 21, 4]
         start = BLOCK + 3
         load = Transfer("req-load", tokens[:n], start, n, loaded_ids)
-        _run_step(loader, KVStoreConnectorMetadata(spec=spec.to_dict(), loads=[load]))
+        _run_step(loader, KVStoreConnectorMetadata(spec=spec.to_dict(), loads=[load]), LAYERS)
         assert loader.get_block_ids_with_load_errors() == set(), (src.name, dst.name)
         if same_host:
             # The segment the hit arrived in is page-locked (registered once, kept).
@@ -239,7 +229,7 @@ def test_a_load_on_the_side_stream_is_ordered_before_the_forwards_use(
     # A first load, unchecked: the segment's registration and the first allocations (which may
     # wait for the device) happen there, not in the step below.
     warm = Transfer("req-warm", warm_tokens[:n], 0, n, [10, 12])
-    _run_step(connector, KVStoreConnectorMetadata(spec=spec.to_dict(), loads=[warm]))
+    _run_step(connector, KVStoreConnectorMetadata(spec=spec.to_dict(), loads=[warm]), LAYERS)
     assert connector.get_block_ids_with_load_errors() == set()
     torch.cuda.synchronize()
 
@@ -281,7 +271,7 @@ def test_a_save_copies_what_the_forward_wrote_without_the_forward_waiting(
     block_ids = [6, 1, 14]
     # A first save of the same size, unchecked: the page-locked staging is allocated there.
     warm = Transfer("req-warm", warm_tokens, 0, n, block_ids)
-    _run_step(connector, KVStoreConnectorMetadata(spec=spec.to_dict(), saves=[warm]))
+    _run_step(connector, KVStoreConnectorMetadata(spec=spec.to_dict(), saves=[warm]), LAYERS)
     connector.finish_puts()
     torch.cuda.synchronize()
 

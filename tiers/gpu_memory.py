@@ -40,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import KW_ONLY, dataclass
@@ -50,6 +49,7 @@ import torch
 from torch.utils.dlpack import from_dlpack
 
 from kvstore.core.block_format import HEADER_BYTES, BlockHeader, Codec, read_header, torch_dtype
+from kvstore.core.cuda import DEVICE_UUID_BYTES, device_uuid
 from kvstore.core.errors import ConfigError, InvalidArgumentError
 from kvstore.core.keys import BlockHash
 from tiers.base import (
@@ -67,7 +67,6 @@ __all__ = ["DEVICE_UUID_BYTES", "IPC_HANDLE_BYTES", "GpuMemoryTier", "GpuTierCon
 log = logging.getLogger(__name__)
 
 IPC_HANDLE_BYTES = 64  # sizeof(cudaIpcMemHandle_t)
-DEVICE_UUID_BYTES = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,29 +207,31 @@ class GpuMemoryTier(SlabTier):
         if self.device.type != "cuda":
             return None
         if self._device_uuid is None:
-            props = torch.cuda.get_device_properties(self.device)
-            # torch's _CUuuid: ``bytes`` is a list of 16 ints; str() is the 8-4-4-4-12 hex form.
-            raw = getattr(props.uuid, "bytes", None)
-            if raw is not None:
-                value = bytes(raw)
-            else:
-                value = uuid.UUID(str(props.uuid).removeprefix("GPU-")).bytes
-            if len(value) != DEVICE_UUID_BYTES:
-                raise RuntimeError(f"G1: a device UUID of {len(value)} bytes")
-            self._device_uuid = value
+            self._device_uuid = device_uuid(self.device)
         return self._device_uuid
+
+    def _stored_nbytes(self, nbytes: int) -> int:
+        return max(1, nbytes - HEADER_BYTES)  # the header stays on the host
+
+    def _stored(self, key: bytes) -> tuple[int, int, BlockHeader] | None:
+        """``(offset, payload nbytes, header)`` of a stored block."""
+        k = BlockHash(bytes(key))
+        where = self._slab.lookup(k)
+        stored = self._headers.get(k)
+        if where is None or stored is None:
+            return None
+        return where[0], where[1], stored[1]
 
     def extent_of(self, key: bytes) -> tuple[int, int, int] | None:
         """``(offset in the slab, payload nbytes, payload xxh3-64)`` of a stored block, or None.
 
         The header stays on the host: the payload is all the slab holds. Valid until the block
         is deleted; callers hold a lease."""
-        k = BlockHash(bytes(key))
-        where = self._slab.lookup(k)
-        stored = self._headers.get(k)
-        if where is None or stored is None:
+        stored = self._stored(key)
+        if stored is None:
             return None
-        return where[0], where[1], stored[1].payload_xxh3
+        start, n, header = stored
+        return start, n, header.payload_xxh3
 
     def tensor_of(self, key: bytes) -> torch.Tensor | None:
         """The stored block as a tensor view on the device (no copy), or None.
@@ -238,12 +239,10 @@ class GpuMemoryTier(SlabTier):
         The view is valid until the block is deleted; callers hold a lease (a later layer) so that
         placement does not delete it under them.
         """
-        stored = self._headers.get(BlockHash(bytes(key)))
-        where = self._slab.lookup(BlockHash(bytes(key)))
-        if stored is None or where is None:
+        stored = self._stored(key)
+        if stored is None:
             return None
-        header = stored[1]
-        start, n = where
+        start, n, header = stored
         return self._memory[start : start + n].view(torch_dtype(header.dtype)).view(header.shape)
 
     # -- copies ---------------------------------------------------------------------------------
@@ -285,27 +284,13 @@ class GpuMemoryTier(SlabTier):
     # -- the contract ---------------------------------------------------------------------------
 
     async def _get(self, keys: list[BlockHash]) -> list[BlockBytes | None]:
+        # Fresh buffers, filled by ``_get_into``: one copy path, one wait for the batch.
         out: list[BlockBytes | None] = []
-        non_blocking = self._stream is not None
-        try:
-            with self._on_stream():
-                for key in keys:
-                    where = self._slab.lookup(key)
-                    if where is None:
-                        out.append(None)
-                        continue
-                    start, n = where
-                    data = bytearray(HEADER_BYTES + n)
-                    data[:HEADER_BYTES] = self._headers[key][0]
-                    torch.frombuffer(data, dtype=torch.uint8)[HEADER_BYTES:].copy_(
-                        self._memory[start : start + n], non_blocking=non_blocking
-                    )
-                    out.append(data)
-            if any(v is not None for v in out):
-                await self._copied()
-        except BaseException:
-            self._settle()
-            raise
+        for key in keys:
+            where = self._slab.lookup(key)
+            out.append(None if where is None else bytearray(HEADER_BYTES + where[1]))
+        hits = [(k, memoryview(d)) for k, d in zip(keys, out, strict=True) if d is not None]
+        await self._get_into([k for k, _ in hits], [v for _, v in hits])
         return out
 
     async def _get_into(self, keys: list[BlockHash], views: list[memoryview]) -> list[Read | None]:

@@ -42,10 +42,9 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
-import numpy as np
 import torch
 
-from client.same_host import Segment
+from client.same_host import Segment, _tensor_over
 from client.vllm.layout import BlockLayout, ViewLayout
 
 __all__ = ["GpuCopies"]
@@ -187,7 +186,9 @@ class _RegisteredSegments:
         end = first + (host.stride(0) + host[1].numel()) * host.element_size()
         for segment in open_segments:
             held = self._held.get(segment)
-            whole = held if held is not None else _tensor_over(segment)
+            # While the tensor lives the client's ``mmap.close`` is refused: the memory stays
+            # mapped (client.same_host).
+            whole = held if held is not None else _tensor_over(segment.mapping)
             if not whole.data_ptr() <= first < end <= whole.data_ptr() + whole.numel():
                 continue
             if held is None:
@@ -201,12 +202,6 @@ class _RegisteredSegments:
     def release_all(self) -> None:
         while self._held:
             _unregister(self._held.popitem()[1])
-
-
-def _tensor_over(segment: Segment) -> torch.Tensor:
-    """The whole mapping, through numpy's export (see ``client.same_host``: while it lives the
-    client's ``mmap.close`` is refused, so the memory stays mapped)."""
-    return torch.from_numpy(np.frombuffer(segment.mapping, dtype=np.uint8))
 
 
 def _register(whole: torch.Tensor) -> bool:

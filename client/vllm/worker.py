@@ -169,42 +169,32 @@ class WorkerSide:
             loading.future.add_done_callback(lambda _: self._notify())
 
     def _arrive(self, loading: _Loading, layer: int, kv: torch.Tensor) -> None:
-        """One layer of one load is here (the client's thread): into the paged cache with it."""
-        assert self.layout is not None
-        if self._gpu is not None:
-            self._arrive_gpu(self._gpu, loading, layer, kv)
-            return
-        load, started = loading.load, time.perf_counter()
-        if kv.shape[1] > load.start:
-            self.layout.scatter(self._caches[layer], load.block_ids, kv, load.start)
-        self._counters.inject_s += time.perf_counter() - started
-        with self._arrived:
-            # A retried fetch hands layer 0 on again: never fewer layers than vLLM was told.
-            loading.tokens = kv.shape[1] if layer == 0 else min(loading.tokens, kv.shape[1])
-            loading.layers = max(loading.layers, layer + 1)
-            self._arrived.notify_all()
+        """One layer of one load is here (the client's thread): into the paged cache with it.
 
-    def _arrive_gpu(self, gpu: GpuCopies, loading: _Loading, layer: int, kv: torch.Tensor) -> None:
-        """``_arrive`` into a CUDA cache: the copies are issued on the loads' stream, vLLM is told
-        (it waits for the layer's event on its own stream), and only then does this thread wait
-        for the host -> device copy, after which ``kv`` may change (see gpu_copies.py)."""
+        On a CUDA cache the copies are only issued (on the loads' stream), vLLM is told (it
+        waits for the layer's event on its own stream), and only then does this thread wait for
+        the host -> device copy, after which ``kv`` may change (see gpu_copies.py)."""
         assert self.layout is not None
         load, started = loading.load, time.perf_counter()
-        copied = None
+        ready = copied = None
         try:
-            ready = None
             if kv.shape[1] > load.start:
-                ready, copied = gpu.load(
-                    self.layout,
-                    self._caches[layer],
-                    load.block_ids,
-                    kv,
-                    load.start,
-                    self._store.open_segments(),
-                )
+                cache = self._caches[layer]
+                if self._gpu is None:
+                    self.layout.scatter(cache, load.block_ids, kv, load.start)
+                else:
+                    ready, copied = self._gpu.load(
+                        self.layout,
+                        cache,
+                        load.block_ids,
+                        kv,
+                        load.start,
+                        self._store.open_segments(),
+                    )
             with self._arrived:
                 if ready is not None:
                     loading.ready[layer] = ready
+                # A retried fetch hands layer 0 on again: never fewer layers than vLLM was told.
                 loading.tokens = kv.shape[1] if layer == 0 else min(loading.tokens, kv.shape[1])
                 loading.layers = max(loading.layers, layer + 1)
                 self._arrived.notify_all()
@@ -250,24 +240,26 @@ class WorkerSide:
             return
         if not self._staged:
             self._stage(meta)
-        index, cache = entry
         started = time.perf_counter()
-        todo = [entry for entry in self._staged if layer_name not in entry[2]]
-        self._gather(cache, [(save.block_ids, staging[index]) for save, staging, _ in todo])
-        for *_, done in todo:
-            done.add(layer_name)
+        self._save_layer(layer_name)
         self._counters.gather_s += time.perf_counter() - started
 
-    def _gather(self, cache: torch.Tensor, outs: list[tuple[list[int], torch.Tensor]]) -> None:
-        """One layer's tokens of each ``(block_ids, out)`` into ``out``: here, or on a CUDA
-        cache on the saves' stream (read ``out`` only after ``GpuCopies.saved``'s event)."""
+    def _save_layer(self, layer_name: str) -> None:
+        """That layer's tokens of each staged save that lacks it into its staging: here, or on a
+        CUDA cache on the saves' stream (staging is read only after ``GpuCopies.saved``)."""
         assert self.layout is not None
-        if self._gpu is not None:
-            if outs:
-                self._gpu.save(self.layout, cache, outs)
+        index, cache = self._layers[layer_name]
+        todo = [staged for staged in self._staged if layer_name not in staged[2]]
+        if not todo:
             return
-        for block_ids, out in outs:
-            self.layout.gather(cache, block_ids, out=out)
+        outs = [(save.block_ids, staging[index]) for save, staging, _ in todo]
+        if self._gpu is not None:
+            self._gpu.save(self.layout, cache, outs)
+        else:
+            for block_ids, out in outs:
+                self.layout.gather(cache, block_ids, out=out)
+        for *_, done in todo:
+            done.add(layer_name)
 
     def _stage(self, meta: KVStoreConnectorMetadata) -> None:
         """Staging tensors for this step's saves, in the reused save arena (once the puts of
@@ -290,13 +282,10 @@ class WorkerSide:
             self._stage(meta)
         spec = self._worker_spec(meta)
         kv = self._store.client()
-        for save, staging, done in self._staged:
-            missing = [name for name in self._layers if name not in done]
-            # A layer vLLM ran without the save hook: its K/V is in the paged cache all the
-            # same, so copy it from there.
-            for name in missing:
-                index, cache = self._layers[name]
-                self._gather(cache, [(save.block_ids, staging[index])])
+        # A layer vLLM ran without the save hook: its K/V is in the paged cache all the same, so
+        # copy it from there.
+        for name in self._layers:
+            self._save_layer(name)
         # On a GPU the puts wait for the copies out of it, in a background thread.
         gpu = self._gpu
         after = None if gpu is None else functools.partial(gpu.put_after, gpu.saved())

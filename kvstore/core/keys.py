@@ -23,7 +23,7 @@ import struct
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, NewType, cast
+from typing import Any, NewType, TypeGuard, cast
 
 import numpy as np
 
@@ -92,6 +92,11 @@ class ModelSpec:
         if self.dtype not in DTYPES:
             raise ConfigError(
                 f"ModelSpec.dtype {self.dtype!r} is not supported; use one of {sorted(DTYPES)}"
+            )
+        if self.block_nbytes >= 1 << 63:  # no uint64 field of the wire could state its size
+            raise ConfigError(
+                f"a block of ModelSpec {self.model_id!r} would be {self.block_nbytes} bytes "
+                "(layers x 2 x block_tokens x kv_heads x head_dim x itemsize); no tier stores that"
             )
         digest = hashlib.blake2b(
             _NAMESPACE_TAG + self.canonical_encoding(), digest_size=DIGEST_BYTES
@@ -219,12 +224,11 @@ def tokens_to_u32(tokens: Sequence[int] | np.ndarray[Any, Any] | Any) -> bytes:
         if sys.byteorder == "big":  # pragma: no cover
             arr.byteswap()
         return arr.tobytes()
-    if type(tokens) is np.ndarray:
+    if _is_u32le(tokens):
         # The server's tokens (np.frombuffer of the wire's u32 LE bytes): every value of the
         # type is a valid id, so the torch test and the checks below have nothing to find.
-        if tokens.dtype == _U32LE and tokens.ndim == 1:
-            return tokens.tobytes()
-    elif hasattr(tokens, "numpy") and hasattr(tokens, "detach"):  # a torch tensor
+        return tokens.tobytes()
+    if hasattr(tokens, "numpy") and hasattr(tokens, "detach"):  # a torch tensor
         tokens = tokens.detach().cpu().numpy()
     np_tokens = np.asarray(tokens)
     if np_tokens.ndim != 1:
@@ -275,7 +279,7 @@ def block_hashes(
         )
     h: bytes
     if parent is None:
-        h = _root_of(spec.fingerprint, bytes(salt))
+        h = root_hash(spec, salt)
     else:
         if len(parent) != DIGEST_BYTES:
             raise InvalidArgumentError(
@@ -309,9 +313,14 @@ def block_hashes(
 def _u32_view(tokens: Sequence[int] | np.ndarray[Any, Any] | Any) -> memoryview:
     """The bytes of ``tokens_to_u32(tokens)``, without a copy of a contiguous u32 LE array (the
     server's tokens, read from the wire)."""
-    if type(tokens) is np.ndarray and tokens.ndim == 1 and tokens.dtype == _U32LE:
+    if _is_u32le(tokens):
         try:
             return tokens.data.cast("B")
         except (TypeError, ValueError):  # not contiguous, or not in this machine's byte order
             pass
     return memoryview(tokens_to_u32(tokens))
+
+
+def _is_u32le(tokens: object) -> TypeGuard[np.ndarray[Any, Any]]:
+    """A 1-D numpy array of u32 LE: token ids as the wire carries them, each one valid."""
+    return type(tokens) is np.ndarray and tokens.ndim == 1 and tokens.dtype == _U32LE

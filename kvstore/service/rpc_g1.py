@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from kvstore.core.cuda import DEVICE_UUID_BYTES
 from kvstore.core.errors import InvalidArgumentError
 from kvstore.core.keys import BlockHash
 from kvstore.service.calls import Call, unary_rpc
@@ -32,8 +33,6 @@ from tiers.gpu_memory import GpuMemoryTier
 
 __all__ = ["G1Rpcs"]
 
-_UUID_BYTES = 16
-
 
 class G1Rpcs(HoldRpcs):
     @unary_rpc("HandOffG1")
@@ -42,10 +41,10 @@ class G1Rpcs(HoldRpcs):
         p = await self._prompt(request.prompt, tenant, "prompt")
         n = self._num_blocks(request.num_blocks, p, "num_blocks")
         ttl = seconds(request.ttl_s, "ttl_s", "the server default")
-        if len(request.device_uuid) != _UUID_BYTES:
+        if len(request.device_uuid) != DEVICE_UUID_BYTES:
             raise InvalidArgumentError(
-                f"device_uuid must be the {_UUID_BYTES} bytes of the caller's CUDA device UUID, "
-                f"got {len(request.device_uuid)} bytes"
+                f"device_uuid must be the {DEVICE_UUID_BYTES} bytes of the caller's CUDA device "
+                f"UUID, got {len(request.device_uuid)} bytes"
             )
         if len(self.tenants.all()) > 1:
             raise PermissionDeniedError(
@@ -75,13 +74,13 @@ class G1Rpcs(HoldRpcs):
         # The leading run of blocks in G1, as raw payloads of this namespace's shape.
         nbytes = p.spec.block_nbytes
         leading: list[BlockHash] = []
+        extents: list[tuple[int, int, int]] = []
         for key in p.hashes[:n]:
-            if not self.engine.index.in_tier(key, "G1"):
-                break
-            where = g1.extent_of(key)
+            where = g1.extent_of(key) if self.engine.index.in_tier(key, "G1") else None
             if where is None or where[1] != nbytes:
                 break
             leading.append(key)
+            extents.append(where)
         reply = pb.G1HandOffResponse(
             ipc_handle=handle, slab_bytes=g1.slab_bytes, device_uuid=uuid, num_blocks=n
         )
@@ -89,12 +88,11 @@ class G1Rpcs(HoldRpcs):
             return reply
         # No await between the scan above and the lease: nothing can evict a block in between.
         lease = self._hold(leading, ttl, tenant)
-        extents = [g1.extent_of(key) for key in leading]
         reply.lease_id = lease.lease_id
         reply.ttl_s = self.engine.engine_config.default_lease_ttl_s if ttl is None else ttl
         reply.block_hashes.extend(leading)
         reply.extents.extend(
-            pb.G1Extent(offset=e[0], nbytes=e[1], payload_xxh3=e[2]) for e in extents if e
+            pb.G1Extent(offset=o, nbytes=size, payload_xxh3=xxh) for o, size, xxh in extents
         )
         self.engine.index.touch(leading, hit=True)
         self.engine.counters.add("read_hits", len(leading))

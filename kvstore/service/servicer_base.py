@@ -129,11 +129,6 @@ class ServicerBase:
     async def _prompt(self, prompt: Any, tenant: Tenant, where: str) -> HashedPrompt:
         parts = read_prompt(prompt, where, max_tokens=self.server_config.max_prompt_tokens)
         spec, tokens, extra = parts.spec, parts.tokens, parts.extra_keys
-        if spec.block_nbytes >= 1 << 63:  # no reply could even state its size (uint64 fields)
-            raise InvalidArgumentError(
-                f"{where}.namespace: a block of {spec.name} would be {spec.block_nbytes} bytes "
-                "(layers x 2 x block_tokens x kv_heads x head_dim x itemsize); no tier stores that"
-            )
         salt = self.tenants.salt_for(tenant, spec)
         if len(tokens) <= self.server_config.heavy_prompt_tokens:
             hashes = self.engine.hashes(spec, tokens, salt=salt, extra_keys=extra)
