@@ -24,12 +24,15 @@ import torch
 from processes import Service
 from vllm.v1.kv_cache_interface import (
     FullAttentionSpec,
+    MLAAttentionSpec,
     compute_layer_kv_cache_shape_bytes,
     compute_layout_strides,
 )
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
 from client import Client
+from client.vllm.layout import cache_dtypes
+from client.vllm.namespace import cache_geometry, kv_dtype
 from client.vllm_connector import ViewLayout, layout_for
 from kvstore import ModelSpec
 from kvstore.core.errors import ConfigError
@@ -186,7 +189,7 @@ def test_the_cpu_backend_is_probed() -> None:
 @pytest.mark.parametrize(
     ("shape", "what"),
     [
-        ((NUM_BLOCKS, 1, BLOCK, 576), "MLA latent cache"),
+        ((NUM_BLOCKS, 1, BLOCK, 576), "MLA latent cache in a K/V namespace"),
         ((NUM_BLOCKS, HEADS, BLOCK, HEAD_DIM), "K only"),
         ((2, NUM_BLOCKS, BLOCK, HEADS, HEAD_DIM), "five dims"),
     ],
@@ -209,3 +212,202 @@ def test_views_are_what_vllm_builds() -> None:
     assert lbhnc.stride(0) == page
     assert blhnc.stride(0) == LAYERS * page
     assert not layer_views(KVCacheLayout.LBNHC)[0][0].is_contiguous()
+
+
+# fp8 caches: vLLM keeps them as bytes (torch.uint8), its kernels read them as float8.
+FP8 = ["float8_e4m3fn", "float8_e5m2"]
+
+
+def _fp8_kv(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Random finite float8 K/V: every byte but the NaN/inf patterns (0x7F/0xFF in e4m3fn,
+    0x7C-0x7F/0xFC-0xFF in e5m2), so that equal bytes are equal values and the reverse."""
+    g = torch.Generator().manual_seed(seed)
+    raw = torch.randint(0, 0x7C, shape, generator=g, dtype=torch.uint8)
+    raw |= torch.randint(0, 2, shape, generator=g, dtype=torch.uint8) << 7
+    return raw.view(dtype)
+
+
+@pytest.mark.parametrize("stored", FP8)
+@pytest.mark.parametrize("src", LAYOUTS, ids=[x.name for x in LAYOUTS])
+def test_fp8_caches_round_trip_bit_exact_through_kvstore_in_every_layout(
+    src: KVCacheLayout, stored: str, service: Service
+) -> None:
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
+
+    dtype = getattr(torch, stored)
+    spec = ModelSpec(
+        f"test/fp8-{src.name}",
+        num_layers=LAYERS,
+        num_kv_heads=HEADS,
+        head_dim=HEAD_DIM,
+        dtype=stored,
+        block_tokens=BLOCK,
+    )
+    tokens = list(range(2000, 2000 + 3 * BLOCK))
+    n = len(tokens)
+    kv = _fp8_kv((LAYERS, 2, n, HEADS, HEAD_DIM), dtype, seed=len(src.name))
+    layer = SimpleNamespace(attn_backend=FlashAttentionBackend)
+    prefill = layer_views(src, torch.uint8)
+    mapping = layout_for(layer, prefill[0], BLOCK, HEADS, HEAD_DIM, cache_dtypes(stored))
+    # A model-dtype namespace never maps an fp8 cache's bytes.
+    with pytest.raises(ConfigError, match="uint8"):
+        layout_for(layer, prefill[0], BLOCK, HEADS, HEAD_DIM)
+    saved_ids = [5, 1, 7]
+    for i, cache in enumerate(prefill):
+        backend_write(cache, kv[i].view(torch.uint8), saved_ids)
+    staging = torch.empty(LAYERS, 2, n, HEADS, HEAD_DIM, dtype=dtype)
+    for i, cache in enumerate(prefill):
+        mapping.gather(mapping.prepare(cache), saved_ids, out=staging[i])
+    assert torch.equal(staging.view(torch.uint8), kv.view(torch.uint8))
+    with Client(service.target) as client:
+        assert client.put(spec, tokens, staging).stored == 3
+        fetched, got = client.get_prefix(spec, tokens)
+    assert got == n
+    assert fetched.dtype == dtype
+    dst = LAYOUTS[(LAYOUTS.index(src) + 1) % len(LAYOUTS)]
+    decode = layer_views(dst, torch.uint8)
+    into = layout_for(layer, decode[0], BLOCK, HEADS, HEAD_DIM, cache_dtypes(stored))
+    for i, cache in enumerate(decode):
+        into.scatter(into.prepare(cache), [0, 9, 4], fetched[i], 0)
+        assert torch.equal(backend_read(cache, [0, 9, 4], n), kv[i].view(torch.uint8)), dst.name
+
+
+# MLA: one latent per token (kv_lora_rank + rope dims), [blocks, 1, block_size, latent].
+MLA_LORA, MLA_ROPE, MLA_BLOCK = 512, 64, 16
+MLA_BACKENDS = [
+    ("CPUMLABackend", "mla.cpu_mla"),
+    ("TritonMLABackend", "mla.triton_mla"),
+    ("FlashMLABackend", "mla.flashmla"),
+    ("FlashInferMLABackend", "mla.flashinfer_mla"),
+    ("CutlassMLABackend", "mla.cutlass_mla"),
+    ("FlashAttnMLABackend", "mla.flashattn_mla"),
+    ("AiterTritonMLABackend", "mla.aiter_triton_mla"),
+    ("AiterMLABackend", "mla.rocm_aiter_mla"),
+]
+
+
+def mla_views(layout: KVCacheLayout) -> list[torch.Tensor]:
+    """One group's MLA latent caches as vLLM lays them out (``MLAAttentionSpec``)."""
+    spec = MLAAttentionSpec(
+        block_size=MLA_BLOCK, num_kv_heads=1, head_size=MLA_LORA + MLA_ROPE, dtype=torch.bfloat16
+    )
+    shape = (LAYERS, *compute_layer_kv_cache_shape_bytes(spec, NUM_BLOCKS))
+    strides = compute_layout_strides(spec, NUM_BLOCKS, LAYERS, layout)
+    size = 1 + sum((n - 1) * s for n, s in zip(shape, strides, strict=True))
+    raw = torch.full((size,), 17, dtype=torch.int8)
+    view = torch.as_strided(raw, size=shape, stride=strides)
+    return [view[i].view(torch.bfloat16) for i in range(LAYERS)]
+
+
+def mla_write(cache: torch.Tensor, kv_c: torch.Tensor, k_pe: torch.Tensor, ids: list[int]) -> None:
+    """vLLM's CPU MLA cache update (``CPUMLAImpl.do_kv_cache_update``), its own code."""
+    from vllm.v1.attention.backends.mla.cpu_mla import CPUMLAImpl
+
+    slots = torch.tensor(
+        [ids[t // MLA_BLOCK] * MLA_BLOCK + t % MLA_BLOCK for t in range(len(kv_c))]
+    )
+    flat = cache.contiguous()
+    CPUMLAImpl.do_kv_cache_update(None, kv_c, k_pe.unsqueeze(1), flat, slots, "auto", None)  # type: ignore[arg-type]
+    cache.copy_(flat)
+
+
+def mla_read(cache: torch.Tensor, ids: list[int], n: int) -> torch.Tensor:
+    """The latents of tokens ``[0, n)`` as MLA kernels read them, ``[n, latent]``."""
+    return torch.stack([cache[ids[t // MLA_BLOCK], 0, t % MLA_BLOCK] for t in range(n)])
+
+
+@pytest.mark.parametrize(("name", "module"), MLA_BACKENDS, ids=[b[0] for b in MLA_BACKENDS])
+def test_mla_latents_round_trip_through_kvstore_into_every_mla_backend(
+    name: str, module: str, service: Service
+) -> None:
+    try:
+        backend = getattr(importlib.import_module(f"vllm.v1.attention.backends.{module}"), name)
+    except (ImportError, AssertionError) as exc:  # CUDA-only modules, FlashInfer
+        pytest.skip(f"{name} cannot be imported here: {exc}")
+    heads, head_dim = 1, (MLA_LORA + MLA_ROPE) // 2  # client.vllm.namespace.cache_geometry
+    spec = ModelSpec(
+        f"test/mla+mla-{name}",
+        num_layers=LAYERS,
+        num_kv_heads=heads,
+        head_dim=head_dim,
+        dtype="bfloat16",
+        block_tokens=MLA_BLOCK,
+    )
+    n = 3 * MLA_BLOCK - 2
+    tokens = list(range(3000, 3000 + n))
+    g = torch.Generator().manual_seed(len(name))
+    kv_c = torch.randn(LAYERS, n, MLA_LORA, generator=g).to(torch.bfloat16)
+    k_pe = torch.randn(LAYERS, n, MLA_ROPE, generator=g).to(torch.bfloat16)
+    latent = torch.cat([kv_c, k_pe], dim=-1)
+    layer = SimpleNamespace(attn_backend=backend)
+    declared = backend.supported_kv_cache_layouts() or tuple(LAYOUTS)
+    prefill = mla_views(declared[0])
+    mapping = layout_for(layer, prefill[0], MLA_BLOCK, heads, head_dim)
+    assert isinstance(mapping, ViewLayout)
+    assert backend.get_name() in mapping.describe()
+    saved_ids = [2, 8, 5]
+    staging = torch.empty(LAYERS, 2, n, heads, head_dim, dtype=torch.bfloat16)
+    for i, cache in enumerate(prefill):
+        mla_write(cache, kv_c[i], k_pe[i], saved_ids)
+        mapping.gather(mapping.prepare(cache), saved_ids, out=staging[i])
+    # The two halves of each latent, as "K" and "V" of one head: the same bytes.
+    assert torch.equal(staging[:, 0, :, 0], latent[..., :head_dim])
+    assert torch.equal(staging[:, 1, :, 0], latent[..., head_dim:])
+    with Client(service.target) as client:
+        client.put(spec, tokens, staging)
+        fetched, got = client.get_prefix(spec, tokens)
+    assert got == 2 * MLA_BLOCK  # full blocks only
+    for layout in declared:  # a decode node with this backend, in each layout it declares
+        decode = mla_views(layout)
+        into = layout_for(layer, decode[0], MLA_BLOCK, heads, head_dim)
+        before = [c.clone() for c in decode]
+        for i, cache in enumerate(decode):
+            into.scatter(into.prepare(cache), [7, 0, 3], fetched[i], 0)
+            assert torch.equal(mla_read(cache, [7, 0], got), latent[i, :got]), layout.name
+            assert torch.equal(cache[3], before[i][3])  # the partial block: never written
+
+
+def _config(**cache: Any) -> Any:
+    model = SimpleNamespace(dtype=torch.bfloat16, use_mla=False)
+    return SimpleNamespace(
+        cache_config=SimpleNamespace(**{"cache_dtype": "auto", **cache}), model_config=model
+    )
+
+
+def test_the_namespace_dtype_of_each_cache_dtype() -> None:
+    assert kv_dtype(_config()) == "bfloat16"
+    assert kv_dtype(_config(cache_dtype="fp8")) == "float8_e4m3fn"
+    assert kv_dtype(_config(cache_dtype="fp8_e4m3")) == "float8_e4m3fn"
+    assert kv_dtype(_config(cache_dtype="fp8_e5m2")) == "float8_e5m2"
+    with pytest.raises(ConfigError, match="calculate_kv_scales"):
+        kv_dtype(_config(cache_dtype="fp8", calculate_kv_scales=True))
+    for other in ("int8", "fp8_inc", "fp8_ds_mla", "fp8_per_token_head"):
+        with pytest.raises(ConfigError, match=f"kv cache dtype '{other}' is not supported"):
+            kv_dtype(_config(cache_dtype=other))
+    assert cache_dtypes("float8_e5m2") == (torch.float8_e5m2, torch.uint8)
+    assert cache_dtypes("bfloat16") == (torch.bfloat16,)
+
+
+def test_an_mla_model_is_one_head_of_half_its_latent() -> None:
+    class Model:
+        use_mla = True
+
+        def get_head_size(self) -> int:
+            return MLA_LORA + MLA_ROPE
+
+        def get_total_num_kv_heads(self) -> int:
+            raise AssertionError("an MLA latent has no KV heads")
+
+    assert cache_geometry(Model()) == (1, 288)
+    plain = SimpleNamespace(
+        use_mla=False, get_head_size=lambda: 64, get_total_num_kv_heads=lambda: 4
+    )
+    assert cache_geometry(plain) == (4, 64)
+
+
+def test_an_fp8_cache_on_the_cpu_backend_is_refused_at_start() -> None:
+    from client.vllm.layout import BlockLayout
+
+    cache = torch.zeros(NUM_BLOCKS, HEADS, BLOCK, 2 * HEAD_DIM, dtype=torch.uint8)
+    with pytest.raises(ConfigError, match="fp8 KV cache on vLLM's CPU backend is not mapped"):
+        BlockLayout.probe(None, cache, BLOCK, HEADS, HEAD_DIM)

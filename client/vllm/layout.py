@@ -26,6 +26,7 @@ __all__ = [
     "TORCH_DTYPES",
     "BlockLayout",
     "ViewLayout",
+    "cache_dtypes",
     "layer_index",
     "layout_for",
     "torch_dtype_of",
@@ -44,6 +45,19 @@ def torch_dtype_of(name: str) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise ConfigError(f"torch has no dtype {name!r}")
     return dtype
+
+
+def cache_dtypes(stored: str) -> tuple[torch.dtype, ...]:
+    """The dtypes a paged cache of kvstore dtype ``stored`` may have: that dtype, and for a
+    float8 format also the bytes vLLM keeps fp8 caches in (``torch.uint8``)."""
+    dtype = torch_dtype_of(stored)
+    return (dtype, torch.uint8) if dtype.itemsize == 1 and dtype.is_floating_point else (dtype,)
+
+
+def _bits(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` as ``dtype`` of the same size, bit for bit (float8 K/V <-> an fp8 cache's bytes):
+    copies between the two must never convert values."""
+    return t if t.dtype == dtype else t.view(dtype)
 
 
 def _index(block_ids: list[int], device: torch.device) -> torch.Tensor:
@@ -109,6 +123,12 @@ class BlockLayout:
         for n in block_shape:
             per_block *= n
         dims_ok = cache.dim() >= 2 and cache[0].is_contiguous() and cache.stride(0) == per_block
+        if cache.dtype == torch.uint8:
+            raise ConfigError(
+                "KVStoreConnector: an fp8 KV cache on vLLM's CPU backend is not mapped (its "
+                "kernel quantizes what the layout probe writes); fp8 caches are mapped on the "
+                "GPU backends; use kv_cache_dtype 'auto' here"
+            )
         if not dims_ok or per_block != size or cache.dtype not in TORCH_DTYPES:
             raise ConfigError(
                 f"KVStoreConnector: a KV cache of shape {list(cache.shape)}, {cache.dtype}, is "
@@ -244,10 +264,16 @@ _PROBED_BACKENDS = frozenset({"CPU_ATTN"})
 
 
 def layout_for(
-    layer: Any, cache: torch.Tensor, block_size: int, heads: int, head_dim: int
+    layer: Any,
+    cache: torch.Tensor,
+    block_size: int,
+    heads: int,
+    head_dim: int,
+    dtypes: tuple[torch.dtype, ...] = tuple(TORCH_DTYPES),
 ) -> BlockLayout | ViewLayout:
     """The layout of one layer's paged cache, from the layer's attention backend: probed where
-    the backend's block interior is opaque, read from the logical view everywhere else."""
+    the backend's block interior is opaque, read from the logical view everywhere else.
+    ``dtypes``: what the cache's dtype may be (``cache_dtypes`` of the namespace's)."""
     backend = getattr(layer, "attn_backend", None)
     name = ""
     if backend is not None:
@@ -255,7 +281,9 @@ def layout_for(
             name = str(backend.get_name())
     if name in _PROBED_BACKENDS or (not name and cache.device.type == "cpu"):
         return BlockLayout.probe(layer, cache, block_size, heads, head_dim)
-    return ViewLayout.of(cache, block_size, heads, head_dim, name or type(layer).__name__)
+    return ViewLayout.of(
+        cache, block_size, heads, head_dim, name or type(layer).__name__, dtypes=dtypes
+    )
 
 
 class ViewLayout:
@@ -266,29 +294,49 @@ class ViewLayout:
     scattered through a strided ``[blocks, 2, block_size, kv_heads, head_dim]`` view of the
     same memory: one ``index_select`` / ``index_copy_`` per layer, no element index."""
 
-    def __init__(self, shape: tuple[int, ...], strides: tuple[int, ...], backend: str) -> None:
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        strides: tuple[int, ...],
+        backend: str,
+        dtype: torch.dtype = torch.bfloat16,
+    ) -> None:
         self.shape = shape[1:]
         self.strides = strides
         self.backend = backend
+        self.dtype = dtype
         self.block_size = int(shape[2])
 
     @classmethod
     def of(
-        cls, cache: torch.Tensor, block_size: int, heads: int, head_dim: int, backend: str
+        cls,
+        cache: torch.Tensor,
+        block_size: int,
+        heads: int,
+        head_dim: int,
+        backend: str,
+        *,
+        dtypes: tuple[torch.dtype, ...] = tuple(TORCH_DTYPES),
     ) -> ViewLayout:
+        """An MLA latent cache ``[blocks, 1, block_size, latent]`` is this view with one head
+        and ``head_dim = latent / 2`` (see ``client.vllm.namespace.cache_geometry``)."""
         want = (heads, block_size, 2 * head_dim)
-        if cache.dim() != 4 or tuple(cache.shape[1:]) != want or cache.dtype not in TORCH_DTYPES:
+        if cache.dim() != 4 or tuple(cache.shape[1:]) != want or cache.dtype not in dtypes:
             raise ConfigError(
                 f"KVStoreConnector: attention backend {backend} keeps a KV cache of shape "
-                f"{list(cache.shape)}, {cache.dtype}; only [blocks, {heads} KV heads, "
-                f"{block_size} tokens, 2 x {head_dim}] caches of K and V in "
-                f"{sorted(str(d).removeprefix('torch.') for d in TORCH_DTYPES)} are mapped "
-                "(MLA's latent caches and quantized caches are not)"
+                f"{list(cache.shape)}, {cache.dtype}; this engine's namespace maps [blocks, "
+                f"{heads} KV heads, {block_size} tokens, 2 x {head_dim}] caches in "
+                f"{sorted(str(d).removeprefix('torch.') for d in dtypes)} (or an MLA latent of "
+                f"{2 * head_dim} as one head); per-token-head quantized caches are not mapped"
             )
-        return cls(tuple(cache.shape), tuple(cache.stride()), backend)
+        return cls(tuple(cache.shape), tuple(cache.stride()), backend, cache.dtype)
 
     def fits(self, cache: torch.Tensor) -> bool:
-        return tuple(cache.shape[1:]) == self.shape and tuple(cache.stride()) == self.strides
+        return (
+            tuple(cache.shape[1:]) == self.shape
+            and tuple(cache.stride()) == self.strides
+            and cache.dtype == self.dtype
+        )
 
     @staticmethod
     def prepare(cache: torch.Tensor) -> torch.Tensor:
@@ -304,6 +352,7 @@ class ViewLayout:
         """Tokens ``[0, n)`` of one layer into ``out`` ``[2, n, kv_heads, head_dim]``."""
         n, b = out.shape[1], self.block_size
         num_blocks = -(-n // b)
+        out = _bits(out, blocks.dtype)
         got = blocks.index_select(0, _index(block_ids[:num_blocks], blocks.device))
         # got: [n_blocks, 2, B, H, D], contiguous; device -> host without a wait: see ``_index``
         out.copy_(
@@ -316,6 +365,7 @@ class ViewLayout:
     ) -> None:
         """Tokens ``[start, end)`` of one layer's ``kv`` ``[2, end, kv_heads, head_dim]`` into
         their slots, and nothing else (see ``BlockLayout.scatter``)."""
+        kv = _bits(kv, blocks.dtype)
         end, b = kv.shape[1], self.block_size
         first_full, last_full = -(-start // b), end // b
         if first_full < last_full:

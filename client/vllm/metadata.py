@@ -76,5 +76,3 @@ class KVStoreConnectorMetadata(_MetadataBase):
     spec: dict[str, Any] | None = None  # ModelSpec.to_dict(); set when there is work
     loads: list[Transfer] = field(default_factory=list)
     saves: list[Transfer] = field(default_factory=list)
-
-

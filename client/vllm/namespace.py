@@ -2,15 +2,17 @@
 
 ``engine_namespace`` derives the ``ModelSpec`` from vLLM's config (the weights named by
 ``weights_revision``, or a ``model_spec`` file) and refuses what one namespace cannot hold
-(pipeline parallel, fp8 caches, heads that do not split); ``check_groups`` refuses a hybrid
-model. Under tensor parallel each rank holds the K/V heads ``rank_heads`` gives it, in the
-namespace ``shard_spec`` names by them; ``shard_specs`` lists every rank's, which the scheduler
-looks up. ``request_extra_keys`` are the keys that set a request's chain apart (LoRA,
-``cache_salt``).
+(pipeline parallel, fp8 caches with computed scales, heads that do not split);
+``cache_geometry`` is a block's heads and head_dim (an MLA latent: one head of two halves);
+``check_groups`` refuses a hybrid model. Under tensor parallel each rank holds the K/V heads
+``rank_heads`` gives it, in the namespace ``shard_spec`` names by them; ``shard_specs`` lists
+every rank's, which the scheduler looks up. ``request_extra_keys`` are the keys that set a
+request's chain apart (LoRA, ``cache_salt``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -24,8 +26,10 @@ from kvstore.core.errors import ConfigError
 from kvstore.core.keys import ExtraKey, ModelSpec
 
 __all__ = [
+    "cache_geometry",
     "check_groups",
     "engine_namespace",
+    "kv_dtype",
     "rank_heads",
     "request_extra_keys",
     "shard_spec",
@@ -88,18 +92,62 @@ def _model_id(model: str) -> str:
     return path.name
 
 
-def _kv_dtype(vllm_config: Any) -> str:
+# vLLM cache dtypes kvstore stores as float8 (vLLM keeps them as bytes, torch.uint8; its kernels
+# read them as these formats). "fp8" is e4m3, as vLLM's CUDA kernels read it (fnuz on ROCm).
+_FP8_CACHE_DTYPES = {
+    "fp8": "float8_e4m3fn",
+    "fp8_e4m3": "float8_e4m3fn",
+    "fp8_e5m2": "float8_e5m2",
+}
+
+
+def kv_dtype(vllm_config: Any) -> str:
+    """The kvstore dtype of the engine's paged cache: the model's, or a float8 format.
+
+    An fp8 cache holds K/V divided by per-layer scales (``k_scale``, ``v_scale``). Scales read
+    from the checkpoint are part of its weight files, so ``weights_revision`` names them; scales
+    computed from the first batch (``calculate_kv_scales``) differ from engine to engine, so a
+    block of one would be wrong K/V in another: refused."""
     cache_dtype = str(vllm_config.cache_config.cache_dtype)
+    if cache_dtype in _FP8_CACHE_DTYPES:
+        if getattr(vllm_config.cache_config, "calculate_kv_scales", False):
+            raise ConfigError(
+                f"KVStoreConnector: kv cache dtype {cache_dtype!r} with calculate_kv_scales: "
+                "scales computed from the first batch differ between engines; use the "
+                "checkpoint's scales"
+            )
+        name = _FP8_CACHE_DTYPES[cache_dtype]
+        with contextlib.suppress(ImportError, AttributeError):  # ROCm's "fp8" is e4m3fnuz
+            from vllm.platforms import current_platform  # type: ignore[import-not-found]
+
+            if current_platform.is_rocm() and name == "float8_e4m3fn":
+                name = str(current_platform.fp8_dtype()).removeprefix("torch.")
+        return name
     if cache_dtype != "auto":
-        # fp8 caches are scaled per layer (k_scale, v_scale): the scales would have to be part
-        # of the namespace and travel with the blocks.
         raise ConfigError(
-            f"KVStoreConnector: kv cache dtype {cache_dtype!r} is not supported; use 'auto'"
+            f"KVStoreConnector: kv cache dtype {cache_dtype!r} is not supported; use 'auto' or "
+            f"one of {sorted(_FP8_CACHE_DTYPES)}"
         )
     dtype = vllm_config.model_config.dtype
     if dtype not in TORCH_DTYPES:
         raise ConfigError(f"KVStoreConnector: model dtype {dtype} has no kvstore dtype")
     return TORCH_DTYPES[dtype]
+
+
+def cache_geometry(model_config: Any) -> tuple[int, int]:
+    """(KV heads, head_dim) of a kvstore block of this model, over all ranks.
+
+    An MLA model keeps one latent vector per token (``kv_lora_rank + qk_rope_head_dim``, 576 in
+    DeepSeek V2/V3), not a K and a V per head. A kvstore block is ``[layers, 2, tokens, heads,
+    head_dim]``; the latent is stored as one head whose "K" is its first half and "V" its second
+    (``ViewLayout`` reads it so): the same bytes, no padding, and the block format unchanged. The
+    namespace says ``+mla`` so that no reader takes the halves for K and V."""
+    head_size = int(model_config.get_head_size())
+    if not getattr(model_config, "use_mla", False):
+        return int(model_config.get_total_num_kv_heads()), head_size
+    if head_size % 2:
+        raise ConfigError(f"KVStoreConnector: an MLA latent of {head_size} dims does not halve")
+    return 1, head_size // 2
 
 
 def engine_namespace(vllm_config: Any, config: ConnectorConfig) -> ModelSpec:
@@ -114,7 +162,8 @@ def engine_namespace(vllm_config: Any, config: ConnectorConfig) -> ModelSpec:
             f"{parallel.pipeline_parallel_size}"
         )
     world = int(parallel.tensor_parallel_size)
-    rank_heads(int(model_config.get_total_num_kv_heads()), world, 0)  # heads that split evenly
+    heads, head_dim = cache_geometry(model_config)
+    rank_heads(heads, world, 0)  # heads that split evenly
     if world > 1 and config.repair_holes:
         raise ConfigError(
             "KVStoreConnector: repair_holes needs tensor parallel size 1 (the model worker "
@@ -127,7 +176,14 @@ def engine_namespace(vllm_config: Any, config: ConnectorConfig) -> ModelSpec:
             f"KVStoreConnector: block_tokens {block_tokens} must divide vLLM's block size "
             f"{vllm_block}"
         )
-    dtype = _kv_dtype(vllm_config)
+    dtype = kv_dtype(vllm_config)
+    mla = bool(getattr(model_config, "use_mla", False))
+    if config.repair_holes and (mla or dtype.startswith("float8")):
+        raise ConfigError(
+            "KVStoreConnector: repair_holes needs a cache of K and V in the model's dtype (the "
+            "model worker computes those); this engine's is "
+            + ("an MLA latent" if mla else f"{dtype}")
+        )
     if config.model_spec:
         spec = ModelSpec.from_dict(json.loads(Path(config.model_spec).read_text()))
     else:
@@ -146,21 +202,18 @@ def engine_namespace(vllm_config: Any, config: ConnectorConfig) -> ModelSpec:
         model_id = _model_id(model)
         if model_config.quantization:  # weights quantized at load: other K/V
             model_id = f"{model_id}+{model_config.quantization}"
+        if mla:
+            model_id = f"{model_id}+mla"
         spec = ModelSpec(
             model_id,
             num_layers=int(model_config.get_num_layers(parallel)),
-            num_kv_heads=int(model_config.get_total_num_kv_heads()),
-            head_dim=int(model_config.get_head_size()),
+            num_kv_heads=heads,
+            head_dim=head_dim,
             dtype=dtype,
             block_tokens=block_tokens,
             revision=str(revision),
         )
-    expected = (
-        int(model_config.get_num_layers(parallel)),
-        int(model_config.get_total_num_kv_heads()),
-        int(model_config.get_head_size()),
-        dtype,
-    )
+    expected = (int(model_config.get_num_layers(parallel)), heads, head_dim, dtype)
     got = (spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.dtype)
     if got != expected or vllm_block % spec.block_tokens:
         raise ConfigError(

@@ -24,9 +24,16 @@ from typing import Any
 import torch
 
 from client.vllm.gpu_copies import GpuCopies
-from client.vllm.layout import BlockLayout, ViewLayout, layer_index, layout_for, torch_dtype_of
+from client.vllm.layout import (
+    BlockLayout,
+    ViewLayout,
+    cache_dtypes,
+    layer_index,
+    layout_for,
+    torch_dtype_of,
+)
 from client.vllm.metadata import KVStoreConnectorMetadata, Transfer
-from client.vllm.namespace import rank_heads, shard_spec, tp_rank
+from client.vllm.namespace import cache_geometry, kv_dtype, rank_heads, shard_spec, tp_rank
 from client.vllm.store import Store
 from kvstore.core.errors import ConfigError
 from kvstore.core.keys import ModelSpec
@@ -84,15 +91,16 @@ class WorkerSide:
         model_config = self._vllm_config.model_config
         parallel = self._vllm_config.parallel_config
         num_layers = int(model_config.get_num_layers(parallel))
-        lo, hi = rank_heads(int(model_config.get_total_num_kv_heads()), self._world, self._rank)
+        total_heads, head_dim = cache_geometry(model_config)
+        lo, hi = rank_heads(total_heads, self._world, self._rank)
         heads = hi - lo  # this rank's
-        head_dim = int(model_config.get_head_size())
+        dtypes = cache_dtypes(kv_dtype(self._vllm_config))
         modules = self._vllm_config.compilation_config.static_forward_context
         layers: dict[str, tuple[int, torch.Tensor]] = {}
         layout: BlockLayout | ViewLayout | None = None
         for name, cache in kv_caches.items():
             if layout is None or not layout.fits(cache):
-                layout = layout_for(modules[name], cache, self._block_size, heads, head_dim)
+                layout = layout_for(modules[name], cache, self._block_size, heads, head_dim, dtypes)
             layers[name] = (layer_index(name), layout.prepare(cache))
         indices = sorted(i for i, _ in layers.values())
         if layout is None or indices != list(range(num_layers)):
