@@ -173,6 +173,13 @@ class AsyncClient:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
+    @property
+    def same_host_segments(self) -> list[Segment]:
+        """The shared-memory segments this client has open with a same-host server (where its
+        puts are written and its fetches land); empty over a network. Read it on the thread that
+        runs this client's loop: segments are opened and closed there."""
+        return self._segments.segments
+
     async def aclose(self) -> None:
         """Close this client's segments (on the server too), then the channel."""
         if self._rpc.closed:

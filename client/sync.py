@@ -29,6 +29,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar, Unpack
 
 from client.aio import AsyncClient, ClientOptions
 from client.results import Lease
+from client.same_host import Segment
 
 __all__ = ["Client"]
 
@@ -123,6 +124,12 @@ class Client:
         # The async client's lease releases through the async call; this one through ours.
         taken = self._run(lease)
         return dataclasses.replace(taken, _release_async=None, _release_sync=self.release)
+
+    @property
+    def same_host_segments(self) -> list[Segment]:
+        """``AsyncClient.same_host_segments``; stable only on this client's loop thread (a
+        callback of ``start_get_prefix_by_layer``, for instance)."""
+        return self._aio.same_host_segments
 
     def close(self) -> None:
         """Close the async client (channel, shared memory), then stop the loop thread."""

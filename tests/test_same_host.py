@@ -240,6 +240,8 @@ async def test_get_prefix_by_layer_hands_over_layers_in_order(tmp_path: Path) ->
                 n = await client.get_prefix_by_layer(
                     SPEC, tokens, lambda layer, kv, got=got: got.append((layer, kv.clone()))
                 )
+                # Where the hit landed: a segment of this client's, or none over bytes.
+                assert len(client.same_host_segments) == (1 if same_host else 0)
             assert n == 12
             assert [layer for layer, _ in got] == list(range(SPEC.num_layers))
             for layer, kv in got:

@@ -78,8 +78,7 @@ class Store:
         """The client's open shared segments (where same-host fetches land), for the CUDA copies
         to register. Only on the client's thread, where they are opened and closed."""
         client = self._client
-        # Client has no public accessor for them; the attributes read are its own.
-        return [] if client is None else client._aio._segments.segments
+        return [] if client is None else client.same_host_segments
 
     def write_stats(self) -> None:
         if not self.config.stats_path:
