@@ -128,6 +128,7 @@ def _connector(
         kv_transfer_config=transfer,
         cache_config=SimpleNamespace(block_size=BLOCK, cache_dtype="auto"),
         model_config=SimpleNamespace(
+            dtype=torch.float32,
             get_num_layers=lambda parallel: LAYERS,
             get_total_num_kv_heads=lambda: HEADS,
             get_head_size=lambda: HEAD_DIM,
