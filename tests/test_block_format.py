@@ -247,7 +247,9 @@ def test_general_transpose_path_keeps_the_layout(monkeypatch: pytest.MonkeyPatch
     assert decode_block(spec, h, data).view(torch.uint8).reshape(-1).numpy().tobytes() == raw
     t = torch.frombuffer(bytearray(raw), dtype=torch.float16).reshape(spec.block_shape)
     again = encode_block(spec, h, t, codec=Codec.ZSTD_PLANES)
-    assert zstandard.ZstdDecompressor().decompress(bytes(again[HEADER_BYTES:])) == planes_of(raw, 2)
+    assert zstandard.ZstdDecompressor().decompress(bytes(again[HEADER_BYTES:])) == planes_of(
+        raw, 2
+    )
 
 
 def multi_chunk_spec(dtype: str) -> ModelSpec:
@@ -376,17 +378,9 @@ def test_raw_block_whose_header_lies_about_sizes_is_corrupt() -> None:
     header = read_header(data)
     forged = block_format._pack_header(
         block_format.BlockHeader(
-            header.version,
-            header.codec,
-            header.dtype,
-            header.shape,
-            header.fingerprint,
-            header.block_hash,
-            header.parent_hash,
-            header.raw_nbytes,
-            header.payload_nbytes - 2,
-            header.raw_xxh3,
-            header.payload_xxh3,
+            header.version, header.codec, header.dtype, header.shape, header.fingerprint,
+            header.block_hash, header.parent_hash, header.raw_nbytes, header.payload_nbytes - 2,
+            header.raw_xxh3, header.payload_xxh3,
         )
     )
     with pytest.raises(CorruptBlockError, match="payload of"):

@@ -15,3 +15,4 @@ def test_both_services_run_one_image() -> None:
     assert all(images.values()), f"a service builds without naming its image: {images}"
     assert len(set(images.values())) == 1, images
     assert len({str(s["build"]) for s in ours.values()}) == 1
+

@@ -158,7 +158,9 @@ async def test_backup_right_after_serve_holds_exactly_the_served_blocks(tmp_path
 
 
 @pytest.mark.parametrize("what", ["not a store", "corrupt block"])
-async def test_restore_refuses_a_bad_backup_and_changes_nothing(tmp_path: Path, what: str) -> None:
+async def test_restore_refuses_a_bad_backup_and_changes_nothing(
+    tmp_path: Path, what: str
+) -> None:
     import lmdb
 
     from kvstore.core.block_format import HEADER_BYTES

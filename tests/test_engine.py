@@ -764,9 +764,8 @@ async def test_compressed_g4_blocks_are_promoted_raw(
         assert read_header(stored).codec is Codec.ZSTD_PLANES
         await e.evict(hashes, "G2")
         got = await e.get(SPEC, hashes)
-        assert all(
-            t is not None and torch.equal(t, content(h)) for h, t in zip(hashes, got, strict=True)
-        )
+        assert all(t is not None and torch.equal(t, content(h))
+                   for h, t in zip(hashes, got, strict=True))
         await e.drain()
         values = await e.tier("G2", SPEC.fingerprint).get(hashes)
         for value in values:

@@ -185,7 +185,6 @@ async def test_g2_and_g3_hits_mixed_in_one_call(engine: Engine) -> None:
 async def test_an_out_that_does_not_fit_raises_and_nothing_changes(engine: Engine) -> None:
     tokens, hashes, kv = prompt(3, seed=6)
     await engine.put(SPEC, tokens, kv)
-
     def zeros(*shape: int) -> torch.Tensor:
         return torch.zeros(shape, dtype=torch.float16)
 

@@ -101,15 +101,10 @@ async def test_full_hit_partial_hit_and_no_block_at_all() -> None:
         partial = await client.lookup(SPEC, tokens)
         nothing = await client.lookup(SPEC, tokens[:3])  # shorter than one block
     assert (full.hashes, full.tiers, full.hit_blocks, full.holes) == (
-        expected[:3],
-        ["G2"] * 3,
-        3,
-        [],
+        expected[:3], ["G2"] * 3, 3, []
     )
     assert (partial.tiers, partial.hit_tokens, partial.holes) == (
-        ["G2", "G2", "G2", None, None],
-        12,
-        [],
+        ["G2", "G2", "G2", None, None], 12, []
     )
     assert (nothing.hashes, nothing.tiers, nothing.hit_blocks, nothing.holes) == ([], [], 0, [])
 

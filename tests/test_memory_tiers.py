@@ -44,7 +44,9 @@ async def test_g2_refuses_a_block_larger_than_the_tier() -> None:
 
 
 async def test_g2_segment_is_named_mapped_and_unlinked_on_close() -> None:
-    tier = PinnedMemoryTier(PinnedTierConfig(1 << 20, pin="never", segment_prefix="kvstore-t"))
+    tier = PinnedMemoryTier(
+        PinnedTierConfig(1 << 20, pin="never", segment_prefix="kvstore-t")
+    )
     name = tier.segment_name
     assert (SHM / name).exists()
     assert name.startswith(f"kvstore-t-{os.getpid()}-")
@@ -128,7 +130,9 @@ def test_g2_config_errors() -> None:
         PinnedTierConfig(1 << 20, pin="sometimes")  # type: ignore[arg-type]
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="pin=require"):
-            PinnedMemoryTier(PinnedTierConfig(1 << 20, pin="require", segment_prefix="kvstore-t"))
+            PinnedMemoryTier(
+                PinnedTierConfig(1 << 20, pin="require", segment_prefix="kvstore-t")
+            )
 
 
 async def test_g1_tensor_view_is_the_block_in_place() -> None:
@@ -166,7 +170,9 @@ def test_g1_on_cuda_without_cuda_is_a_config_error() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 async def test_g1_and_pinned_g2_on_cuda() -> None:
     g1 = GpuMemoryTier(GpuTierConfig(1 << 22, device="cuda"))
-    g2 = PinnedMemoryTier(PinnedTierConfig(1 << 22, pin="require", segment_prefix="kvstore-t"))
+    g2 = PinnedMemoryTier(
+        PinnedTierConfig(1 << 22, pin="require", segment_prefix="kvstore-t")
+    )
     try:
         assert g2.pinned
         items = blocks(4)

@@ -12,8 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_generated_code_matches_the_proto(tmp_path: Path) -> None:
     subprocess.run(
         ["bash", str(ROOT / "scripts" / "gen_proto.sh"), str(tmp_path)],
-        check=True,
-        env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"},
+        check=True, env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"},
     )
     generated = sorted(p.name for p in (tmp_path / "kvstore" / "v1").iterdir())
     assert generated == ["kvstore_pb2.py", "kvstore_pb2.pyi", "kvstore_pb2_grpc.py"]

@@ -254,24 +254,16 @@ async def test_a_tensor_outside_the_segment_is_refused_and_stores_nothing(
             mapping[256 : 256 + 2 * NBYTES] = kv.view(torch.uint8).numpy().tobytes()
             bad = [
                 (layout(257, 8), "multiple"),  # not a whole number of items
-                (
-                    pb.SegmentTensor(offset=256, layer_stride=513, kv_stride=256, num_tokens=8),
-                    "multiple",
-                ),
+                (pb.SegmentTensor(offset=256, layer_stride=513, kv_stride=256, num_tokens=8),
+                 "multiple"),
                 (layout(512, 8), "outside"),  # runs past the end
                 (layout(256, 8, room=9), "outside"),  # rows too far apart
-                (
-                    pb.SegmentTensor(offset=256, layer_stride=1 << 62, kv_stride=2, num_tokens=8),
-                    "outside",
-                ),
-                (
-                    pb.SegmentTensor(offset=1 << 63, layer_stride=2, kv_stride=2, num_tokens=8),
-                    "outside",
-                ),
-                (
-                    pb.SegmentTensor(offset=0, layer_stride=2, kv_stride=2, num_tokens=1 << 60),
-                    "outside",
-                ),
+                (pb.SegmentTensor(offset=256, layer_stride=1 << 62, kv_stride=2, num_tokens=8),
+                 "outside"),
+                (pb.SegmentTensor(offset=1 << 63, layer_stride=2, kv_stride=2, num_tokens=8),
+                 "outside"),
+                (pb.SegmentTensor(offset=0, layer_stride=2, kv_stride=2, num_tokens=1 << 60),
+                 "outside"),
                 (layout(256, 4), "fewer than"),  # two blocks announced, room for one
             ]
             for tensor, fragment in bad:

@@ -128,7 +128,9 @@ class Harness:
             if message.WhichOneof("msg") == "header":
                 header = message.header
             else:
-                blocks.setdefault(message.chunk.block_index, bytearray()).extend(message.chunk.data)
+                blocks.setdefault(message.chunk.block_index, bytearray()).extend(
+                    message.chunk.data
+                )
         assert header is not None
         assert len(header.block_hashes) == 3
         assert [bytes(blocks[i]) for i in range(3)] == STORED_BLOCKS
@@ -143,10 +145,9 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
         engine=EngineConfig(reaper_interval_s=0.05),
         server=ServerConfig(listen="127.0.0.1:0", max_prompt_tokens=4096),
     )
-    with (
-        ServerThread(config) as running,
-        grpc.insecure_channel(f"127.0.0.1:{running.server.port}") as channel,
-    ):
+    with ServerThread(config) as running, grpc.insecure_channel(
+        f"127.0.0.1:{running.server.port}"
+    ) as channel:
         stub = pb_grpc.KVStoreStub(channel)
         put = [pb.PutRequest(header=pb.PutHeader(prompt=STORED, durable=True))] + [
             pb.PutRequest(chunk=pb.BlockChunk(block_index=i, offset=0, data=data))
@@ -247,7 +248,9 @@ def put_streams(draw: st.DrawFn) -> list[pb.PutRequest]:
             messages.append(pb.PutRequest(chunk=pb.BlockChunk(block_index=i, data=data[:cut])))
             if cut < N:
                 messages.append(
-                    pb.PutRequest(chunk=pb.BlockChunk(block_index=i, offset=cut, data=data[cut:]))
+                    pb.PutRequest(
+                        chunk=pb.BlockChunk(block_index=i, offset=cut, data=data[cut:])
+                    )
                 )
         out += messages[: draw(st.sampled_from([len(messages), len(messages), 0, 1, 2, 3]))]
     else:

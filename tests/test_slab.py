@@ -27,18 +27,14 @@ KiB, MiB = 1 << 10, 1 << 20
 # Payloads of 64 KiB, 512 KiB, 2 MiB and 24 MiB (bfloat16): a small model with few heads, a
 # mid-size one, an 8B Llama's 16-token block, a 70B-class model's 96-token block.
 SPECS = [
-    ModelSpec(
-        "mix/64k", num_layers=2, num_kv_heads=2, head_dim=64, dtype="bfloat16", block_tokens=64
-    ),
-    ModelSpec(
-        "mix/512k", num_layers=8, num_kv_heads=4, head_dim=64, dtype="bfloat16", block_tokens=64
-    ),
-    ModelSpec(
-        "mix/2m", num_layers=32, num_kv_heads=8, head_dim=128, dtype="bfloat16", block_tokens=16
-    ),
-    ModelSpec(
-        "mix/24m", num_layers=64, num_kv_heads=8, head_dim=128, dtype="bfloat16", block_tokens=96
-    ),
+    ModelSpec("mix/64k", num_layers=2, num_kv_heads=2, head_dim=64, dtype="bfloat16",
+              block_tokens=64),
+    ModelSpec("mix/512k", num_layers=8, num_kv_heads=4, head_dim=64, dtype="bfloat16",
+              block_tokens=64),
+    ModelSpec("mix/2m", num_layers=32, num_kv_heads=8, head_dim=128, dtype="bfloat16",
+              block_tokens=16),
+    ModelSpec("mix/24m", num_layers=64, num_kv_heads=8, head_dim=128, dtype="bfloat16",
+              block_tokens=96),
 ]
 assert [s.block_nbytes for s in SPECS] == [64 * KiB, 512 * KiB, 2 * MiB, 24 * MiB]
 
@@ -102,10 +98,8 @@ def test_extents_against_a_model(ops: list[tuple[bool, int]]) -> None:
         else:
             start = rng.choice(sorted(live))
             e.free(start, live.pop(start))
-        spans = sorted(
-            [(s, e.cost(n), "used") for s, n in live.items()]
-            + [(s, size, "free") for s, size in e._by_start.items()]
-        )
+        spans = sorted([(s, e.cost(n), "used") for s, n in live.items()]
+                       + [(s, size, "free") for s, size in e._by_start.items()])
         pos = 0
         for s, size, _ in spans:
             assert s == pos, "extents overlap or leave a gap"
@@ -169,14 +163,8 @@ async def test_memory_tiers_hold_blocks_of_every_size_at_their_cost(kind: str) -
         assert 0 < stats.fragmentation < 1
         assert stats.free_extents >= 2
         # A block larger than the whole tier gets a clear error and changes nothing.
-        big = ModelSpec(
-            "mix/huge",
-            num_layers=128,
-            num_kv_heads=8,
-            head_dim=128,
-            dtype="bfloat16",
-            block_tokens=132,
-        )  # over 64 MiB
+        big = ModelSpec("mix/huge", num_layers=128, num_kv_heads=8, head_dim=128,
+                        dtype="bfloat16", block_tokens=132)  # over 64 MiB
         with pytest.raises(BlockTooLargeError, match="larger than the whole tier"):
             await tier.put(_blocks(big, 1, seed=9))
         assert (await tier.stats()).num_blocks == 4

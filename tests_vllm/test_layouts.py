@@ -286,6 +286,18 @@ MLA_BACKENDS = [
 ]
 
 
+class MLAModel:
+    """vLLM's ``ModelConfig`` of an MLA model, as far as ``cache_geometry`` reads it."""
+
+    use_mla = True
+
+    def get_head_size(self) -> int:
+        return MLA_LORA + MLA_ROPE
+
+    def get_total_num_kv_heads(self) -> int:
+        raise AssertionError("an MLA latent has no KV heads")
+
+
 def mla_views(layout: KVCacheLayout) -> list[torch.Tensor]:
     """One group's MLA latent caches as vLLM lays them out (``MLAAttentionSpec``)."""
     spec = MLAAttentionSpec(
@@ -324,7 +336,7 @@ def test_mla_latents_round_trip_through_kvstore_into_every_mla_backend(
         backend = getattr(importlib.import_module(f"vllm.v1.attention.backends.{module}"), name)
     except (ImportError, AssertionError) as exc:  # CUDA-only modules, FlashInfer
         pytest.skip(f"{name} cannot be imported here: {exc}")
-    heads, head_dim = 1, (MLA_LORA + MLA_ROPE) // 2  # client.vllm.namespace.cache_geometry
+    heads, head_dim = cache_geometry(MLAModel())  # what the connector maps the latent as
     spec = ModelSpec(
         f"test/mla+mla-{name}",
         num_layers=LAYERS,
@@ -389,16 +401,7 @@ def test_the_namespace_dtype_of_each_cache_dtype() -> None:
 
 
 def test_an_mla_model_is_one_head_of_half_its_latent() -> None:
-    class Model:
-        use_mla = True
-
-        def get_head_size(self) -> int:
-            return MLA_LORA + MLA_ROPE
-
-        def get_total_num_kv_heads(self) -> int:
-            raise AssertionError("an MLA latent has no KV heads")
-
-    assert cache_geometry(Model()) == (1, 288)
+    assert cache_geometry(MLAModel()) == (1, 288)
     plain = SimpleNamespace(
         use_mla=False, get_head_size=lambda: 64, get_total_num_kv_heads=lambda: 4
     )

@@ -122,13 +122,13 @@ class BlockLayout:
         per_block = 1
         for n in block_shape:
             per_block *= n
-        dims_ok = cache.dim() >= 2 and cache[0].is_contiguous() and cache.stride(0) == per_block
         if cache.dtype == torch.uint8:
             raise ConfigError(
                 "KVStoreConnector: an fp8 KV cache on vLLM's CPU backend is not mapped (its "
                 "kernel quantizes what the layout probe writes); fp8 caches are mapped on the "
                 "GPU backends; use kv_cache_dtype 'auto' here"
             )
+        dims_ok = cache.dim() >= 2 and cache[0].is_contiguous() and cache.stride(0) == per_block
         if not dims_ok or per_block != size or cache.dtype not in TORCH_DTYPES:
             raise ConfigError(
                 f"KVStoreConnector: a KV cache of shape {list(cache.shape)}, {cache.dtype}, is "
@@ -299,7 +299,7 @@ class ViewLayout:
         shape: tuple[int, ...],
         strides: tuple[int, ...],
         backend: str,
-        dtype: torch.dtype = torch.bfloat16,
+        dtype: torch.dtype,
     ) -> None:
         self.shape = shape[1:]
         self.strides = strides
